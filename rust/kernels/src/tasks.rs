@@ -1,0 +1,381 @@
+//! The four tasks: classification `[B, C]`, multi-label `[B, L]`, detection `[B, N, C]`,
+//! segmentation `[B, C, H, W]` / `[B, H, W, C]`. Each checks its shapes, splits the batch
+//! into chunks (threads only for big inputs) and runs a SIMD-dispatched body per chunk.
+
+use crate::dispatch::multiversion;
+use crate::distribution::{strategy_score, Stats};
+use crate::multilabel as label;
+use crate::options::{Aggregate, Detection, Layout, Scoring, Strategy};
+use crate::parallel::for_each_chunk;
+use crate::planar::{self, TileOut, TILE};
+use crate::{error, random, row, KernelError, SMALL_C};
+
+/// Items per parallel work unit: about 64K input elements, a whole number of tiles.
+fn chunk_items(elements_per_item: usize) -> usize {
+    let items = (1usize << 16) / elements_per_item.max(1);
+    (items / TILE).max(1) * TILE
+}
+
+fn checked_len(dims: &[(&str, usize)]) -> Result<usize, KernelError> {
+    dims.iter().try_fold(1usize, |acc, (_, d)| acc.checked_mul(*d)).map_or_else(
+        || error(format!("outputs: shape {dims:?} is too large to address")),
+        Ok,
+    )
+}
+
+fn check_shape(x: &[f32], out: &[f32], items: usize, dims: &[(&str, usize)]) -> Result<(), KernelError> {
+    let expected = checked_len(dims)?;
+    if x.len() != expected {
+        return error(format!(
+            "outputs: {} values do not match shape {:?} ({} values)",
+            x.len(),
+            dims.iter().map(|(n, d)| format!("{n}={d}")).collect::<Vec<_>>(),
+            expected
+        ));
+    }
+    if out.len() != items {
+        return error(format!("out: length {} does not match the {} items", out.len(), items));
+    }
+    Ok(())
+}
+
+// ---- per-chunk bodies (compiled once per SIMD level) -------------------------------------
+
+#[inline(always)]
+fn row_stats(row: &[f32], s: &Scoring, need_top1: bool) -> Stats {
+    match (s.from_logits, s.strategy) {
+        (false, Strategy::Entropy) => row::probs::<true>(row, s.sum_tolerance),
+        (false, _) => row::probs::<false>(row, s.sum_tolerance),
+        (true, Strategy::Entropy) => row::logits::<true, true>(row),
+        (true, Strategy::Ratio | Strategy::Random) if !need_top1 => row::logits::<false, false>(row),
+        (true, _) => row::logits::<false, true>(row),
+    }
+}
+
+#[inline(always)]
+fn planar_tile(data: &[f32], stride: usize, classes: usize, n: usize, s: &Scoring, need_top1: bool, out: TileOut<'_>) {
+    let (tol, st) = (s.sum_tolerance, s.strategy);
+    match (s.from_logits, st) {
+        (false, Strategy::Entropy) => planar::probs::<true>(data, stride, classes, n, tol, st, out),
+        (false, _) => planar::probs::<false>(data, stride, classes, n, tol, st, out),
+        (true, Strategy::Entropy) => planar::logits::<true, true>(data, stride, classes, n, st, out),
+        (true, Strategy::Ratio | Strategy::Random) if !need_top1 => {
+            planar::logits::<false, false>(data, stride, classes, n, st, out)
+        }
+        (true, _) => planar::logits::<false, true>(data, stride, classes, n, st, out),
+    }
+}
+
+/// Score `scores.len()` contiguous rows of `classes` values each.
+#[inline(always)]
+fn rows_body(x: &[f32], classes: usize, s: &Scoring, need_top1: bool, scores: &mut [f32], mut top1: Option<&mut [f32]>) {
+    let n = scores.len();
+    if classes >= SMALL_C {
+        for i in 0..n {
+            let st = row_stats(&x[i * classes..(i + 1) * classes], s, need_top1);
+            scores[i] = strategy_score(&st, s.strategy, classes);
+            if let Some(t) = top1.as_deref_mut() {
+                t[i] = if st.valid { st.top1() } else { f32::NAN };
+            }
+        }
+        return;
+    }
+    // Small C: transpose a tile of rows into class planes, then score across items.
+    let mut planes = [0.0f32; SMALL_C * TILE];
+    for start in (0..n).step_by(TILE) {
+        let m = TILE.min(n - start);
+        let tile = &x[start * classes..(start + m) * classes];
+        for (i, row) in tile.chunks_exact(classes).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                planes[j * TILE + i] = v;
+            }
+        }
+        let out = TileOut {
+            scores: &mut scores[start..start + m],
+            top1: top1.as_deref_mut().map(|t| &mut t[start..start + m]),
+        };
+        planar_tile(&planes, TILE, classes, m, s, need_top1, out);
+    }
+}
+
+/// Score `scores.len()` items stored class-planar (`stride` apart), starting at `x[0]`.
+#[inline(always)]
+fn planes_body(x: &[f32], stride: usize, classes: usize, s: &Scoring, scores: &mut [f32]) {
+    let n = scores.len();
+    for start in (0..n).step_by(TILE) {
+        let m = TILE.min(n - start);
+        let out = TileOut { scores: &mut scores[start..start + m], top1: None };
+        planar_tile(&x[start..], stride, classes, m, s, false, out);
+    }
+}
+
+#[inline(always)]
+fn map_labels(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f(v);
+    }
+}
+
+/// Per-label scores, element by element.
+#[inline(always)]
+fn labels_body(x: &[f32], s: &Scoring, out: &mut [f32]) {
+    match (s.from_logits, s.strategy) {
+        (false, Strategy::Entropy) => map_labels(x, out, |v| label::from_probability(v, Strategy::Entropy)),
+        (false, Strategy::Ratio) => map_labels(x, out, |v| label::from_probability(v, Strategy::Ratio)),
+        (false, st) => map_labels(x, out, |v| label::from_probability(v, st)),
+        (true, Strategy::Entropy) => map_labels(x, out, |v| label::from_logit(v, Strategy::Entropy)),
+        (true, Strategy::Ratio) => map_labels(x, out, |v| label::from_logit(v, Strategy::Ratio)),
+        (true, st) => map_labels(x, out, |v| label::from_logit(v, st)),
+    }
+}
+
+multiversion!(fn rows(x: &[f32], classes: usize, s: &Scoring, need_top1: bool, scores: &mut [f32], top1: Option<&mut [f32]>) => rows_body);
+multiversion!(fn planes(x: &[f32], stride: usize, classes: usize, s: &Scoring, scores: &mut [f32]) => planes_body);
+multiversion!(fn label_scores(x: &[f32], s: &Scoring, out: &mut [f32]) => labels_body);
+
+// ---- aggregation --------------------------------------------------------------------------
+
+/// Aggregate item-part scores (labels, boxes, pixels); any NaN part makes the item NaN.
+fn aggregate(parts: &mut [f32], how: Aggregate) -> f32 {
+    if matches!(how, Aggregate::Min | Aggregate::Mean) {
+        return aggregate_in_order(parts, how);
+    }
+    if parts.iter().any(|v| v.is_nan()) {
+        return f32::NAN;
+    }
+    let n = parts.len();
+    match how {
+        Aggregate::Min | Aggregate::Mean => unreachable!("handled above"),
+        Aggregate::LeastConfidentMean(k) => {
+            let k = k.min(n);
+            if k < n {
+                parts.select_nth_unstable_by(k - 1, f32::total_cmp);
+            }
+            (parts[..k].iter().map(|&v| v as f64).sum::<f64>() / k as f64) as f32
+        }
+        Aggregate::Quantile(q) => {
+            // numpy's default ("linear"): interpolate between the order statistics around q(n−1).
+            let pos = q as f64 * (n - 1) as f64;
+            let lo = pos.floor() as usize;
+            let frac = pos - lo as f64;
+            let (_, &mut a, upper) = parts.select_nth_unstable_by(lo, f32::total_cmp);
+            if frac == 0.0 || upper.is_empty() {
+                return a;
+            }
+            let b = upper.iter().copied().fold(f32::INFINITY, f32::min);
+            (a as f64 + frac * (b as f64 - a as f64)) as f32
+        }
+    }
+}
+
+/// Min and mean need no reordering (NaN propagates through both).
+fn aggregate_in_order(parts: &[f32], how: Aggregate) -> f32 {
+    match how {
+        Aggregate::Min => parts.iter().copied().fold(f32::INFINITY, |a, v| if v.is_nan() || a.is_nan() { f32::NAN } else { a.min(v) }),
+        _ => (parts.iter().map(|&v| v as f64).sum::<f64>() / parts.len() as f64) as f32,
+    }
+}
+
+fn check_aggregate(how: Aggregate, allowed: &[&str], task: &str) -> Result<(), KernelError> {
+    let name = match how {
+        Aggregate::Min => "min",
+        Aggregate::Mean => "mean",
+        Aggregate::LeastConfidentMean(k) => {
+            if k == 0 {
+                return error("k: expected a positive number of least confident boxes, got 0");
+            }
+            "least_confident_mean"
+        }
+        Aggregate::Quantile(q) => {
+            if !(0.0..=1.0).contains(&q) {
+                return error(format!("quantile: expected a value in [0, 1], got {q}"));
+            }
+            "quantile"
+        }
+    };
+    if allowed.contains(&name) {
+        Ok(())
+    } else {
+        error(format!("aggregate: {task} takes one of {allowed:?}, got {name:?}"))
+    }
+}
+
+fn check_scoring(s: &Scoring) -> Result<(), KernelError> {
+    if !(s.sum_tolerance >= 0.0) {
+        return error(format!("sum_tolerance: expected a non-negative number, got {}", s.sum_tolerance));
+    }
+    Ok(())
+}
+
+fn finish_random(out: &mut [f32], s: &Scoring) {
+    if s.strategy == Strategy::Random {
+        random::fill(out, s.seed);
+    }
+}
+
+// ---- public task entry points -------------------------------------------------------------
+
+/// Classification `[batch, classes]`: one class distribution per item.
+pub fn classification(x: &[f32], batch: usize, classes: usize, s: &Scoring, out: &mut [f32]) -> Result<(), KernelError> {
+    check_scoring(s)?;
+    if classes == 0 {
+        return error("outputs: the class axis is empty (C = 0); expected at least one class");
+    }
+    check_shape(x, out, batch, &[("B", batch), ("C", classes)])?;
+    for_each_chunk(out, 1, chunk_items(classes), x.len(), |first, chunk| {
+        let rows_x = &x[first * classes..(first + chunk.len()) * classes];
+        rows(rows_x, classes, s, false, chunk, None);
+    });
+    finish_random(out, s);
+    Ok(())
+}
+
+/// Multi-label `[batch, labels]`: independent sigmoid outputs, aggregated per item.
+pub fn multilabel(x: &[f32], batch: usize, labels: usize, s: &Scoring, how: Aggregate, out: &mut [f32]) -> Result<(), KernelError> {
+    check_scoring(s)?;
+    check_aggregate(how, &["min", "mean"], "multilabel")?;
+    if labels == 0 {
+        return error("outputs: the label axis is empty (L = 0); expected at least one label");
+    }
+    check_shape(x, out, batch, &[("B", batch), ("L", labels)])?;
+    for_each_chunk(out, 1, chunk_items(labels), x.len(), |first, chunk| {
+        let xs = &x[first * labels..(first + chunk.len()) * labels];
+        let mut per_label = vec![0.0f32; xs.len()];
+        label_scores(xs, s, &mut per_label);
+        for (o, parts) in chunk.iter_mut().zip(per_label.chunks_exact_mut(labels)) {
+            *o = aggregate(parts, how);
+        }
+    });
+    finish_random(out, s);
+    Ok(())
+}
+
+/// Detection `[batch, boxes, classes]`: per-box scores aggregated per image.
+pub fn detection(
+    x: &[f32],
+    batch: usize,
+    boxes: usize,
+    classes: usize,
+    s: &Scoring,
+    det: &Detection<'_>,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    check_scoring(s)?;
+    check_aggregate(det.aggregate, &["min", "mean", "least_confident_mean"], "detection")?;
+    if classes == 0 {
+        return error("outputs: the class axis is empty (C = 0); expected at least one class");
+    }
+    check_shape(x, out, batch, &[("B", batch), ("N", boxes), ("C", classes)])?;
+    if let Some(counts) = det.valid_counts {
+        if counts.len() != batch {
+            return error(format!("valid_counts: expected {batch} counts (one per image), got {}", counts.len()));
+        }
+        if let Some((b, &c)) = counts.iter().enumerate().find(|(_, &c)| c > boxes) {
+            return error(format!("valid_counts: image {b} claims {c} boxes but outputs hold only N = {boxes}"));
+        }
+    }
+    if let Some(conf) = det.box_confidence {
+        if conf.len() != batch * boxes {
+            return error(format!("box_confidence: expected shape [B, N] = [{batch}, {boxes}], got {} values", conf.len()));
+        }
+    }
+    if det.confidence_floor.is_nan() {
+        return error("confidence_floor: expected a number, got NaN");
+    }
+    if !(0.0..=1.0).contains(&det.empty_score) {
+        return error(format!("empty_score: expected a value in [0, 1], got {}", det.empty_score));
+    }
+    let need_top1 = det.box_confidence.is_none() && det.confidence_floor > 0.0;
+    let per_image = boxes * classes;
+    let images_per_chunk = ((1usize << 16) / per_image.max(1)).max(1);
+    for_each_chunk(out, 1, images_per_chunk, x.len(), |first, chunk| {
+        let mut scores = vec![0.0f32; boxes];
+        let mut top1 = vec![0.0f32; if need_top1 { boxes } else { 0 }];
+        for (k, o) in chunk.iter_mut().enumerate() {
+            let b = first + k;
+            let valid = det.valid_counts.map_or(boxes, |c| c[b]);
+            let image = &x[b * per_image..b * per_image + valid * classes];
+            rows(image, classes, s, need_top1, &mut scores[..valid], need_top1.then(|| &mut top1[..valid]));
+            let mut kept = 0;
+            let mut invalid = false;
+            for i in 0..valid {
+                let conf = match det.box_confidence {
+                    Some(c) => c[b * boxes + i],
+                    None if need_top1 => top1[i],
+                    None => 1.0,
+                };
+                invalid |= scores[i].is_nan() || conf.is_nan();
+                if conf >= det.confidence_floor {
+                    scores[kept] = scores[i];
+                    kept += 1;
+                }
+            }
+            *o = if invalid {
+                f32::NAN
+            } else if kept == 0 {
+                det.empty_score
+            } else {
+                aggregate(&mut scores[..kept], det.aggregate)
+            };
+        }
+    });
+    finish_random(out, s);
+    Ok(())
+}
+
+/// Semantic segmentation: per-pixel scores aggregated per image by mean or a quantile.
+#[allow(clippy::too_many_arguments)]
+pub fn segmentation(
+    x: &[f32],
+    batch: usize,
+    classes: usize,
+    height: usize,
+    width: usize,
+    layout: Layout,
+    s: &Scoring,
+    how: Aggregate,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    check_scoring(s)?;
+    check_aggregate(how, &["min", "mean", "quantile"], "segmentation")?;
+    if classes == 0 {
+        return error("outputs: the class axis is empty (C = 0); expected at least one class");
+    }
+    if height == 0 || width == 0 {
+        return error(format!("outputs: an image of {height}x{width} pixels has nothing to score"));
+    }
+    let dims: &[(&str, usize)] = match layout {
+        Layout::ChannelsFirst => &[("B", batch), ("C", classes), ("H", height), ("W", width)],
+        Layout::ChannelsLast => &[("B", batch), ("H", height), ("W", width), ("C", classes)],
+    };
+    check_shape(x, out, batch, dims)?;
+    let hw = height * width;
+    let mut pixels = vec![0.0f32; batch * hw];
+    for_each_chunk(&mut pixels, 1, chunk_items(classes), x.len(), |first, chunk| {
+        // A chunk may straddle images: score it image by image.
+        let mut done = 0;
+        while done < chunk.len() {
+            let p = first + done;
+            let (b, i) = (p / hw, p % hw);
+            let m = (hw - i).min(chunk.len() - done);
+            let target = &mut chunk[done..done + m];
+            match layout {
+                Layout::ChannelsFirst => planes(&x[b * classes * hw + i..], hw, classes, s, target),
+                Layout::ChannelsLast => rows(&x[p * classes..(p + m) * classes], classes, s, false, target, None),
+            }
+            done += m;
+        }
+    });
+    for_each_chunk(out, 1, 1, pixels.len(), |first, chunk| {
+        for (k, o) in chunk.iter_mut().enumerate() {
+            let b = first + k;
+            let image = &pixels[b * hw..(b + 1) * hw];
+            *o = match how {
+                Aggregate::Min | Aggregate::Mean => aggregate_in_order(image, how),
+                _ => aggregate(&mut image.to_vec(), how), // selection reorders: work on a copy
+            };
+        }
+    });
+    finish_random(out, s);
+    Ok(())
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Make .venv/ ready: Python dependencies, the Rust extension (release build), and the
+# Debian packages the project uses. Sourced by scripts/demo.sh and scripts/test.sh.
+# Each step is skipped when its inputs have not changed, so a second run takes about a second.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+STAMPS="$VENV/.stamps"
+EXTRAS="${TRITON_AL_EXTRAS:-test,triton}"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+
+log() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*" >&2; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+mkdir -p "$STAMPS"
+export VIRTUAL_ENV="$VENV"
+export PATH="$VENV/bin:$PATH"
+
+# A stamp holds the hash of a step's inputs; the step reruns only when the hash changes.
+fresh() { [ -f "$STAMPS/$1" ] && [ "$(cat "$STAMPS/$1")" = "$2" ]; }
+hash_of() { cat "$@" 2>/dev/null | sha256sum | cut -d' ' -f1; }
+
+deps_hash="$(printf '%s' "$EXTRAS" | cat - "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if ! fresh deps "$deps_hash"; then
+    log "installing Python dependencies (extras: $EXTRAS)"
+    # The dependency lists live in pyproject.toml only; read them from there.
+    mapfile -t reqs < <("$VENV/bin/python" - "$ROOT/pyproject.toml" "$EXTRAS" <<'PY'
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+reqs = list(project["dependencies"])
+for extra in filter(None, sys.argv[2].split(",")):
+    reqs += project["optional-dependencies"][extra]
+print("\n".join(reqs))
+PY
+)
+    "$VENV/bin/pip" install --quiet "maturin>=1.7,<2" "${reqs[@]}"
+    echo "$deps_hash" > "$STAMPS/deps"
+fi
+
+build_hash="$(cd "$ROOT" && hash_of Cargo.toml Cargo.lock pyproject.toml $(find rust -type f \( -name '*.rs' -o -name Cargo.toml \) | sort))"
+if ! fresh build "$build_hash" || ! ls "$ROOT"/python/triton_al/_core*.so >/dev/null 2>&1; then
+    log "building the Rust extension (release)"
+    if ! (cd "$ROOT" && "$VENV/bin/maturin" develop --release > "$STAMPS/build.log" 2>&1); then
+        cat "$STAMPS/build.log" >&2; log "the extension did not build (log above)"; exit 1
+    fi
+    "$VENV/bin/python" -c "import triton_al._core" || { log "the extension does not import"; exit 1; }
+    echo "$build_hash" > "$STAMPS/build"
+fi
+
+# Debian packages: Fashion-MNIST for the example model and the demo.
+ensure_debian_package() {
+    local package="$1" probe="$2"
+    [ -e "$probe" ] && return 0
+    log "installing Debian package $package"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$package" >/dev/null
+}
+ensure_debian_package dataset-fashion-mnist /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz

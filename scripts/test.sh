@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run every test: the Rust kernels (cargo test) and the Python suite (pytest), on .venv/.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -m "not slow" -x`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/bootstrap.sh"
+cd "$ROOT"
+echo "== cargo test (kernels)"
+cargo test --release -p triton-al-kernels --quiet
+echo "== pytest"
+exec "$VENV/bin/python" -m pytest "$@"
