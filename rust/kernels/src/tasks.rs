@@ -379,3 +379,122 @@ pub fn segmentation(
     finish_random(out, s);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scoring(strategy: Strategy, from_logits: bool) -> Scoring {
+        Scoring { strategy, from_logits, ..Scoring::default() }
+    }
+
+    fn entropy_score(p: &[f64]) -> f64 {
+        let h: f64 = p.iter().filter(|&&v| v > 0.0).map(|&v| -v * v.ln()).sum();
+        1.0 - h / (p.len() as f64).ln()
+    }
+
+    #[test]
+    fn classification_entropy_matches_definition_for_small_and_large_c() {
+        for classes in [2usize, 10, 31, 32, 100, 1000] {
+            let rows = 300;
+            let mut x = Vec::new();
+            for r in 0..rows {
+                let raw: Vec<f64> = (0..classes).map(|j| ((r * 7 + j * 13) % 17) as f64 + 0.5).collect();
+                let total: f64 = raw.iter().sum();
+                x.extend(raw.iter().map(|v| (v / total) as f32));
+            }
+            let mut out = vec![0.0; rows];
+            classification(&x, rows, classes, &scoring(Strategy::Entropy, false), &mut out).unwrap();
+            for r in 0..rows {
+                let p: Vec<f64> = x[r * classes..(r + 1) * classes].iter().map(|&v| v as f64).collect();
+                let want = entropy_score(&p);
+                assert!((out[r] as f64 - want).abs() < 2e-6, "C={classes} row {r}: {} vs {want}", out[r]);
+            }
+        }
+    }
+
+    #[test]
+    fn logits_and_probabilities_agree() {
+        let logits = [2.0f32, -1.0, 0.5, 3.0, 0.0];
+        let z: f32 = logits.iter().map(|v| v.exp()).sum();
+        let probs: Vec<f32> = logits.iter().map(|v| v.exp() / z).collect();
+        for strategy in [Strategy::Entropy, Strategy::LeastConfidence, Strategy::Margin, Strategy::Ratio] {
+            let (mut a, mut b) = ([0.0f32], [0.0f32]);
+            classification(&logits, 1, 5, &scoring(strategy, true), &mut a).unwrap();
+            classification(&probs, 1, 5, &scoring(strategy, false), &mut b).unwrap();
+            assert!((a[0] - b[0]).abs() < 1e-6, "{strategy:?}: {} vs {}", a[0], b[0]);
+        }
+    }
+
+    #[test]
+    fn invalid_rows_score_nan_alone() {
+        let x = [0.5f32, 0.5, f32::NAN, 1.0, -0.5, 1.5, 0.2, 0.2, 0.9, 0.1];
+        let mut out = [0.0f32; 5];
+        classification(&x, 5, 2, &scoring(Strategy::Margin, false), &mut out).unwrap();
+        assert_eq!(out[0], 0.0);
+        assert!(out[1].is_nan() && out[2].is_nan() && out[3].is_nan());
+        assert!((out[4] - 0.8).abs() < 1e-6);
+    }
+
+    #[test]
+    fn shape_errors_are_returned_not_panicked() {
+        let mut out = [0.0f32; 2];
+        let e = classification(&[0.5; 5], 2, 3, &Scoring::default(), &mut out).unwrap_err();
+        assert!(e.0.contains("do not match"), "{e}");
+        assert!(classification(&[], 2, 0, &Scoring::default(), &mut out).unwrap_err().0.contains("empty"));
+        let e = multilabel(&[0.5; 4], 2, 2, &Scoring::default(), Aggregate::Quantile(0.5), &mut out).unwrap_err();
+        assert!(e.0.contains("aggregate"), "{e}");
+        let det = Detection { aggregate: Aggregate::Min, valid_counts: Some(&[3, 9]), box_confidence: None, confidence_floor: 0.0, empty_score: 1.0 };
+        let e = detection(&[0.5; 24], 2, 3, 4, &Scoring::default(), &det, &mut out).unwrap_err();
+        assert!(e.0.contains("valid_counts"), "{e}");
+    }
+
+    #[test]
+    fn aggregation() {
+        let mut v = [0.9f32, 0.1, 0.5, 0.3];
+        assert_eq!(aggregate(&mut v.clone(), Aggregate::Min), 0.1);
+        assert!((aggregate(&mut v.clone(), Aggregate::Mean) - 0.45).abs() < 1e-7);
+        assert!((aggregate(&mut v.clone(), Aggregate::LeastConfidentMean(2)) - 0.2).abs() < 1e-7);
+        assert!((aggregate(&mut v.clone(), Aggregate::LeastConfidentMean(9)) - 0.45).abs() < 1e-7);
+        // numpy.quantile([0.1, 0.3, 0.5, 0.9], 0.5) == 0.4
+        assert!((aggregate(&mut v, Aggregate::Quantile(0.5)) - 0.4).abs() < 1e-7);
+        assert!(aggregate(&mut [0.2, f32::NAN], Aggregate::Min).is_nan());
+    }
+
+    #[test]
+    fn detection_respects_padding_floor_and_empty_images() {
+        // 2 images x 2 boxes x 2 classes; image 0 has one real box, its padding is NaN.
+        let x = [0.9f32, 0.1, f32::NAN, f32::NAN, 0.6, 0.4, 0.95, 0.05];
+        let mut out = [0.0f32; 2];
+        let det = Detection { aggregate: Aggregate::Min, valid_counts: Some(&[1, 2]), box_confidence: None, confidence_floor: 0.0, empty_score: 1.0 };
+        detection(&x, 2, 2, 2, &scoring(Strategy::Margin, false), &det, &mut out).unwrap();
+        assert!((out[0] - 0.8).abs() < 1e-6 && (out[1] - 0.2).abs() < 1e-6, "{out:?}");
+        let floor = Detection { confidence_floor: 0.7, ..det };
+        detection(&x, 2, 2, 2, &scoring(Strategy::Margin, false), &floor, &mut out).unwrap();
+        assert!((out[1] - 0.9).abs() < 1e-6, "{out:?}");
+        let empty = Detection { valid_counts: Some(&[0, 0]), empty_score: 0.25, ..det };
+        detection(&x, 2, 2, 2, &scoring(Strategy::Margin, false), &empty, &mut out).unwrap();
+        assert_eq!(out, [0.25, 0.25]);
+    }
+
+    #[test]
+    fn segmentation_layouts_agree() {
+        let (b, c, h, w) = (2usize, 3usize, 5usize, 7usize);
+        let nchw: Vec<f32> = (0..b * c * h * w).map(|i| ((i * 37) % 11) as f32 * 0.3 - 1.0).collect();
+        let mut nhwc = vec![0.0f32; nchw.len()];
+        for bi in 0..b {
+            for ci in 0..c {
+                for p in 0..h * w {
+                    nhwc[(bi * h * w + p) * c + ci] = nchw[(bi * c + ci) * h * w + p];
+                }
+            }
+        }
+        for how in [Aggregate::Mean, Aggregate::Min, Aggregate::Quantile(0.1)] {
+            let (mut a, mut z) = ([0.0f32; 2], [0.0f32; 2]);
+            let s = scoring(Strategy::Entropy, true);
+            segmentation(&nchw, b, c, h, w, Layout::ChannelsFirst, &s, how, &mut a).unwrap();
+            segmentation(&nhwc, b, c, h, w, Layout::ChannelsLast, &s, how, &mut z).unwrap();
+            assert!((a[0] - z[0]).abs() < 1e-6 && (a[1] - z[1]).abs() < 1e-6, "{how:?}: {a:?} vs {z:?}");
+        }
+    }
+}

@@ -39,8 +39,32 @@ fn run<T: Send>(py: Python<'_>, elements: usize, f: impl FnOnce() -> T + Send) -
     })
 }
 
-/// Score model outputs: one confidence in [0, 1] per item (float32, shape [B]); NaN marks an
-/// item whose output was invalid. See `triton_al.score` for the full documentation.
+/// Score model outputs: one confidence in [0, 1] per item, float32 of shape [B].
+///
+/// Args:
+///     outputs: float16/32/64 array (any memory order; C-contiguous float32 is not copied).
+///         classification ``[B, C]``; multilabel ``[B, L]``; detection ``[B, N, C]``;
+///         segmentation ``[B, C, H, W]`` (``layout="nchw"``) or ``[B, H, W, C]`` (``"nhwc"``).
+///     strategy: ``entropy`` (default), ``least_confidence``, ``margin``, ``ratio`` or ``random``.
+///     task: ``classification`` (default), ``multilabel``, ``detection`` or ``segmentation``.
+///     from_logits: the outputs are logits (softmax, or sigmoid for multilabel, is fused in).
+///     **task_options:
+///         sum_tolerance (all, default 0.01): a probability row whose sum is further from 1 is
+///             invalid; rows within it are renormalised.
+///         seed (all): seed of the ``random`` strategy.
+///         aggregate: multilabel ``min`` (default) | ``mean``; detection ``min`` (default) |
+///             ``mean`` | ``least_confident_mean`` (with ``k``, default 3); segmentation
+///             ``mean`` (default) | ``min`` | ``quantile`` (with ``quantile``, default 0.1).
+///         valid_counts (detection): ``[B]`` leading boxes per image that are real (padding after).
+///         box_confidence (detection): ``[B, N]`` detection confidence per box (default: the
+///             box's top class probability).
+///         confidence_floor (detection, default 0): boxes below it are ignored.
+///         empty_score (detection, default 1.0): score of an image with no boxes left — certain,
+///             so not flagged; set 0 to send images where the model found nothing.
+///         layout (segmentation): ``nchw`` (default) or ``nhwc``.
+///
+/// Returns NaN for an item whose output is invalid; raises ValueError/TypeError naming the
+/// argument for a wrong shape, dtype or option.
 #[pyfunction]
 #[pyo3(signature = (outputs, *, strategy = "entropy", task = "classification", from_logits = false, **task_options))]
 fn score<'py>(

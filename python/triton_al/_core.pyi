@@ -1,0 +1,29 @@
+"""Type stubs for the compiled extension `triton_al._core` (Rust, PyO3)."""
+
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+Strategy = Literal["entropy", "least_confidence", "margin", "ratio", "random"]
+Task = Literal["classification", "multilabel", "detection", "segmentation"]
+
+PARALLEL_MIN_ELEMENTS: int
+
+def score(
+    outputs: npt.ArrayLike,
+    *,
+    strategy: Strategy = "entropy",
+    task: Task = "classification",
+    from_logits: bool = False,
+    **task_options: Any,
+) -> npt.NDArray[np.float32]: ...
+def flag(
+    scores: npt.NDArray[np.float32],
+    threshold: float,
+    *,
+    random_fraction: float = 0.0,
+    seed: int = 0,
+) -> npt.NDArray[np.uint8]: ...
+def simd_level() -> Literal["avx512", "avx2", "portable"]: ...
+def num_threads() -> int: ...
