@@ -63,17 +63,18 @@ pub fn level() -> Level {
 }
 
 /// Define `pub fn $name(args) -> ret` that runs `$body_fn(args)` compiled for the best level.
-/// `$body_fn` must be `#[inline(always)]` so that it is compiled inside each variant.
+/// `$body_fn::<M: MulAdd>` must be `#[inline(always)]` so that it is compiled inside each
+/// variant; it gets fused multiply-add in the AVX variants and separate mul/add in the other.
 macro_rules! multiversion {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $body_fn:path) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $body_fn:ident) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi1,bmi2")]
-                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { $body_fn($($arg),*) }
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { $body_fn::<$crate::vmath::Fused>($($arg),*) }
                 #[target_feature(enable = "avx2,fma,bmi1,bmi2")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { $body_fn($($arg),*) }
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { $body_fn::<$crate::vmath::Fused>($($arg),*) }
                 match $crate::dispatch::level() {
                     // SAFETY: level() only reports features the CPU was checked to have.
                     $crate::dispatch::Level::Avx512 => return unsafe { avx512($($arg),*) },
@@ -81,7 +82,7 @@ macro_rules! multiversion {
                     $crate::dispatch::Level::Portable => {}
                 }
             }
-            $body_fn($($arg),*)
+            $body_fn::<$crate::vmath::Separate>($($arg),*)
         }
     };
 }

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 /// Below this many input elements a call stays on the calling thread: waking workers costs
 /// more than it saves (measured: see benchmarks/RESULTS.md).
-pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 18;
+pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
 
 struct Pool {
     pid: u32,

@@ -3,11 +3,12 @@
 //! into chunks (threads only for big inputs) and runs a SIMD-dispatched body per chunk.
 
 use crate::dispatch::multiversion;
-use crate::distribution::{strategy_score, Stats};
+use crate::distribution::{inv_ln_classes, strategy_score, Needs, Stats};
 use crate::multilabel as label;
 use crate::options::{Aggregate, Detection, Layout, Scoring, Strategy};
 use crate::parallel::for_each_chunk;
 use crate::planar::{self, TileOut, TILE};
+use crate::vmath::MulAdd;
 use crate::{error, random, row, KernelError, SMALL_C};
 
 /// Items per parallel work unit: about 64K input elements, a whole number of tiles.
@@ -41,46 +42,60 @@ fn check_shape(x: &[f32], out: &[f32], items: usize, dims: &[(&str, usize)]) -> 
 
 // ---- per-chunk bodies (compiled once per SIMD level) -------------------------------------
 
+/// Statistics of one contiguous row, with only the parts the strategy needs.
 #[inline(always)]
-fn row_stats(row: &[f32], s: &Scoring, need_top1: bool) -> Stats {
-    match (s.from_logits, s.strategy) {
-        (false, Strategy::Entropy) => row::probs::<true>(row, s.sum_tolerance),
-        (false, _) => row::probs::<false>(row, s.sum_tolerance),
-        (true, Strategy::Entropy) => row::logits::<true, true>(row),
-        (true, Strategy::Ratio | Strategy::Random) if !need_top1 => row::logits::<false, false>(row),
-        (true, _) => row::logits::<false, true>(row),
+fn row_stats<M: MulAdd>(row: &[f32], s: &Scoring, needs: Needs) -> Stats {
+    let tol = s.sum_tolerance;
+    match (s.from_logits, needs.plogp, needs.top2, needs.norm) {
+        (false, true, false, _) => row::probs::<M, true, false>(row, tol),
+        (false, false, false, _) => row::probs::<M, false, false>(row, tol),
+        (false, false, true, _) => row::probs::<M, false, true>(row, tol),
+        (false, true, true, _) => row::probs::<M, true, true>(row, tol),
+        (true, true, false, true) => row::logits::<M, true, true, false>(row),
+        (true, false, false, true) => row::logits::<M, false, true, false>(row),
+        (true, false, true, true) => row::logits::<M, false, true, true>(row),
+        (true, false, true, false) => row::logits::<M, false, false, true>(row),
+        (true, false, false, false) => row::logits::<M, false, false, false>(row),
+        (true, _, _, _) => row::logits::<M, true, true, true>(row),
     }
 }
 
+/// One full tile of class planes (see [`planar`]).
 #[inline(always)]
-fn planar_tile(data: &[f32], stride: usize, classes: usize, n: usize, s: &Scoring, need_top1: bool, out: TileOut<'_>) {
-    let (tol, st) = (s.sum_tolerance, s.strategy);
-    match (s.from_logits, st) {
-        (false, Strategy::Entropy) => planar::probs::<true>(data, stride, classes, n, tol, st, out),
-        (false, _) => planar::probs::<false>(data, stride, classes, n, tol, st, out),
-        (true, Strategy::Entropy) => planar::logits::<true, true>(data, stride, classes, n, st, out),
-        (true, Strategy::Ratio | Strategy::Random) if !need_top1 => {
-            planar::logits::<false, false>(data, stride, classes, n, st, out)
-        }
-        (true, _) => planar::logits::<false, true>(data, stride, classes, n, st, out),
+fn planar_tile<M: MulAdd>(data: &[f32], stride: usize, classes: usize, s: &Scoring, needs: Needs, out: TileOut<'_>) {
+    let (tol, st, inv) = (s.sum_tolerance, s.strategy, inv_ln_classes(classes));
+    match (s.from_logits, needs.plogp, needs.top2, needs.norm) {
+        (false, true, false, _) => planar::probs::<M, true, false>(data, stride, classes, tol, st, inv, out),
+        (false, false, false, _) => planar::probs::<M, false, false>(data, stride, classes, tol, st, inv, out),
+        (false, false, true, _) => planar::probs::<M, false, true>(data, stride, classes, tol, st, inv, out),
+        (false, true, true, _) => planar::probs::<M, true, true>(data, stride, classes, tol, st, inv, out),
+        (true, true, false, true) => planar::logits::<M, true, true, false>(data, stride, classes, st, inv, out),
+        (true, false, false, true) => planar::logits::<M, false, true, false>(data, stride, classes, st, inv, out),
+        (true, false, true, true) => planar::logits::<M, false, true, true>(data, stride, classes, st, inv, out),
+        (true, false, true, false) => planar::logits::<M, false, false, true>(data, stride, classes, st, inv, out),
+        (true, false, false, false) => planar::logits::<M, false, false, false>(data, stride, classes, st, inv, out),
+        (true, _, _, _) => planar::logits::<M, true, true, true>(data, stride, classes, st, inv, out),
     }
 }
 
 /// Score `scores.len()` contiguous rows of `classes` values each.
 #[inline(always)]
-fn rows_body(x: &[f32], classes: usize, s: &Scoring, need_top1: bool, scores: &mut [f32], mut top1: Option<&mut [f32]>) {
+fn rows_body<M: MulAdd>(x: &[f32], classes: usize, s: &Scoring, need_top1: bool, scores: &mut [f32], mut top1: Option<&mut [f32]>) {
     let n = scores.len();
+    let needs = Needs::of(s.strategy, need_top1);
     if classes >= SMALL_C {
+        let inv_ln_c = inv_ln_classes(classes);
         for i in 0..n {
-            let st = row_stats(&x[i * classes..(i + 1) * classes], s, need_top1);
-            scores[i] = strategy_score(&st, s.strategy, classes);
+            let st = row_stats::<M>(&x[i * classes..(i + 1) * classes], s, needs);
+            scores[i] = strategy_score::<M>(&st, s.strategy, classes, inv_ln_c);
             if let Some(t) = top1.as_deref_mut() {
                 t[i] = if st.valid { st.top1() } else { f32::NAN };
             }
         }
         return;
     }
-    // Small C: transpose a tile of rows into class planes, then score across items.
+    // Small C: transpose a tile of rows into class planes, then score across items. Lanes
+    // past the last row of a partial tile hold stale values whose results are dropped.
     let mut planes = [0.0f32; SMALL_C * TILE];
     for start in (0..n).step_by(TILE) {
         let m = TILE.min(n - start);
@@ -94,18 +109,29 @@ fn rows_body(x: &[f32], classes: usize, s: &Scoring, need_top1: bool, scores: &m
             scores: &mut scores[start..start + m],
             top1: top1.as_deref_mut().map(|t| &mut t[start..start + m]),
         };
-        planar_tile(&planes, TILE, classes, m, s, need_top1, out);
+        planar_tile::<M>(&planes, TILE, classes, s, needs, out);
     }
 }
 
 /// Score `scores.len()` items stored class-planar (`stride` apart), starting at `x[0]`.
 #[inline(always)]
-fn planes_body(x: &[f32], stride: usize, classes: usize, s: &Scoring, scores: &mut [f32]) {
+fn planes_body<M: MulAdd>(x: &[f32], stride: usize, classes: usize, s: &Scoring, scores: &mut [f32]) {
     let n = scores.len();
-    for start in (0..n).step_by(TILE) {
-        let m = TILE.min(n - start);
-        let out = TileOut { scores: &mut scores[start..start + m], top1: None };
-        planar_tile(&x[start..], stride, classes, m, s, false, out);
+    let needs = Needs::of(s.strategy, false);
+    let full = n / TILE * TILE;
+    for start in (0..full).step_by(TILE) {
+        let out = TileOut { scores: &mut scores[start..start + TILE], top1: None };
+        planar_tile::<M>(&x[start..], stride, classes, s, needs, out);
+    }
+    if full < n {
+        // The last partial tile: copy it into a padded buffer (padding lanes are discarded).
+        let m = n - full;
+        let mut padded = vec![0.0f32; classes * TILE];
+        for j in 0..classes {
+            padded[j * TILE..j * TILE + m].copy_from_slice(&x[j * stride + full..j * stride + full + m]);
+        }
+        let out = TileOut { scores: &mut scores[full..], top1: None };
+        planar_tile::<M>(&padded, TILE, classes, s, needs, out);
     }
 }
 
@@ -116,16 +142,24 @@ fn map_labels(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
     }
 }
 
-/// Per-label scores, element by element.
+/// Per-label scores, element by element (the strategy matched once, outside the loop).
 #[inline(always)]
-fn labels_body(x: &[f32], s: &Scoring, out: &mut [f32]) {
-    match (s.from_logits, s.strategy) {
-        (false, Strategy::Entropy) => map_labels(x, out, |v| label::from_probability(v, Strategy::Entropy)),
-        (false, Strategy::Ratio) => map_labels(x, out, |v| label::from_probability(v, Strategy::Ratio)),
-        (false, st) => map_labels(x, out, |v| label::from_probability(v, st)),
-        (true, Strategy::Entropy) => map_labels(x, out, |v| label::from_logit(v, Strategy::Entropy)),
-        (true, Strategy::Ratio) => map_labels(x, out, |v| label::from_logit(v, Strategy::Ratio)),
-        (true, st) => map_labels(x, out, |v| label::from_logit(v, st)),
+fn labels_body<M: MulAdd>(x: &[f32], s: &Scoring, out: &mut [f32]) {
+    macro_rules! each {
+        ($f:path) => {
+            match s.strategy {
+                Strategy::Entropy => map_labels(x, out, |v| $f(v, Strategy::Entropy)),
+                Strategy::LeastConfidence => map_labels(x, out, |v| $f(v, Strategy::LeastConfidence)),
+                Strategy::Margin => map_labels(x, out, |v| $f(v, Strategy::Margin)),
+                Strategy::Ratio => map_labels(x, out, |v| $f(v, Strategy::Ratio)),
+                Strategy::Random => map_labels(x, out, |v| $f(v, Strategy::Random)),
+            }
+        };
+    }
+    if s.from_logits {
+        each!(label::from_logit::<M>)
+    } else {
+        each!(label::from_probability::<M>)
     }
 }
 
