@@ -39,6 +39,8 @@ pub fn probs_valid(sum: f32, t: f32, min_p: f32, tolerance: f32) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Needs {
     pub plogp: bool,
+    /// The largest probability (always tracked for logits: the softmax shift needs it).
+    pub top1: bool,
     pub top2: bool,
     /// The softmax normaliser (logits only; probabilities always sum).
     pub norm: bool,
@@ -47,11 +49,11 @@ pub struct Needs {
 impl Needs {
     pub fn of(strategy: Strategy, need_top1: bool) -> Needs {
         match strategy {
-            Strategy::Entropy => Needs { plogp: true, top2: false, norm: true },
-            Strategy::LeastConfidence => Needs { plogp: false, top2: false, norm: true },
-            Strategy::Margin => Needs { plogp: false, top2: true, norm: true },
-            Strategy::Ratio => Needs { plogp: false, top2: true, norm: need_top1 },
-            Strategy::Random => Needs { plogp: false, top2: false, norm: need_top1 },
+            Strategy::Entropy => Needs { plogp: true, top1: need_top1, top2: false, norm: true },
+            Strategy::LeastConfidence => Needs { plogp: false, top1: true, top2: false, norm: true },
+            Strategy::Margin => Needs { plogp: false, top1: true, top2: true, norm: true },
+            Strategy::Ratio => Needs { plogp: false, top1: true, top2: true, norm: need_top1 },
+            Strategy::Random => Needs { plogp: false, top1: need_top1, top2: false, norm: need_top1 },
         }
     }
 }

@@ -28,7 +28,7 @@ pub use tasks::{classification, detection, multilabel, segmentation};
 
 /// Below this many classes, row-major rows are transposed tile by tile and scored with the
 /// lanes across items (a row of 10 classes would leave most of a 16-lane register idle).
-pub const SMALL_C: usize = 32;
+pub const SMALL_C: usize = 64;
 
 /// A call the kernels cannot serve; the message names the argument and what was expected.
 #[derive(Debug, Clone, PartialEq, Eq)]

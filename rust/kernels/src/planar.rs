@@ -22,7 +22,7 @@ pub struct TileOut<'a> {
 /// Scores (and top-1 probabilities) from per-item statistics, with the strategy matched once
 /// outside the loop.
 #[inline(always)]
-fn finish<M: MulAdd>(
+pub fn finish<M: MulAdd>(
     strategy: Strategy,
     classes: usize,
     inv_ln_c: f32,
@@ -60,7 +60,7 @@ fn plane(data: &[f32], stride: usize, j: usize) -> &[f32; TILE] {
 /// Probability planes: `classes` planes of [`TILE`] items, `stride` apart.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn probs<M: MulAdd, const PLOGP: bool, const TOP2: bool>(
+pub fn probs<M: MulAdd, const PLOGP: bool, const TOP1: bool, const TOP2: bool>(
     data: &[f32],
     stride: usize,
     classes: usize,
@@ -85,7 +85,7 @@ pub fn probs<M: MulAdd, const PLOGP: bool, const TOP2: bool>(
             low[i] = vmath::min(low[i], p);
             if TOP2 {
                 push_top2(&mut first[i], &mut second[i], p);
-            } else {
+            } else if TOP1 {
                 first[i] = vmath::max(first[i], p);
             }
         }

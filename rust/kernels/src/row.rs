@@ -15,7 +15,7 @@ fn top_two<const TOP2: bool>(first: &Lanes, second: &Lanes) -> (f32, f32) {
 
 /// Statistics of a probability row. `PLOGP`: compute `Σ p ln p`; `TOP2`: the runner-up.
 #[inline(always)]
-pub fn probs<M: MulAdd, const PLOGP: bool, const TOP2: bool>(row: &[f32], tolerance: f32) -> Stats {
+pub fn probs<M: MulAdd, const PLOGP: bool, const TOP1: bool, const TOP2: bool>(row: &[f32], tolerance: f32) -> Stats {
     let mut sum: Lanes = [0.0; LANES];
     let mut t: Lanes = [0.0; LANES];
     let mut low: Lanes = [0.0; LANES];
@@ -34,7 +34,7 @@ pub fn probs<M: MulAdd, const PLOGP: bool, const TOP2: bool>(row: &[f32], tolera
             low[k] = vmath::min(low[k], p);
             if TOP2 {
                 push_top2(&mut first[k], &mut second[k], p);
-            } else {
+            } else if TOP1 {
                 first[k] = vmath::max(first[k], p);
             }
         }

@@ -47,10 +47,12 @@ fn check_shape(x: &[f32], out: &[f32], items: usize, dims: &[(&str, usize)]) -> 
 fn row_stats<M: MulAdd>(row: &[f32], s: &Scoring, needs: Needs) -> Stats {
     let tol = s.sum_tolerance;
     match (s.from_logits, needs.plogp, needs.top2, needs.norm) {
-        (false, true, false, _) => row::probs::<M, true, false>(row, tol),
-        (false, false, false, _) => row::probs::<M, false, false>(row, tol),
-        (false, false, true, _) => row::probs::<M, false, true>(row, tol),
-        (false, true, true, _) => row::probs::<M, true, true>(row, tol),
+        (false, true, false, _) if !needs.top1 => row::probs::<M, true, false, false>(row, tol),
+        (false, false, false, _) if !needs.top1 => row::probs::<M, false, false, false>(row, tol),
+        (false, true, false, _) => row::probs::<M, true, true, false>(row, tol),
+        (false, false, false, _) => row::probs::<M, false, true, false>(row, tol),
+        (false, false, true, _) => row::probs::<M, false, true, true>(row, tol),
+        (false, true, true, _) => row::probs::<M, true, true, true>(row, tol),
         (true, true, false, true) => row::logits::<M, true, true, false>(row),
         (true, false, false, true) => row::logits::<M, false, true, false>(row),
         (true, false, true, true) => row::logits::<M, false, true, true>(row),
@@ -65,10 +67,12 @@ fn row_stats<M: MulAdd>(row: &[f32], s: &Scoring, needs: Needs) -> Stats {
 fn planar_tile<M: MulAdd>(data: &[f32], stride: usize, classes: usize, s: &Scoring, needs: Needs, out: TileOut<'_>) {
     let (tol, st, inv) = (s.sum_tolerance, s.strategy, inv_ln_classes(classes));
     match (s.from_logits, needs.plogp, needs.top2, needs.norm) {
-        (false, true, false, _) => planar::probs::<M, true, false>(data, stride, classes, tol, st, inv, out),
-        (false, false, false, _) => planar::probs::<M, false, false>(data, stride, classes, tol, st, inv, out),
-        (false, false, true, _) => planar::probs::<M, false, true>(data, stride, classes, tol, st, inv, out),
-        (false, true, true, _) => planar::probs::<M, true, true>(data, stride, classes, tol, st, inv, out),
+        (false, true, false, _) if !needs.top1 => planar::probs::<M, true, false, false>(data, stride, classes, tol, st, inv, out),
+        (false, false, false, _) if !needs.top1 => planar::probs::<M, false, false, false>(data, stride, classes, tol, st, inv, out),
+        (false, true, false, _) => planar::probs::<M, true, true, false>(data, stride, classes, tol, st, inv, out),
+        (false, false, false, _) => planar::probs::<M, false, true, false>(data, stride, classes, tol, st, inv, out),
+        (false, false, true, _) => planar::probs::<M, false, true, true>(data, stride, classes, tol, st, inv, out),
+        (false, true, true, _) => planar::probs::<M, true, true, true>(data, stride, classes, tol, st, inv, out),
         (true, true, false, true) => planar::logits::<M, true, true, false>(data, stride, classes, st, inv, out),
         (true, false, false, true) => planar::logits::<M, false, true, false>(data, stride, classes, st, inv, out),
         (true, false, true, true) => planar::logits::<M, false, true, true>(data, stride, classes, st, inv, out),
@@ -84,13 +88,20 @@ fn rows_body<M: MulAdd>(x: &[f32], classes: usize, s: &Scoring, need_top1: bool,
     let n = scores.len();
     let needs = Needs::of(s.strategy, need_top1);
     if classes >= SMALL_C {
+        // Statistics row by row, then the scores of a block of rows in one vectorised pass.
         let inv_ln_c = inv_ln_classes(classes);
-        for i in 0..n {
-            let st = row_stats::<M>(&x[i * classes..(i + 1) * classes], s, needs);
-            scores[i] = strategy_score::<M>(&st, s.strategy, classes, inv_ln_c);
-            if let Some(t) = top1.as_deref_mut() {
-                t[i] = if st.valid { st.top1() } else { f32::NAN };
+        let mut block = [Stats { norm: 1.0, t: 0.0, a1: 0.0, a2: 0.0, valid: false }; TILE];
+        for start in (0..n).step_by(TILE) {
+            let m = TILE.min(n - start);
+            for (i, st) in block.iter_mut().enumerate().take(m) {
+                let r = start + i;
+                *st = row_stats::<M>(&x[r * classes..(r + 1) * classes], s, needs);
             }
+            let out = TileOut {
+                scores: &mut scores[start..start + m],
+                top1: top1.as_deref_mut().map(|t| &mut t[start..start + m]),
+            };
+            planar::finish::<M>(s.strategy, classes, inv_ln_c, |i| block[i], out);
         }
         return;
     }
