@@ -1,0 +1,140 @@
+"""The `active_learning` model for Triton's Python backend.
+
+A model repository's `active_learning/1/model.py` is one line:
+``from triton_al.serving.active_learning import TritonPythonModel``.
+
+Inputs: the model's class scores (`scores_input`, default `PROBS`), optionally the original
+asset (`asset_input`, default `IMAGE`, BYTES) and `MODEL_VERSION` (BYTES or INT). Outputs, per
+item: `SCORE` (FP32 [1]) and `FLAGGED` (BOOL [1]). Every request gets exactly one response,
+in order; a request whose inputs are unusable gets an error response and the others are
+served. Flagged items go to the outbox; a failing outbox never fails inference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+
+from triton_al.scoring import REASONS
+from triton_al.step import ActiveLearningStep, RequestError, RequestInputs
+from triton_al.step_settings import StepSettings
+
+try:  # only importable inside Triton's Python-backend stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover - imported for documentation or tests outside Triton
+    pb_utils = None
+
+SCORE_BUCKETS = [round(0.05 * i, 2) for i in range(1, 21)]
+
+
+class _Metrics:
+    """Custom metrics in Triton's own /metrics (nothing when the server has no support)."""
+
+    def __init__(self, model: str) -> None:
+        self.enabled = hasattr(pb_utils, "MetricFamily")
+        if not self.enabled:
+            return
+        family = pb_utils.MetricFamily
+        labels = {"model": model}
+        self._families = [
+            family(name="triton_al_items_scored_total", description="Items scored by the active_learning step", kind=family.COUNTER),
+            family(name="triton_al_items_flagged_total", description="Items flagged, by reason", kind=family.COUNTER),
+            family(name="triton_al_outbox_errors_total", description="Flagged items the outbox could not take", kind=family.COUNTER),
+            family(name="triton_al_score", description="Distribution of scores (confidence in [0, 1])", kind=family.HISTOGRAM),
+        ]
+        scored, flagged, errors, histogram = self._families
+        self.scored = scored.Metric(labels=labels)
+        self.flagged = {r: flagged.Metric(labels={**labels, "reason": r}) for r in REASONS if r}
+        self.errors = errors.Metric(labels=labels)
+        self.score = histogram.Metric(labels=labels, buckets=SCORE_BUCKETS)
+
+    def observe(self, scores: np.ndarray, codes: np.ndarray) -> None:
+        if not self.enabled or len(scores) == 0:
+            return
+        self.scored.increment(float(len(scores)))
+        for code, count in zip(*np.unique(codes[codes != 0], return_counts=True)):
+            self.flagged[REASONS[int(code)]].increment(float(count))
+        for s in scores[np.isfinite(scores)].tolist():
+            self.score.observe(s)
+
+
+def _parameters(model_config: dict) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        model_config = json.loads(args["model_config"])
+        params = _parameters(model_config)
+        params.setdefault("model_name", args.get("model_name", "model"))
+        # A bad setting fails the load, with the message naming it (Triton logs it).
+        self.settings = StepSettings.from_parameters(params)
+        self.step = ActiveLearningStep(self.settings)
+        self.inputs = {i["name"] for i in model_config.get("input", [])}
+        self.metrics = _Metrics(args.get("model_name", "active_learning"))
+        self._last_errors = 0
+        self.log = pb_utils.Logger
+        s = self.settings.active_learning
+        self.log.log_info(
+            f"active_learning ready: strategy={s.strategy} threshold={s.threshold} groups={s.upload_groups} "
+            f"task={s.task} outbox={self.settings.outbox.path if self.settings.outbox else None}"
+        )
+
+    def _inputs_of(self, request) -> RequestInputs:
+        scores = pb_utils.get_input_tensor_by_name(request, self.settings.scores_input)
+        if scores is None:
+            raise RequestError(f"missing input {self.settings.scores_input!r}")
+        assets = None
+        if self.settings.asset_input:
+            tensor = pb_utils.get_input_tensor_by_name(request, self.settings.asset_input)
+            if tensor is not None:
+                assets = tensor.as_numpy()
+        version = None
+        if "MODEL_VERSION" in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, "MODEL_VERSION")
+            if tensor is not None and tensor.as_numpy().size:
+                v = tensor.as_numpy().reshape(-1)[0]
+                version = v.decode() if isinstance(v, bytes) else str(v)
+        return RequestInputs(outputs=scores.as_numpy(), assets=assets, model_version=version)
+
+    def execute(self, requests):
+        parsed: list[RequestInputs | Exception] = []
+        for request in requests:
+            try:
+                parsed.append(self._inputs_of(request))
+            except Exception as e:  # noqa: BLE001 - becomes this request's error response
+                parsed.append(e)
+        ok = [p for p in parsed if isinstance(p, RequestInputs)]
+        results = iter(self.step.process(ok))
+        responses = []
+        for p in parsed:
+            result = next(results) if isinstance(p, RequestInputs) else p
+            if isinstance(result, Exception):
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"active_learning: {result}")))
+                continue
+            self.metrics.observe(result.scores, result.reason_codes)
+            responses.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("SCORE", result.scores.reshape(-1, 1)),
+                        pb_utils.Tensor("FLAGGED", result.flagged.reshape(-1, 1)),
+                    ]
+                )
+            )
+        errors = self.step.counts.outbox_errors
+        if errors != self._last_errors:
+            if self.metrics.enabled:
+                self.metrics.errors.increment(float(errors - self._last_errors))
+            self.log.log_error(f"active_learning: {errors - self._last_errors} flagged items could not be stored")
+            self._last_errors = errors
+        return responses
+
+    def finalize(self) -> None:
+        outbox = getattr(self.step, "outbox", None)
+        if outbox is not None and hasattr(outbox, "close"):
+            outbox.close()
+
+
+logging.getLogger("triton_al").addHandler(logging.NullHandler())

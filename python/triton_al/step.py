@@ -1,0 +1,198 @@
+"""The active-learning step, independent of Triton: score a dynamic batch made of several
+requests in one vectorised call, flag, and append the flagged items to the outbox.
+
+`triton_al.serving.active_learning` adapts this to Triton's Python backend; keeping the
+logic here means it is tested like any other Python code.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from triton_al.scoring import REASONS, Evaluation, evaluate
+from triton_al.step_settings import StepSettings
+
+log = logging.getLogger("triton_al.step")
+
+
+class RequestError(ValueError):
+    """One request's inputs are unusable; only that request fails."""
+
+
+@dataclass
+class RequestInputs:
+    """What one inference request brings to the step."""
+
+    outputs: np.ndarray
+    """The model's class scores for this request's items, batch first."""
+    assets: np.ndarray | None = None
+    """One asset per item: encoded bytes (object array) or a numeric tensor per item."""
+    model_version: str | None = None
+
+
+@dataclass
+class StepCounts:
+    scored: int = 0
+    flagged: dict[str, int] = field(default_factory=dict)
+    stored: int = 0
+    duplicates: int = 0
+    dropped: int = 0
+    outbox_errors: int = 0
+
+
+def sniff_media_type(data: bytes) -> str:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def asset_bytes(asset: Any) -> tuple[bytes, str]:
+    """The bytes stored for one item's asset, and their media type."""
+    if isinstance(asset, (bytes, bytearray, memoryview)):
+        data = bytes(asset)
+        return data, sniff_media_type(data)
+    if isinstance(asset, np.ndarray) and asset.dtype == np.object_ and asset.size == 1:
+        return asset_bytes(asset.reshape(-1)[0])
+    if isinstance(asset, np.ndarray):
+        buffer = io.BytesIO()
+        np.save(buffer, asset, allow_pickle=False)  # a numeric tensor: keep it exactly
+        return buffer.getvalue(), "application/x-npy"
+    raise RequestError(f"asset: expected bytes or a numeric array per item, got {type(asset).__name__}")
+
+
+def prediction_of(outputs: np.ndarray, task: str) -> dict[str, Any]:
+    """A JSON-serialisable summary of one item's prediction, for annotators and pre-labels."""
+    if task == "classification":
+        probs = outputs.astype(np.float64)
+        return {"probs": [round(float(v), 6) for v in probs], "label": int(np.nanargmax(probs)) if np.isfinite(probs).any() else None}
+    if task == "multilabel":
+        return {"probs": [round(float(v), 6) for v in outputs.astype(np.float64)]}
+    if task == "detection":
+        finite = np.where(np.isfinite(outputs), outputs, -np.inf)
+        return {"boxes": [{"label": int(np.argmax(b)), "confidence": round(float(np.max(b)), 6)} for b in finite]}
+    # segmentation: the per-class share of pixels is small and says what the image holds
+    class_axis = 0 if outputs.shape[0] < outputs.shape[-1] else -1
+    labels = np.nan_to_num(outputs, nan=-np.inf).argmax(axis=class_axis)
+    counts = np.bincount(labels.ravel(), minlength=outputs.shape[class_axis])
+    return {"class_pixels": counts.tolist()}
+
+
+class ActiveLearningStep:
+    """Scores batches with an `ActiveLearningConfig` and stores flagged items in an outbox."""
+
+    def __init__(self, settings: StepSettings, outbox: Any | None = None) -> None:
+        self.settings = settings
+        self.config = settings.active_learning
+        self.outbox = outbox
+        if self.outbox is None and settings.outbox is not None:
+            from triton_al.outbox import Outbox
+
+            o = settings.outbox
+            o.path.parent.mkdir(parents=True, exist_ok=True)
+            self.outbox = Outbox(o.path, max_items=o.max_items, max_bytes=o.max_bytes, overflow_policy=o.overflow_policy)
+        # Each batch gets its own seed (random strategy / random share), reproducible when
+        # the config has one.
+        base = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self._seeds = (hash((base, os.getpid(), i)) & (2**63 - 1) for i in itertools.count())
+        self.counts = StepCounts()
+
+    def _check(self, request: RequestInputs) -> None:
+        x = request.outputs
+        if not isinstance(x, np.ndarray) or x.ndim < 2:
+            raise RequestError(f"{self.settings.scores_input}: expected a batched array, got shape {getattr(x, 'shape', None)}")
+        if request.assets is not None and len(request.assets) != len(x):
+            raise RequestError(
+                f"{self.settings.asset_input}: {len(request.assets)} assets for {len(x)} items of {self.settings.scores_input}"
+            )
+
+    def process(self, requests: Sequence[RequestInputs]) -> list[Evaluation | Exception]:
+        """Score every request (one kernel call for all requests of compatible shape) and
+        store the flagged items. Returns, per request, its evaluation or the error for it."""
+        results: list[Evaluation | Exception] = [RequestError("not processed")] * len(requests)
+        good: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                self._check(request)
+                good.append(i)
+            except RequestError as e:
+                results[i] = e
+        # Requests with the same item shape and dtype are scored together.
+        by_shape: dict[tuple, list[int]] = {}
+        for i in good:
+            x = requests[i].outputs
+            by_shape.setdefault((x.shape[1:], x.dtype.str), []).append(i)
+        for members in by_shape.values():
+            stacked = np.concatenate([requests[i].outputs for i in members]) if len(members) > 1 else requests[members[0]].outputs
+            try:
+                evaluation = evaluate(stacked, self.config, seed=next(self._seeds))
+            except (TypeError, ValueError) as e:
+                for i in members:
+                    results[i] = RequestError(f"{self.settings.scores_input}: {e}")
+                continue
+            start = 0
+            for i in members:
+                n = len(requests[i].outputs)
+                results[i] = Evaluation(evaluation.scores[start : start + n], evaluation.reason_codes[start : start + n])
+                start += n
+        self._store(requests, results)
+        return results
+
+    def _store(self, requests: Sequence[RequestInputs], results: list[Evaluation | Exception]) -> None:
+        items = []
+        cfg = self.config
+        for request, result in zip(requests, results):
+            if not isinstance(result, Evaluation):
+                continue
+            self.counts.scored += len(result)
+            for j in np.flatnonzero(result.reason_codes):
+                reason = REASONS[int(result.reason_codes[j])]
+                self.counts.flagged[reason] = self.counts.flagged.get(reason, 0) + 1
+                if self.outbox is None or request.assets is None:
+                    continue
+                from triton_al.outbox import FlaggedItem
+
+                try:
+                    data, media_type = asset_bytes(request.assets[j])
+                except RequestError:
+                    self.counts.outbox_errors += 1
+                    log.exception("active_learning: unusable asset for a flagged item; not stored")
+                    continue
+                items.append(
+                    FlaggedItem(
+                        asset=data,
+                        media_type=media_type,
+                        model_name=self.settings.model_name,
+                        model_version=request.model_version or self.settings.model_version,
+                        prediction=prediction_of(request.outputs[j], cfg.task),
+                        score=float(result.scores[j]),
+                        strategy=cfg.strategy,
+                        threshold=cfg.threshold,
+                        reason=reason,
+                        upload_groups=list(cfg.upload_groups),
+                    )
+                )
+        if not items:
+            return
+        try:
+            appended = self.outbox.append_many(items)
+        except Exception:  # the outbox must never fail inference: count, log, go on
+            self.counts.outbox_errors += len(items)
+            log.exception("active_learning: could not append %d flagged items to the outbox", len(items))
+            return
+        self.counts.stored += getattr(appended, "accepted", len(items))
+        self.counts.duplicates += getattr(appended, "duplicates", 0)
+        self.counts.dropped += getattr(appended, "dropped", 0)

@@ -1,0 +1,105 @@
+"""The active-learning step without Triton: settings from config.pbtxt parameters, batching
+of several requests into one kernel call, per-request errors, and what gets stored."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import triton_al
+from triton_al.step import ActiveLearningStep, RequestError, RequestInputs, asset_bytes, prediction_of, sniff_media_type
+from triton_al.step_settings import StepSettings
+
+
+def settings(**params) -> StepSettings:
+    base = {"model_name": "fashion_cnn", "outbox_path": ""}
+    return StepSettings.from_parameters({**base, **params}, env={})
+
+
+def png(value: int = 128) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((28, 28), value, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_parameters_parse_into_one_config():
+    s = settings(strategy="margin", threshold="0.3", upload_groups="review, hard-cases", task="detection",
+                 aggregate="least_confident_mean", k="2", from_logits="true", outbox_max_items="10",
+                 outbox_path="/tmp/x/outbox.db")
+    al = s.active_learning
+    assert (al.strategy, al.threshold, al.upload_groups, al.from_logits) == ("margin", 0.3, ["review", "hard-cases"], True)
+    assert al.task_options.aggregate == "least_confident_mean" and al.task_options.k == 2
+    assert s.outbox.max_items == 10 and str(s.outbox.path) == "/tmp/x/outbox.db"
+
+
+def test_outbox_comes_from_the_environment_when_not_a_parameter():
+    s = StepSettings.from_parameters({"model_name": "m"}, env={"TRITON_AL_OUTBOX": "/data/outbox.db"})
+    assert str(s.outbox.path) == "/data/outbox.db"
+    with pytest.raises(ValueError, match="outbox_path.*TRITON_AL_OUTBOX"):
+        StepSettings.from_parameters({"model_name": "m"}, env={})
+    assert settings().outbox is None  # empty outbox_path: score only
+
+
+@pytest.mark.parametrize(
+    "params, words",
+    [
+        ({"strategy": "bald"}, ["strategy"]),
+        ({"threshold": "high"}, ["threshold"]),
+        ({"threshold": "1.5"}, ["threshold"]),
+        ({"upload_groups": "../x"}, ["upload_groups", "../x"]),
+        ({"tresh": "0.1"}, ["unknown", "tresh"]),
+        ({"outbox_size": "1"}, ["unknown", "outbox_size"]),
+        ({"task": "classification", "layout": "nchw"}, ["layout"]),
+        ({"outbox_max_items": "-1", "outbox_path": "/tmp/o.db"}, ["max_items"]),
+    ],
+)
+def test_bad_parameters_fail_with_their_name(params, words):
+    with pytest.raises(ValueError) as info:
+        settings(**params)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_requests_are_scored_together_and_split_back():
+    step = ActiveLearningStep(settings(threshold="0.5"))
+    rng = np.random.default_rng(0)
+    requests = [RequestInputs(rng.dirichlet(np.ones(10), size=n).astype(np.float32)) for n in (1, 8, 3)]
+    results = step.process(requests)
+    for request, result in zip(requests, results):
+        np.testing.assert_array_equal(result.scores, triton_al.score(request.outputs))
+    assert step.counts.scored == 12
+
+
+def test_a_bad_request_fails_alone():
+    step = ActiveLearningStep(settings())
+    good = RequestInputs(np.full((2, 4), 0.25, np.float32))
+    flat = RequestInputs(np.zeros(4, np.float32))
+    mismatch = RequestInputs(np.full((2, 4), 0.25, np.float32), assets=np.array([png()], dtype=object))
+    ints = RequestInputs(np.zeros((2, 4), np.int32))
+    results = step.process([good, flat, mismatch, ints, good])
+    assert isinstance(results[1], RequestError) and "shape" in str(results[1])
+    assert isinstance(results[2], RequestError) and "1 assets for 2 items" in str(results[2])
+    assert isinstance(results[3], RequestError) and "int32" in str(results[3])
+    assert results[0].flagged.all() and results[4].flagged.all()
+
+
+def test_nan_outputs_are_flagged_invalid_without_failing():
+    step = ActiveLearningStep(settings())
+    x = np.full((3, 4), np.nan, np.float32)
+    (result,) = step.process([RequestInputs(x)])
+    assert result.reasons == ["invalid_output"] * 3
+    assert step.counts.flagged == {"invalid_output": 3}
+
+
+def test_assets_and_predictions():
+    assert sniff_media_type(png()) == "image/png"
+    data, kind = asset_bytes(np.array([png()], dtype=object))
+    assert kind == "image/png" and data.startswith(b"\x89PNG")
+    data, kind = asset_bytes(np.zeros((1, 28, 28), np.float32))
+    assert kind == "application/x-npy" and np.load(io.BytesIO(data)).shape == (1, 28, 28)
+    p = prediction_of(np.array([0.1, 0.7, 0.2], np.float32), "classification")
+    assert p["label"] == 1 and abs(sum(p["probs"]) - 1) < 1e-5
+    assert prediction_of(np.array([[0.9, 0.1], [0.2, 0.8]], np.float32), "detection")["boxes"][1]["label"] == 1
