@@ -17,9 +17,16 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """Active learning for models served by NVIDIA Triton Inference Server."""
+
+
 # Modules that contribute commands (each defines `register(app: typer.Typer) -> None`).
 COMMAND_MODULES = [
-    "triton_al.uploader.commands",
+    "triton_al.serving.commands",
 ]
 
 for _name in COMMAND_MODULES:
