@@ -35,6 +35,8 @@ WORKLOADS = {
     "cls-256x1000-logits": ("classification", (256, 1000), True),
     "cls-4096x1000-probs": ("classification", (4096, 1000), False),
     "cls-4096x1000-logits": ("classification", (4096, 1000), True),
+    # 131 MB: larger than any cache here, so this one measures streaming from memory.
+    "cls-32768x1000-probs": ("classification", (32768, 1000), False),
     "det-16x1000x80-probs": ("detection", (16, 1000, 80), False),
     "seg-4x21x512x512-logits": ("segmentation", (4, 21, 512, 512), True),
 }
