@@ -26,7 +26,8 @@ try:  # only importable inside Triton's Python-backend stub
 except ImportError:  # pragma: no cover - imported for documentation or tests outside Triton
     pb_utils = None
 
-SCORE_BUCKETS = [round(0.05 * i, 2) for i in range(1, 21)]
+# 0.01 wide: `triton-al calibrate` reads thresholds off this histogram.
+SCORE_BUCKETS = [round(0.01 * i, 2) for i in range(1, 101)]
 
 
 class _Metrics:
