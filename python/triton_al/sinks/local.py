@@ -1,0 +1,279 @@
+"""The local project store: the embedded default sink, and where annotations come back.
+
+Layout (documented in the README; tools may read it directly)::
+
+    STORE/
+      <group>/
+        <sha256>.<ext>        the asset, original bytes and format
+        <sha256>.json         sidecar: prediction, score, strategy, threshold, reason,
+                              model name and version, flagged_at, stored_at
+        index.jsonl           one JSON object per stored asset, appended atomically
+        labels/<sha256>.json  annotation coming back: {"label": ..., "annotator": ..., "labelled_at": ...}
+
+Writes are idempotent per (group, hash): a repeated upload rewrites identical files and
+adds no second index line. Files are written to a temporary name, flushed to disk and
+renamed; the index line is appended last with one `write` on an O_APPEND descriptor, so
+a reader never sees half an asset, and a crash leaves at most a torn last index line,
+which the next writer repairs.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from triton_al.config import validate_group_name
+from triton_al.sinks.base import Annotation, PermanentSinkError, Sink, SinkError, TransientSinkError, Upload
+
+INDEX = "index.jsonl"
+LABELS = "labels"
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class _Group:
+    """One group's folder, its index, and the hashes already indexed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / LABELS).mkdir(exist_ok=True)
+        self.index_path = root / INDEX
+        self.indexed: set[str] = set()
+        self._load_index()
+
+    def _load_index(self) -> None:
+        if not self.index_path.exists():
+            return
+        with open(self.index_path, "rb+") as f:
+            data = f.read()
+            good_end = data.rfind(b"\n") + 1
+            if good_end != len(data):  # a torn last line from a crash mid-append: drop it
+                f.truncate(good_end)
+        for line in data[:good_end].splitlines():
+            try:
+                self.indexed.add(json.loads(line)["content_hash"])
+            except (ValueError, KeyError):
+                continue  # a line someone edited by hand; not ours to judge
+
+    def append_index(self, records: list[dict[str, Any]], *, durable: bool) -> None:
+        payload = b"".join(json.dumps(r, separators=(",", ":"), sort_keys=True).encode() + b"\n" for r in records)
+        fd = os.open(self.index_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            written = os.write(fd, payload)
+            if written != len(payload):
+                raise OSError(errno.ENOSPC, f"short write to {self.index_path}")
+            if durable:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        self.indexed.update(r["content_hash"] for r in records)
+
+
+class LocalStore(Sink):
+    """A folder per upload group (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, durable: bool = True, create: bool = True) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.durable = durable
+        if not self.root.exists():
+            if not create:
+                raise FileNotFoundError(f"project store {self.root} does not exist")
+            try:
+                self.root.mkdir(parents=True)
+            except OSError as e:
+                raise SinkError(f"project store {self.root}: cannot create it ({e.strerror})") from e
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"project store {self.root} is not a directory")
+        self._groups: dict[str, _Group] = {}
+        self._lock_fd: int | None = None
+
+    @classmethod
+    def from_uri(cls, uri: str) -> LocalStore:
+        path = uri.split(":", 1)[1] if uri.startswith("local:") else uri
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError("sink local: expected local:DIR, a directory for the project store")
+        return cls(path)
+
+    def describe(self) -> str:
+        return f"local:{self.root}"
+
+    def group_dir(self, group: str) -> Path:
+        return self.root / validate_group_name(group)
+
+    def _group(self, group: str) -> _Group:
+        g = self._groups.get(group)
+        if g is None:
+            g = self._groups[group] = _Group(self.group_dir(group))
+        return g
+
+    def _lock(self) -> None:
+        # One writer per store at a time (two uploaders on one store would race the index).
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def upload(self, batch: Sequence[Upload]) -> list[SinkError | None]:
+        results: list[SinkError | None] = [None] * len(batch)
+        pending: dict[str, list[dict[str, Any]]] = {}
+        try:
+            self._lock()
+        except OSError as e:
+            raise TransientSinkError(f"project store {self.root}: {e.strerror}") from e
+        try:
+            for i, up in enumerate(batch):
+                try:
+                    record = self._write_files(up)
+                except PermanentSinkError as e:
+                    results[i] = e
+                    continue
+                except OSError as e:
+                    # Disk full, read-only or vanished directory: the item stays queued.
+                    results[i] = TransientSinkError(f"project store {self.root}: {up.group}/{up.filename}: {e.strerror or e}")
+                    continue
+                if record is not None:
+                    pending.setdefault(up.group, []).append(record)
+            for group, records in pending.items():
+                g = self._group(group)
+                try:
+                    if self.durable:  # the renames above must reach the disk before the index says so
+                        _fsync_dir(g.root)
+                    # Drop repeats inside one batch, then append every line in one write.
+                    unique = list({r["content_hash"]: r for r in records if r["content_hash"] not in g.indexed}.values())
+                    if unique:
+                        g.append_index(unique, durable=self.durable)
+                except OSError as e:
+                    err = TransientSinkError(f"project store {self.root}: {group}/{INDEX}: {e.strerror or e}")
+                    for i, up in enumerate(batch):
+                        if up.group == group and results[i] is None:
+                            results[i] = err
+        finally:
+            self._unlock()
+        return results
+
+    def _write_files(self, up: Upload) -> dict[str, Any] | None:
+        """Write asset and sidecar; return the index record, or None if already indexed."""
+        try:
+            g = self._group(up.group)
+        except ValueError as e:
+            raise PermanentSinkError(str(e)) from e
+        if not isinstance(up.asset, (bytes, bytearray)) or not up.asset:
+            raise PermanentSinkError(f"{up.group}/{up.content_hash}: empty or non-bytes asset")
+        asset_path = g.root / up.filename
+        sidecar_path = g.root / f"{up.content_hash}.json"
+        if up.content_hash in g.indexed and asset_path.exists() and sidecar_path.exists():
+            return None
+        try:
+            sidecar = json.dumps(
+                {
+                    **dict(up.metadata),
+                    "content_hash": up.content_hash,
+                    "group": up.group,
+                    "file": up.filename,
+                    "media_type": up.media_type,
+                    "stored_at": _utc_now(),
+                },
+                sort_keys=True,
+                indent=1,
+                allow_nan=True,
+            ).encode()
+        except (TypeError, ValueError) as e:
+            raise PermanentSinkError(f"{up.group}/{up.content_hash}: metadata is not JSON-serialisable: {e}") from e
+        write_atomic(asset_path, bytes(up.asset), durable=self.durable)
+        write_atomic(sidecar_path, sidecar, durable=self.durable)
+        meta = up.metadata
+        return {
+            "content_hash": up.content_hash,
+            "file": up.filename,
+            "media_type": up.media_type,
+            "score": meta.get("score"),
+            "strategy": meta.get("strategy"),
+            "reason": meta.get("reason"),
+            "model_name": meta.get("model_name"),
+            "model_version": meta.get("model_version"),
+            "flagged_at": meta.get("flagged_at"),
+            "stored_at": _utc_now(),
+        }
+
+    # Reading the store back: used by tools, tests, the annotator and the retrain step.
+
+    def groups(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / INDEX).exists())
+
+    def index(self, group: str) -> list[dict[str, Any]]:
+        path = self.group_dir(group) / INDEX
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_bytes().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a torn last line is repaired by the next writer
+        return out
+
+    def asset_path(self, group: str, record: dict[str, Any]) -> Path:
+        return self.group_dir(group) / record["file"]
+
+    def write_label(self, group: str, content_hash: str, label: Any, *, annotator: str | None = None) -> Path:
+        """Record an annotation (what annotators, or the simulated annotator, produce)."""
+        if not all(c in "0123456789abcdef" for c in content_hash) or len(content_hash) != 64:
+            raise ValueError(f"content_hash: expected 64 lowercase hex digits, got {content_hash!r}")
+        path = self.group_dir(group) / LABELS / f"{content_hash}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = {"label": label, "annotator": annotator, "labelled_at": _utc_now()}
+        write_atomic(path, json.dumps(body, sort_keys=True).encode(), durable=self.durable)
+        return path
+
+    def annotations(self, group: str) -> Iterator[Annotation]:
+        labels = self.group_dir(group) / LABELS
+        if not labels.is_dir():
+            return
+        for path in sorted(labels.glob("*.json")):
+            try:
+                body = json.loads(path.read_bytes())
+            except ValueError:
+                continue  # being written by a tool that does not rename atomically
+            yield Annotation(group, path.stem, body.get("label"), body.get("annotator"), body.get("labelled_at"))
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
