@@ -27,6 +27,7 @@ def _root() -> None:
 # Modules that contribute commands (each defines `register(app: typer.Typer) -> None`).
 COMMAND_MODULES = [
     "triton_al.serving.commands",
+    "triton_al.uploader.commands",
 ]
 
 for _name in COMMAND_MODULES:

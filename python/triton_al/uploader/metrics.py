@@ -1,0 +1,94 @@
+"""Prometheus metrics of the uploader, served on `/metrics`.
+
+Queue state and totals are read from the outbox at scrape time (the outbox keeps them for
+every process, so writer-side counts such as duplicates and overflow drops appear here
+too); batch latency and sink failures are measured in this process.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from triton_al.outbox import Outbox
+
+# outbox counter name -> (metric name, help, labels)
+OUTBOX_COUNTERS = {
+    "appended": ("triton_al_outbox_appended", "Items queued (one per upload group)", {}),
+    "duplicates": ("triton_al_outbox_duplicates", "Items not queued: same image already queued or delivered for that group", {}),
+    "uploaded": ("triton_al_uploader_uploaded", "Items the sink confirmed", {}),
+    "retries": ("triton_al_uploader_retries", "Failed upload attempts that will be retried", {}),
+    "dead_lettered": ("triton_al_uploader_dead_lettered", "Items moved to the dead letters", {}),
+    "dead_letters_retried": ("triton_al_uploader_dead_letters_retried", "Dead letters queued again by command", {}),
+    "dropped_overflow": ("triton_al_outbox_dropped", "Items dropped, by reason", {"reason": "overflow"}),
+    "evicted_overflow": ("triton_al_outbox_dropped", "Items dropped, by reason", {"reason": "evicted"}),
+    "dropped_rate_limit": ("triton_al_outbox_dropped", "Items dropped, by reason", {"reason": "rate_limit"}),
+}
+
+
+class OutboxCollector(Collector):
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+
+    def collect(self):
+        counters = self.outbox.counters()
+        families: dict[str, CounterMetricFamily] = {}
+        for key, (name, help_text, labels) in OUTBOX_COUNTERS.items():
+            family = families.get(name)
+            if family is None:
+                family = families[name] = CounterMetricFamily(name, help_text, labels=list(labels))
+            family.add_metric(list(labels.values()), counters.get(key, 0))
+        yield from families.values()
+        yield GaugeMetricFamily("triton_al_outbox_bytes", "Asset bytes stored in the outbox", value=counters.get("stored_bytes", 0))
+        queued = GaugeMetricFamily("triton_al_uploader_queued", "Items waiting for upload", labels=["group"])
+        dead = GaugeMetricFamily("triton_al_uploader_dead_letters", "Items in the dead letters", labels=["group"])
+        age = GaugeMetricFamily("triton_al_uploader_oldest_item_age_seconds", "Age of the oldest queued item", labels=["group"])
+        paused = GaugeMetricFamily("triton_al_uploader_paused", "1 when the group is paused", labels=["group"])
+        now = time.time()
+        for s in self.outbox.status():
+            queued.add_metric([s.upload_group], s.queued)
+            dead.add_metric([s.upload_group], s.dead_letters)
+            age.add_metric([s.upload_group], now - s.oldest_created_at if s.oldest_created_at else 0.0)
+            paused.add_metric([s.upload_group], 1.0 if s.paused else 0.0)
+        yield from (queued, dead, age, paused)
+
+
+class UploaderMetrics:
+    def __init__(self, outbox: Outbox, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.registry.register(OutboxCollector(outbox))
+        self.upload_seconds = Histogram(
+            "triton_al_uploader_batch_seconds", "Time for the sink to confirm a batch", registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.batch_items = Histogram(
+            "triton_al_uploader_batch_items", "Items per uploaded batch", registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.sink_failures = Counter(
+            "triton_al_uploader_sink_failures", "Whole batches the sink failed, by kind (unavailable, auth, error)",
+            ["kind"], registry=self.registry,
+        )
+        self.backoff = Gauge("triton_al_uploader_backoff_seconds", "Current wait before retrying the sink", registry=self.registry)
+        self.backoff_total = Counter("triton_al_uploader_backoff", "Seconds spent backing off an unavailable sink", registry=self.registry)
+
+    def observe_batch(self, seconds: float, outcome) -> None:
+        self.upload_seconds.observe(seconds)
+        self.batch_items.observe(outcome.uploaded + outcome.failed + outcome.dead_lettered)
+        self.backoff.set(0)
+
+    def observe_sink_failure(self, kind: str, items: int, delay: float) -> None:
+        self.sink_failures.labels(kind).inc()
+        self.backoff.set(delay)
+        self.backoff_total.inc(delay)
+
+
+def serve_metrics(registry: CollectorRegistry, address: str, port: int):
+    """Start `/metrics` on a background thread; returns (server, bound port)."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=address, registry=registry)
+    return server, server.server_port
