@@ -19,6 +19,7 @@ Tables:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -136,6 +137,32 @@ class OutboxBusy(OutboxError):
     """Another process held the database for longer than the caller may wait."""
 
 
+class OutboxFull(OutboxError):
+    """The file system holding the outbox is full; nothing of the call was stored."""
+
+
+def _checkpoint_when_full(use_reserve: bool):
+    """In WAL mode even a delete needs room in the WAL. When the disk is full, fold the WAL
+    into the database and truncate it, then try once more; operations that free space
+    (delivering, dead-lettering, dropping) may also spend the reserve file, so the uploader
+    can always drain a full disk. Appends never touch the reserve."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except OutboxFull:
+                self.checkpoint()
+                if use_reserve:
+                    self._release_reserve()
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 @dataclass(frozen=True)
 class FlaggedItem:
     """What the active-learning step hands to the outbox for one flagged item."""
@@ -230,6 +257,7 @@ class Outbox:
         overflow_policy: OverflowPolicy = "drop_least_uncertain",
         busy_timeout_s: float = 2.0,
         durable: bool = True,
+        reserve_bytes: int = 4 * 1024**2,
     ) -> None:
         if overflow_policy not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow_policy: expected one of {OVERFLOW_POLICIES}, got {overflow_policy!r}")
@@ -246,7 +274,30 @@ class Outbox:
         self._pid = -1
         self._overflow_since_log = 0
         self._overflow_logged_at = 0.0
+        self.reserve_bytes = int(reserve_bytes)
+        self.reserve_path = self.path.with_name(self.path.name + ".reserve")
         self._connect()  # fail now, with the path in the message, not at the first append
+        self._keep_reserve()
+
+    def _keep_reserve(self) -> None:
+        """Hold `reserve_bytes` of disk in a side file, given back when the disk fills up."""
+        if self.reserve_bytes <= 0 or self.reserve_path.exists():
+            return
+        tmp = self.reserve_path.with_name(f"{self.reserve_path.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, self.reserve_bytes)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.reserve_path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # no room now; try again after the next delivery
+
+    def _release_reserve(self) -> None:
+        if self.reserve_path.exists():
+            log.warning("outbox %s: the disk is full; releasing the %d-byte reserve to keep draining", self.path, self.reserve_bytes)
+            self.reserve_path.unlink(missing_ok=True)
 
     # Connection management ----------------------------------------------------------
 
@@ -262,15 +313,37 @@ class Outbox:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.executescript(_SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            version = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+            version = self._schema_version(conn)
+            if version is None:  # a new file: create the schema (the only write at open)
+                conn.executescript(_SCHEMA + f"INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');")
+                version = self._schema_version(conn)
+        except sqlite3.OperationalError as e:
+            raise self._error(e, "cannot open it as an SQLite outbox") from e
         except sqlite3.DatabaseError as e:
             raise OutboxError(f"outbox {self.path}: cannot open it as an SQLite outbox ({e})") from e
         if version != SCHEMA_VERSION:
             raise OutboxError(f"outbox {self.path}: schema version {version}, this triton-al expects {SCHEMA_VERSION}")
         self._conn, self._pid = conn, os.getpid()
         return conn
+
+    def _error(self, e: sqlite3.OperationalError, doing: str = "") -> OutboxError:
+        """The outbox error for an SQLite error: busy, full, or anything else."""
+        text = str(e)
+        if "locked" in text or "busy" in text:
+            return OutboxBusy(f"outbox {self.path}: busy for more than {self.busy_timeout_s} s ({text})")
+        if "full" in text:
+            return OutboxFull(f"outbox {self.path}: the disk is full ({text})")
+        return OutboxError(f"outbox {self.path}: {doing + ' ' if doing else ''}({text})")
+
+    @staticmethod
+    def _schema_version(conn: sqlite3.Connection) -> int | None:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return None
+            raise
+        return int(row[0]) if row else None
 
     @contextmanager
     def _transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
@@ -279,20 +352,16 @@ class Outbox:
             try:
                 conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             except sqlite3.OperationalError as e:
-                if "locked" in str(e) or "busy" in str(e):
-                    raise OutboxBusy(f"outbox {self.path}: busy for more than {self.busy_timeout_s} s ({e})") from e
-                raise OutboxError(f"outbox {self.path}: {e}") from e
+                raise self._error(e) from e
             try:
                 yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            else:
-                try:
-                    conn.execute("COMMIT")
-                except sqlite3.DatabaseError as e:
+                conn.execute("COMMIT")
+            except BaseException as e:
+                if conn.in_transaction:  # SQLite may already have rolled back (disk full)
                     conn.execute("ROLLBACK")
-                    raise OutboxError(f"outbox {self.path}: commit failed ({e})") from e
+                if isinstance(e, sqlite3.OperationalError):
+                    raise self._error(e) from e
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -324,6 +393,7 @@ class Outbox:
     def append(self, item: FlaggedItem) -> AppendResult:
         return self.append_many([item])
 
+    @_checkpoint_when_full(use_reserve=False)
     def append_many(self, items: Iterable[FlaggedItem]) -> AppendResult:
         """Queue flagged items, one row per upload group; durable when this returns.
 
@@ -354,7 +424,9 @@ class Outbox:
                 self._bump(conn, "appended", result.accepted)
                 self._bump(conn, "duplicates", result.duplicates)
                 self._bump(conn, "dropped_overflow", result.dropped)
-        except sqlite3.DatabaseError as e:  # disk full, I/O error, corrupt file
+        except OutboxError:
+            raise
+        except sqlite3.DatabaseError as e:  # I/O error, corrupt file
             raise OutboxError(f"outbox {self.path}: could not append ({e})") from e
         if result.dropped:
             self._log_overflow(result.dropped)
@@ -447,6 +519,7 @@ class Outbox:
             for r in rows
         ]
 
+    @_checkpoint_when_full(use_reserve=True)
     def mark_delivered(self, ids: Sequence[int], *, now: float | None = None) -> int:
         """Forget delivered items (remembering their hash for dedup); returns how many."""
         if not ids:
@@ -462,8 +535,10 @@ class Outbox:
                 conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
                 done += 1
             self._bump(conn, "uploaded", done)
+        self._keep_reserve()
         return done
 
+    @_checkpoint_when_full(use_reserve=False)
     def mark_failed(self, failures: Sequence[tuple[int, str, float]]) -> None:
         """Record a failed attempt per (id, error, next_attempt_at)."""
         if not failures:
@@ -475,6 +550,7 @@ class Outbox:
             )
             self._bump(conn, "retries", len(failures))
 
+    @_checkpoint_when_full(use_reserve=True)
     def dead_letter(self, failures: Sequence[tuple[int, str]], *, now: float | None = None) -> None:
         """Move items a sink rejected for good to the dead letters, with the reason."""
         if not failures:
@@ -490,6 +566,7 @@ class Outbox:
                 conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
             self._bump(conn, "dead_lettered", len(failures))
 
+    @_checkpoint_when_full(use_reserve=True)
     def drop(self, ids: Sequence[int], counter: str) -> None:
         """Remove items without delivering them (e.g. over a group's budget), counted."""
         if not ids:
@@ -506,6 +583,7 @@ class Outbox:
 
     # Administration -----------------------------------------------------------------
 
+    @_checkpoint_when_full(use_reserve=False)
     def retry_dead_letters(self, *, group: str | None = None, ids: Sequence[int] | None = None) -> int:
         """Queue dead letters again (all, one group's, or the given ids); returns how many."""
         where, params = "1", []
@@ -533,6 +611,7 @@ class Outbox:
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row)) for row in cur.fetchall()]
 
+    @_checkpoint_when_full(use_reserve=False)
     def set_paused(self, groups: Iterable[str], paused: bool) -> None:
         with self._transaction() as conn:
             for group in groups:
@@ -561,6 +640,14 @@ class Outbox:
     def counters(self) -> dict[str, int]:
         with self._transaction(write=False) as conn:
             return {name: int(value) for name, value in conn.execute("SELECT name, value FROM counters")}
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file and truncate it (best effort)."""
+        with self._lock:
+            try:
+                self._connect().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.DatabaseError as e:
+                log.warning("outbox %s: checkpoint failed (%s)", self.path, e)
 
     def integrity_check(self) -> str:
         """SQLite's `PRAGMA integrity_check` verdict ('ok' when the file is sound)."""

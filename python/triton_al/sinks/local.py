@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import io
 import json
 import os
 import time
@@ -33,6 +35,26 @@ from triton_al.sinks.base import Annotation, PermanentSinkError, Sink, SinkError
 
 INDEX = "index.jsonl"
 LABELS = "labels"
+# Errors that concern the whole store (full, read-only, unmounted), not one asset: the
+# uploader then backs off the store as a whole and keeps the order of the work.
+STORE_WIDE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+
+
+def check_asset(up: Upload) -> None:
+    """Reject what no annotator could use: bytes that do not match their hash (corrupted on
+    the way) or an image that does not decode far enough to identify."""
+    if not isinstance(up.asset, (bytes, bytearray)) or not up.asset:
+        raise PermanentSinkError(f"{up.group}/{up.content_hash}: empty or non-bytes asset")
+    if hashlib.sha256(up.asset).hexdigest() != up.content_hash:
+        raise PermanentSinkError(f"{up.group}/{up.content_hash}: asset bytes do not match their SHA-256 (corrupted)")
+    if up.media_type.startswith("image/"):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(up.asset)) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise PermanentSinkError(f"{up.group}/{up.content_hash}: corrupt {up.media_type} asset ({e})") from e
 
 
 def _utc_now() -> str:
@@ -91,11 +113,15 @@ class _Group:
         payload = b"".join(json.dumps(r, separators=(",", ":"), sort_keys=True).encode() + b"\n" for r in records)
         fd = os.open(self.index_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            written = os.write(fd, payload)
-            if written != len(payload):
-                raise OSError(errno.ENOSPC, f"short write to {self.index_path}")
-            if durable:
-                os.fdatasync(fd)
+            start = os.fstat(fd).st_size
+            try:
+                if os.write(fd, payload) != len(payload):
+                    raise OSError(errno.ENOSPC, f"short write to {self.index_path}")
+                if durable:
+                    os.fdatasync(fd)
+            except OSError:
+                os.ftruncate(fd, start)  # no torn line for the next append to run into
+                raise
         finally:
             os.close(fd)
         self.indexed.update(r["content_hash"] for r in records)
@@ -151,41 +177,53 @@ class LocalStore(Sink):
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def upload(self, batch: Sequence[Upload]) -> list[SinkError | None]:
-        results: list[SinkError | None] = [None] * len(batch)
-        pending: dict[str, list[dict[str, Any]]] = {}
+        if not self.root.is_dir():  # e.g. a volume that is not mounted: do not recreate it
+            raise TransientSinkError(f"project store {self.root} is missing (not mounted?)")
         try:
             self._lock()
         except OSError as e:
             raise TransientSinkError(f"project store {self.root}: {e.strerror}") from e
         try:
-            for i, up in enumerate(batch):
-                try:
-                    record = self._write_files(up)
-                except PermanentSinkError as e:
-                    results[i] = e
-                    continue
-                except OSError as e:
-                    # Disk full, read-only or vanished directory: the item stays queued.
-                    results[i] = TransientSinkError(f"project store {self.root}: {up.group}/{up.filename}: {e.strerror or e}")
-                    continue
-                if record is not None:
-                    pending.setdefault(up.group, []).append(record)
-            for group, records in pending.items():
-                g = self._group(group)
-                try:
-                    if self.durable:  # the renames above must reach the disk before the index says so
-                        _fsync_dir(g.root)
-                    # Drop repeats inside one batch, then append every line in one write.
-                    unique = list({r["content_hash"]: r for r in records if r["content_hash"] not in g.indexed}.values())
-                    if unique:
-                        g.append_index(unique, durable=self.durable)
-                except OSError as e:
-                    err = TransientSinkError(f"project store {self.root}: {group}/{INDEX}: {e.strerror or e}")
-                    for i, up in enumerate(batch):
-                        if up.group == group and results[i] is None:
-                            results[i] = err
+            return self._upload_locked(batch)
+        except OSError as e:
+            if e.errno in STORE_WIDE_ERRNOS:
+                raise TransientSinkError(f"project store {self.root}: {e.strerror or e}") from e
+            raise
         finally:
             self._unlock()
+
+    def _upload_locked(self, batch: Sequence[Upload]) -> list[SinkError | None]:
+        results: list[SinkError | None] = [None] * len(batch)
+        pending: dict[str, list[dict[str, Any]]] = {}
+        for i, up in enumerate(batch):
+            try:
+                record = self._write_files(up)
+            except PermanentSinkError as e:
+                results[i] = e
+                continue
+            except OSError as e:
+                if e.errno in STORE_WIDE_ERRNOS:
+                    raise
+                results[i] = TransientSinkError(f"project store {self.root}: {up.group}/{up.filename}: {e.strerror or e}")
+                continue
+            if record is not None:
+                pending.setdefault(up.group, []).append(record)
+        for group, records in pending.items():
+            g = self._group(group)
+            try:
+                if self.durable:  # the renames above must reach the disk before the index says so
+                    _fsync_dir(g.root)
+                # Drop repeats inside one batch, then append every line in one write.
+                unique = list({r["content_hash"]: r for r in records if r["content_hash"] not in g.indexed}.values())
+                if unique:
+                    g.append_index(unique, durable=self.durable)
+            except OSError as e:
+                if e.errno in STORE_WIDE_ERRNOS:
+                    raise
+                err = TransientSinkError(f"project store {self.root}: {group}/{INDEX}: {e.strerror or e}")
+                for i, up in enumerate(batch):
+                    if up.group == group and results[i] is None:
+                        results[i] = err
         return results
 
     def _write_files(self, up: Upload) -> dict[str, Any] | None:
@@ -194,8 +232,7 @@ class LocalStore(Sink):
             g = self._group(up.group)
         except ValueError as e:
             raise PermanentSinkError(str(e)) from e
-        if not isinstance(up.asset, (bytes, bytearray)) or not up.asset:
-            raise PermanentSinkError(f"{up.group}/{up.content_hash}: empty or non-bytes asset")
+        check_asset(up)
         asset_path = g.root / up.filename
         sidecar_path = g.root / f"{up.content_hash}.json"
         if up.content_hash in g.indexed and asset_path.exists() and sidecar_path.exists():

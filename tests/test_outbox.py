@@ -1,0 +1,180 @@
+"""The outbox on a real SQLite file: dedup, caps and overflow policies, validation,
+dead letters, pauses, fork safety, a busy database, a corrupt file and a full disk."""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+
+import pytest
+from outbox_helpers import item, png, small_filesystem
+
+from triton_al.outbox import AppendResult, Outbox, OutboxBusy, OutboxError, OutboxFull, content_hash
+
+
+@pytest.fixture
+def outbox(tmp_path):
+    with Outbox(tmp_path / "outbox.db") as o:
+        yield o
+
+
+def test_one_row_per_group_and_the_asset_stored_once(outbox):
+    r = outbox.append_many([item(1, groups=["a", "b"])])
+    assert r == AppendResult(accepted=2)
+    due = outbox.due(10)
+    assert [(i.upload_group, i.content_hash) for i in due] == [("a", content_hash(png(1))), ("b", content_hash(png(1)))]
+    assert due[0].asset == png(1) and due[0].prediction["label"] == 1
+    assert outbox.counters()["stored_bytes"] == len(png(1))
+
+
+def test_the_same_image_is_queued_once_per_group_even_after_delivery(outbox):
+    assert outbox.append_many([item(1), item(1)]) == AppendResult(accepted=1, duplicates=1)
+    outbox.mark_delivered([i.id for i in outbox.due(10)])
+    assert outbox.append_many([item(1)]).duplicates == 1
+    assert outbox.append_many([item(1, groups=["other"])]).accepted == 1  # per group
+    assert outbox.counters()["duplicates"] == 2
+
+
+def test_drop_newest_keeps_what_was_accepted(tmp_path):
+    with Outbox(tmp_path / "o.db", max_items=3, overflow_policy="drop_newest") as o:
+        r = o.append_many([item(i, score=0.01 * i) for i in range(5)])
+        assert r == AppendResult(accepted=3, dropped=2)
+        assert [i.content_hash for i in o.due(10)] == [content_hash(png(i)) for i in range(3)]
+        assert o.counters()["dropped_overflow"] == 2
+
+
+def test_drop_least_uncertain_evicts_the_most_confident_and_keeps_invalid_outputs(tmp_path):
+    with Outbox(tmp_path / "o.db", max_items=3) as o:
+        o.append_many([item(1, score=0.3), item(2, score=math.nan), item(3, score=0.2)])
+        assert o.append_many([item(4, score=0.1)]) == AppendResult(accepted=1)  # evicts 0.3
+        assert o.append_many([item(5, score=0.25)]) == AppendResult(dropped=1)  # more confident than all
+        scores = sorted((i.score for i in o.due(10)), key=lambda s: (not math.isnan(s), s))
+        assert math.isnan(scores[0]) and scores[1:] == [0.1, 0.2]
+        c = o.counters()
+        assert c["evicted_overflow"] == 1 and c["dropped_overflow"] == 1 and c["queued_items"] == 3
+
+
+def test_byte_cap(tmp_path):
+    size = len(png(0))
+    with Outbox(tmp_path / "o.db", max_bytes=int(size * 2.5), overflow_policy="drop_newest") as o:
+        assert o.append_many([item(i) for i in range(4)]).accepted == 2
+        assert o.counters()["stored_bytes"] <= size * 2.5
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(groups=["../etc"]), "upload group name '../etc' is not allowed"),
+        (dict(groups=[".hidden"]), "not allowed"),
+        (dict(groups=[]), "upload_groups"),
+        (dict(asset=b""), "asset"),
+    ],
+)
+def test_bad_items_are_refused_with_a_clear_message_and_nothing_of_the_call_is_stored(outbox, bad, message):
+    with pytest.raises(ValueError, match=message):
+        outbox.append_many([item(1), item(2, **bad)])
+    assert outbox.due(10) == [] and outbox.counters().get("appended", 0) == 0
+
+
+def test_unserialisable_prediction_is_refused(outbox):
+    bad = item(1)
+    object.__setattr__(bad, "prediction", {"x": object()})
+    with pytest.raises(ValueError, match="prediction: not JSON-serialisable"):
+        outbox.append_many([bad])
+
+
+def test_nan_score_round_trips_and_metadata_is_json_clean(outbox):
+    outbox.append_many([item(1, score=math.nan)])
+    (queued,) = outbox.due(1)
+    assert math.isnan(queued.score) and queued.metadata()["score"] is None
+
+
+def test_dead_letters_keep_their_asset_and_can_be_retried(outbox):
+    outbox.append_many([item(1), item(2)])
+    first, second = outbox.due(10)
+    outbox.dead_letter([(first.id, "rejected: corrupt image")])
+    outbox.mark_delivered([second.id])
+    (dead,) = outbox.dead_letters()
+    assert dead["error"] == "rejected: corrupt image" and dead["attempts"] == 1
+    assert outbox.counters()["stored_bytes"] == len(png(1))  # the dead letter's asset is kept
+    assert outbox.retry_dead_letters() == 1
+    (again,) = outbox.due(10)
+    assert again.asset == png(1) and outbox.dead_letters() == []
+
+
+def test_failed_attempts_back_off_and_paused_groups_wait(outbox):
+    outbox.append_many([item(1, groups=["a"]), item(2, groups=["b"])])
+    a, b = outbox.due(10)
+    outbox.mark_failed([(a.id, "timeout", 1e18)])
+    assert [i.upload_group for i in outbox.due(10)] == ["b"]
+    assert [i.attempts for i in outbox.due(10, ignore_backoff=True)] == [1, 0]
+    outbox.set_paused(["b"], True)
+    assert outbox.due(10) == [] and outbox.paused_groups() == {"b"}
+    outbox.set_paused(["b"], False)
+    assert [i.upload_group for i in outbox.due(10)] == ["b"]
+
+
+def test_a_forked_child_opens_its_own_connection(outbox):
+    outbox.append_many([item(1)])
+    pid = os.fork()
+    if pid == 0:  # child: use the inherited object, then leave without cleanup
+        try:
+            outbox.append_many([item(2)])
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    outbox.append_many([item(3)])
+    assert len(outbox.due(10)) == 3 and outbox.integrity_check() == "ok"
+
+
+def test_a_busy_database_fails_fast_with_outbox_busy(tmp_path):
+    path = tmp_path / "o.db"
+    Outbox(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with Outbox(path, busy_timeout_s=0.2) as o, pytest.raises(OutboxBusy, match="busy for more than 0.2 s"):
+            o.append_many([item(1)])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_a_corrupt_file_or_missing_directory_is_named(tmp_path):
+    bad = tmp_path / "not-a-db"
+    bad.write_bytes(os.urandom(8192))
+    with pytest.raises(OutboxError, match="not-a-db: cannot open it as an SQLite outbox"):
+        Outbox(bad)
+    with pytest.raises(OutboxError, match="directory .*missing.* does not exist"):
+        Outbox(tmp_path / "missing" / "o.db")
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="overflow_policy"):
+        Outbox(tmp_path / "o.db", overflow_policy="drop_oldest")
+    with pytest.raises(ValueError, match="max_items"):
+        Outbox(tmp_path / "o.db", max_items=0)
+
+
+def test_a_full_disk_refuses_appends_cleanly_and_keeps_what_was_accepted(tmp_path):
+    with small_filesystem(tmp_path / "small", "2m") as fs, Outbox(fs / "o.db", reserve_bytes=256 * 1024) as o:
+        assert (fs / "o.db.reserve").stat().st_size == 256 * 1024
+        accepted, error = [], None
+        for i in range(2000):
+            try:
+                o.append_many([item(i, asset=png(i, size=64))])
+                accepted.append(i)
+            except OutboxFull as e:
+                error = e
+                break
+        assert error is not None and "the disk is full" in str(error), "the disk never filled"
+        assert len(accepted) > 10
+        assert o.integrity_check() == "ok"
+        assert sorted(i.content_hash for i in o.due(5000)) == sorted(content_hash(png(i, size=64)) for i in accepted)
+        o.mark_delivered([i.id for i in o.due(5000)])  # space comes back ...
+    with Outbox(fs / "o.db") as o:  # ... and so do appends (with the WAL checkpointed)
+        o.append_many([item(99_999)])
+        assert o.integrity_check() == "ok"
