@@ -78,15 +78,17 @@ class UploaderProcess:
         def ready():
             if self.proc.poll() is not None:
                 raise AssertionError(f"uploader exited with {self.proc.returncode}:\n{self.log()}")
-            return self.ports_file.exists() and json.loads(self.ports_file.read_text() or "{}")
+            # a 1-tuple, so that "listening on no ports" ({}) still counts as ready
+            return self.ports_file.exists() and (json.loads(self.ports_file.read_text()),)
 
         try:
-            return wait_for(ready, timeout, "the uploader to listen")
+            return wait_for(ready, timeout, "the uploader to listen")[0]
         except AssertionError:
             raise AssertionError(f"uploader not ready:\n{self.log()}") from None
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:

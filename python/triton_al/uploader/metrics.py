@@ -73,7 +73,7 @@ class UploaderMetrics:
             ["kind"], registry=self.registry,
         )
         self.backoff = Gauge("triton_al_uploader_backoff_seconds", "Current wait before retrying the sink", registry=self.registry)
-        self.backoff_total = Counter("triton_al_uploader_backoff", "Seconds spent backing off an unavailable sink", registry=self.registry)
+        self.backoff_total = Counter("triton_al_uploader_backoff_waited_seconds", "Seconds spent backing off an unavailable sink", registry=self.registry)
 
     def observe_batch(self, seconds: float, outcome) -> None:
         self.upload_seconds.observe(seconds)
