@@ -19,6 +19,8 @@ Tables:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -42,6 +44,7 @@ OverflowPolicy = Literal["drop_newest", "drop_least_uncertain"]
 OVERFLOW_POLICIES: tuple[str, ...] = ("drop_newest", "drop_least_uncertain")
 SCHEMA_VERSION = 1
 OVERFLOW_LOG_INTERVAL_S = 60.0
+RELEASE_CHUNK = 16
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -163,6 +166,39 @@ def _checkpoint_when_full(use_reserve: bool):
     return decorate
 
 
+def _flock_within(fd: int, timeout_s: float) -> bool:
+    """Take an exclusive flock on `fd`, waiting at most `timeout_s`; False on timeout.
+
+    `flock` cannot time out by itself: when the lock is taken, a helper thread blocks on
+    it and the caller waits for that thread; a helper that wins after the caller gave up
+    releases the lock at once."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        pass
+    acquired = threading.Event()
+    state = threading.Lock()
+    abandoned = False
+
+    def wait_for_lock() -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with state:
+            if abandoned:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            else:
+                acquired.set()
+
+    threading.Thread(target=wait_for_lock, name="outbox-lock", daemon=True).start()
+    if acquired.wait(timeout_s):
+        return True
+    with state:
+        if acquired.is_set():
+            return True
+        abandoned = True
+    return False
+
+
 @dataclass(frozen=True)
 class FlaggedItem:
     """What the active-learning step hands to the outbox for one flagged item."""
@@ -258,6 +294,7 @@ class Outbox:
         busy_timeout_s: float = 2.0,
         durable: bool = True,
         reserve_bytes: int = 4 * 1024**2,
+        autocheckpoint_pages: int = 16384,
     ) -> None:
         if overflow_policy not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow_policy: expected one of {OVERFLOW_POLICIES}, got {overflow_policy!r}")
@@ -270,10 +307,17 @@ class Outbox:
         self.busy_timeout_s = busy_timeout_s
         self.durable = durable
         self._lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._lock_pid = -1
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._overflow_since_log = 0
         self._overflow_logged_at = 0.0
+        # A checkpoint costs milliseconds and SQLite runs it inside whichever commit crosses
+        # the threshold: on a writer, that lands in inference latency. The uploader runs a
+        # PASSIVE checkpoint after every batch, so writers only ever checkpoint when no
+        # uploader is draining and the WAL has grown past this many pages (64 MiB).
+        self.autocheckpoint_pages = int(autocheckpoint_pages)
         self.reserve_bytes = int(reserve_bytes)
         self.reserve_path = self.path.with_name(self.path.name + ".reserve")
         self._connect()  # fail now, with the path in the message, not at the first append
@@ -313,6 +357,7 @@ class Outbox:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
             conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA wal_autocheckpoint={self.autocheckpoint_pages}")
             version = self._schema_version(conn)
             if version is None:  # a new file: create the schema (the only write at open)
                 conn.executescript(_SCHEMA + f"INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');")
@@ -346,8 +391,26 @@ class Outbox:
         return int(row[0]) if row else None
 
     @contextmanager
+    def _writer_lock(self) -> Iterator[None]:
+        """Serialise writers of all processes on a lock file before SQLite's own lock.
+
+        SQLite's busy handler sleeps 1, 2, 5, 10 … ms when another process holds the write
+        lock, and a waiter can starve while others re-acquire; those sleeps land straight in
+        inference latency. A blocking `flock` is handed over by the kernel the moment it is
+        free. It dies with its holder, so a killed process never leaves it taken."""
+        if self._lock_fd is None or self._lock_pid != os.getpid():
+            self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_pid = os.getpid()
+        if not _flock_within(self._lock_fd, self.busy_timeout_s):
+            raise OutboxBusy(f"outbox {self.path}: busy for more than {self.busy_timeout_s} s (writer lock)")
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
     def _transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, (self._writer_lock() if write else contextlib.nullcontext()):
             conn = self._connect()
             try:
                 conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -367,7 +430,9 @@ class Outbox:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
-            self._conn = None
+            if self._lock_fd is not None and self._lock_pid == os.getpid():
+                os.close(self._lock_fd)
+            self._conn = self._lock_fd = None
 
     def __enter__(self) -> Outbox:
         return self
@@ -519,23 +584,38 @@ class Outbox:
             for r in rows
         ]
 
-    @_checkpoint_when_full(use_reserve=True)
     def mark_delivered(self, ids: Sequence[int], *, now: float | None = None) -> int:
-        """Forget delivered items (remembering their hash for dedup); returns how many."""
-        if not ids:
-            return 0
+        """Forget delivered items (remembering their hash for dedup); returns how many.
+
+        Done in chunks of `RELEASE_CHUNK` rows, each its own short transaction, so that
+        writers on the inference path never wait behind a whole batch."""
         now = time.time() if now is None else now
+        done = 0
+        remaining = list(ids)
+        while remaining:
+            chunk = remaining[:RELEASE_CHUNK]
+            try:
+                done += self._mark_delivered(chunk, now)
+            except OutboxFull:
+                # A full disk: spend the reserve on everything left in one transaction.
+                self.checkpoint()
+                self._release_reserve()
+                done += self._mark_delivered(remaining, now)
+                break
+            remaining = remaining[len(chunk):]
+        if done:
+            self._keep_reserve()
+        return done
+
+    def _mark_delivered(self, ids: list[int], now: float) -> int:
+        marks = ",".join("?" * len(ids))
         with self._transaction() as conn:
-            done = 0
-            for item_id in ids:
-                row = conn.execute("SELECT upload_group, content_hash FROM items WHERE id = ?", (item_id,)).fetchone()
-                if row is None:
-                    continue
-                conn.execute("INSERT OR IGNORE INTO delivered VALUES (?, ?, ?)", (row[0], row[1], now))
-                conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
-                done += 1
+            conn.execute(
+                f"INSERT OR IGNORE INTO delivered SELECT upload_group, content_hash, ? FROM items WHERE id IN ({marks})",
+                [now, *ids],
+            )
+            done = conn.execute(f"DELETE FROM items WHERE id IN ({marks})", ids).rowcount
             self._bump(conn, "uploaded", done)
-        self._keep_reserve()
         return done
 
     @_checkpoint_when_full(use_reserve=False)
@@ -641,11 +721,15 @@ class Outbox:
         with self._transaction(write=False) as conn:
             return {name: int(value) for name, value in conn.execute("SELECT name, value FROM counters")}
 
-    def checkpoint(self) -> None:
-        """Copy the WAL into the database file and truncate it (best effort)."""
+    def checkpoint(self, mode: str = "TRUNCATE") -> None:
+        """Copy the WAL into the database file (TRUNCATE: and empty it); best effort.
+        The uploader runs a PASSIVE one after each batch so that writers, on the
+        inference path, rarely pay for an automatic checkpoint."""
+        if mode not in ("PASSIVE", "TRUNCATE"):
+            raise ValueError(f"checkpoint mode: expected PASSIVE or TRUNCATE, got {mode!r}")
         with self._lock:
             try:
-                self._connect().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._connect().execute(f"PRAGMA wal_checkpoint({mode})")
             except sqlite3.DatabaseError as e:
                 log.warning("outbox %s: checkpoint failed (%s)", self.path, e)
 

@@ -186,6 +186,7 @@ class Uploader:
         self.outbox.mark_delivered(delivered, now=now)
         self.outbox.dead_letter(dead, now=now)
         self.outbox.mark_failed(retry)
+        self.outbox.checkpoint("PASSIVE")
         self.sink_failures = 0
         self.sink_retry_at = 0.0
         outcome.uploaded, outcome.failed, outcome.dead_lettered = len(delivered), len(retry), len(dead)
