@@ -178,3 +178,22 @@ def test_a_full_disk_refuses_appends_cleanly_and_keeps_what_was_accepted(tmp_pat
     with Outbox(fs / "o.db") as o:  # ... and so do appends (with the WAL checkpointed)
         o.append_many([item(99_999)])
         assert o.integrity_check() == "ok"
+
+
+def test_a_writer_holding_the_lock_too_long_makes_others_fail_fast_not_hang(tmp_path):
+    import fcntl
+    import time
+
+    path = tmp_path / "o.db"
+    with Outbox(path, busy_timeout_s=0.2) as o:
+        holder = os.open(f"{path}.lock", os.O_RDWR)  # another open file description: a rival writer
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(OutboxBusy, match="writer lock"):
+                o.append_many([item(1)])
+            assert time.monotonic() - t0 < 2
+        finally:
+            fcntl.flock(holder, fcntl.LOCK_UN)
+            os.close(holder)
+        assert o.append_many([item(1)]).accepted == 1  # the abandoned waiter let go of the lock
