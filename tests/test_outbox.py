@@ -186,7 +186,7 @@ def test_a_writer_holding_the_lock_too_long_makes_others_fail_fast_not_hang(tmp_
 
     path = tmp_path / "o.db"
     with Outbox(path, busy_timeout_s=0.2) as o:
-        holder = os.open(f"{path}.lock", os.O_RDWR)  # another open file description: a rival writer
+        holder = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT)  # another open file description: a rival writer
         fcntl.flock(holder, fcntl.LOCK_EX)
         try:
             t0 = time.monotonic()
