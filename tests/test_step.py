@@ -103,3 +103,32 @@ def test_assets_and_predictions():
     p = prediction_of(np.array([0.1, 0.7, 0.2], np.float32), "classification")
     assert p["label"] == 1 and abs(sum(p["probs"]) - 1) < 1e-5
     assert prediction_of(np.array([[0.9, 0.1], [0.2, 0.8]], np.float32), "detection")["boxes"][1]["label"] == 1
+
+
+def test_flagged_items_land_in_a_real_outbox_once_with_their_prediction(tmp_path):
+    from triton_al.outbox import Outbox
+
+    path = tmp_path / "outbox.db"
+    step = ActiveLearningStep(settings(outbox_path=str(path), upload_groups="review,hard", threshold="0.5"))
+    uncertain, confident = [0.5, 0.5], [0.999, 0.001]
+    outputs = np.array([uncertain, confident, uncertain], np.float32)
+    assets = np.array([png(1), png(2), png(1)], dtype=object)  # the same image twice
+    (result,) = step.process([RequestInputs(outputs, assets, model_version="3")])
+    assert list(result.flagged) == [True, False, True]
+    assert step.counts.stored == 2 and step.counts.duplicates == 2  # one row per group, repeat deduplicated
+    with Outbox(path) as o:
+        rows = o.due(10)
+    assert sorted(r.upload_group for r in rows) == ["hard", "review"]
+    assert all(r.asset == png(1) and r.media_type == "image/png" and r.model_version == "3" for r in rows)
+    assert rows[0].prediction["label"] == 0 and rows[0].score == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_broken_outbox_never_fails_inference(tmp_path):
+    path = tmp_path / "outbox.db"
+    step = ActiveLearningStep(settings(outbox_path=str(path)))
+    path.unlink()
+    path.mkdir()  # the file is gone and a directory sits in its place: appends must fail
+    step.outbox.close()
+    (result,) = step.process([RequestInputs(np.array([[0.5, 0.5]], np.float32), np.array([png()], dtype=object))])
+    assert list(result.flagged) == [True]
+    assert step.counts.outbox_errors == 1 and step.counts.stored == 0
