@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from pathlib import Path
 
 import numpy as np
 
 from triton_al.scoring import REASONS
 from triton_al.step import ActiveLearningStep, RequestError, RequestInputs
+from triton_al.serving.backend_utils import parameters, pb_utils
 from triton_al.step_settings import StepSettings
-
-try:  # only importable inside Triton's Python-backend stub
-    import triton_python_backend_utils as pb_utils
-except ImportError:  # pragma: no cover - imported for documentation or tests outside Triton
-    pb_utils = None
 
 # 0.01 wide: `triton-al calibrate` reads thresholds off this histogram.
 SCORE_BUCKETS = [round(0.01 * i, 2) for i in range(1, 101)]
@@ -61,15 +59,36 @@ class _Metrics:
             self.score.observe(s)
 
 
-def _parameters(model_config: dict) -> dict[str, str]:
-    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+class LatestVersion:
+    """The newest version directory of the scored model, which is what Triton's default
+    version policy serves; re-read at most once a second, so a deployed version shows up
+    in the records without reloading the step."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self._value, self._read_at = "unknown", -1.0
+
+    def __call__(self) -> str:
+        now = time.monotonic()
+        if now - self._read_at >= 1.0:
+            self._read_at = now
+            try:
+                versions = [int(p.name) for p in self.model_dir.iterdir() if p.name.isdigit() and p.is_dir()]
+            except OSError:
+                versions = []
+            self._value = str(max(versions)) if versions else "unknown"
+        return self._value
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         model_config = json.loads(args["model_config"])
-        params = _parameters(model_config)
+        params = parameters(model_config)
         params.setdefault("model_name", args.get("model_name", "model"))
+        # Without a `model_version` parameter, record the scored model's newest version.
+        self.latest_version = None
+        if "model_version" not in params:
+            self.latest_version = LatestVersion(Path(args["model_repository"]).parent / params["model_name"])
         # A bad setting fails the load, with the message naming it (Triton logs it).
         self.settings = StepSettings.from_parameters(params)
         self.step = ActiveLearningStep(self.settings)
@@ -98,6 +117,8 @@ class TritonPythonModel:
             if tensor is not None and tensor.as_numpy().size:
                 v = tensor.as_numpy().reshape(-1)[0]
                 version = v.decode() if isinstance(v, bytes) else str(v)
+        if version is None and self.latest_version is not None:
+            version = self.latest_version()
         return RequestInputs(outputs=scores.as_numpy(), assets=assets, model_version=version)
 
     def execute(self, requests):

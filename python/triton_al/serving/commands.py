@@ -43,5 +43,65 @@ def attach_command(
         typer.echo(f"wrote {path}")
 
 
+def serve_command(
+    model_repository: Annotated[Path, typer.Option("--model-repository", help="The Triton model repository.")] = Path("model_repository"),
+    data_dir: Annotated[Path, typer.Option(help="Outbox, project store and logs live here.")] = Path("triton-al-data"),
+    store: Annotated[Optional[Path], typer.Option(help="Local project store (default: DATA_DIR/store).")] = None,
+    sink: Annotated[Optional[str], typer.Option(help="Upload elsewhere: s3://…, labelstudio+http://…, nexus://… (see README).")] = None,
+    outbox: Annotated[Optional[Path], typer.Option(help="Outbox file (default: DATA_DIR/outbox.db).")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(help="gRPC port on 127.0.0.1 (default: a free one).")] = None,
+    http_port: Annotated[Optional[int], typer.Option(help="HTTP port on 127.0.0.1 (default: a free one).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Triton /metrics port (default: a free one).")] = None,
+    model_control_mode: Annotated[str, typer.Option(help="none | poll | explicit (explicit: `triton-al deploy` loads new versions).")] = "explicit",
+    uploader: Annotated[bool, typer.Option(help="Start the uploader sidecar.")] = True,
+    tritonserver: Annotated[Optional[str], typer.Option(help="Path of the tritonserver binary (default: the nvidia-pytriton wheel's, or PATH).")] = None,
+    quiet: Annotated[bool, typer.Option(help="Do not stream Triton's log to the console.")] = False,
+) -> None:
+    """Serve a model repository with Triton and the uploader sidecar until Ctrl-C / SIGTERM."""
+    import json
+    import signal
+    import threading
+
+    from triton_al.serving.pipeline import Pipeline
+    from triton_al.serving.server import ServerError
+
+    if store is not None and sink is not None:
+        raise typer.BadParameter("give --store or --sink, not both", param_hint="--store/--sink")
+    if model_control_mode not in ("none", "poll", "explicit"):
+        raise typer.BadParameter(f"expected none, poll or explicit, got {model_control_mode!r}", param_hint="--model-control-mode")
+    models = sorted(p.parent.name for p in model_repository.glob("*/config.pbtxt")) if model_control_mode == "explicit" else []
+    pipeline = Pipeline(
+        model_repository, data_dir, sink=sink or (f"local:{store.absolute()}" if store else None), outbox=outbox,
+        uploader=uploader, model_control_mode=model_control_mode, load_models=models, grpc_port=grpc_port,
+        http_port=http_port, metrics_port=metrics_port, tritonserver=tritonserver, console=not quiet,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        pipeline.start()
+    except ServerError as e:
+        typer.echo(f"triton-al serve: {e}", err=True)
+        raise typer.Exit(1) from None
+    info = {
+        "grpc": pipeline.server.grpc_url, "http": pipeline.server.http_url, "metrics": pipeline.server.metrics_url,
+        "outbox": str(pipeline.outbox), "sink": pipeline.sink, "tritonserver_pid": pipeline.server.pid,
+    }
+    if pipeline.uploader is not None:
+        info.update(uploader_admin=pipeline.uploader.admin_address, uploader_metrics=pipeline.uploader.metrics_url)
+    typer.echo("serving: " + json.dumps(info))
+    try:
+        while not stop.wait(1.0):
+            if pipeline.server.process.poll() is not None:
+                typer.echo(f"tritonserver exited with code {pipeline.server.process.returncode}", err=True)
+                raise typer.Exit(1)
+            if pipeline.uploader is not None and not pipeline.uploader.alive():
+                typer.echo("the uploader exited; restarting it (queued items are safe in the outbox)", err=True)
+                pipeline.uploader.start()
+    finally:
+        pipeline.stop()
+
+
 def register(app: typer.Typer) -> None:
     app.command("attach")(attach_command)
+    app.command("serve")(serve_command)
