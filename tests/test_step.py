@@ -132,3 +132,17 @@ def test_a_broken_outbox_never_fails_inference(tmp_path):
     (result,) = step.process([RequestInputs(np.array([[0.5, 0.5]], np.float32), np.array([png()], dtype=object))])
     assert list(result.flagged) == [True]
     assert step.counts.outbox_errors == 1 and step.counts.stored == 0
+
+
+def test_invalid_outputs_are_stored_with_a_json_safe_prediction(tmp_path):
+    from triton_al.outbox import Outbox
+
+    step = ActiveLearningStep(settings(outbox_path=str(tmp_path / "o.db")))
+    outputs = np.array([[np.nan, 0.5], [np.inf, -1.0]], np.float32)
+    (result,) = step.process([RequestInputs(outputs, np.array([png(1), png(2)], dtype=object))])
+    assert list(result.reasons) == ["invalid_output", "invalid_output"]
+    assert step.counts.stored == 2 and step.counts.outbox_errors == 0
+    with Outbox(tmp_path / "o.db") as o:
+        first, second = o.due(10)
+    assert first.prediction == {"probs": [None, 0.5], "label": 1}
+    assert second.prediction == {"probs": [None, -1.0], "label": 1}

@@ -74,16 +74,21 @@ def asset_bytes(asset: Any) -> tuple[bytes, str]:
     raise RequestError(f"asset: expected bytes or a numeric array per item, got {type(asset).__name__}")
 
 
+def _finite(values) -> list[float | None]:
+    """JSON-safe numbers: invalid model output (NaN, Inf) becomes null."""
+    return [round(float(v), 6) if np.isfinite(v) else None for v in np.asarray(values, np.float64).reshape(-1)]
+
+
 def prediction_of(outputs: np.ndarray, task: str) -> dict[str, Any]:
     """A JSON-serialisable summary of one item's prediction, for annotators and pre-labels."""
     if task == "classification":
-        probs = outputs.astype(np.float64)
-        return {"probs": [round(float(v), 6) for v in probs], "label": int(np.nanargmax(probs)) if np.isfinite(probs).any() else None}
+        finite = np.isfinite(outputs)
+        return {"probs": _finite(outputs), "label": int(np.argmax(np.where(finite, outputs, -np.inf))) if finite.any() else None}
     if task == "multilabel":
-        return {"probs": [round(float(v), 6) for v in outputs.astype(np.float64)]}
+        return {"probs": _finite(outputs)}
     if task == "detection":
         finite = np.where(np.isfinite(outputs), outputs, -np.inf)
-        return {"boxes": [{"label": int(np.argmax(b)), "confidence": round(float(np.max(b)), 6)} for b in finite]}
+        return {"boxes": [{"label": int(np.argmax(b)), "confidence": _finite([np.max(b)])[0]} for b in finite]}
     # segmentation: the per-class share of pixels is small and says what the image holds
     class_axis = 0 if outputs.shape[0] < outputs.shape[-1] else -1
     labels = np.nan_to_num(outputs, nan=-np.inf).argmax(axis=class_axis)

@@ -107,7 +107,10 @@ class Pipeline:
         console: bool = False,
         startup_timeout_s: float = 90.0,
         env: dict[str, str] | None = None,
+        heal: bool = True,
     ) -> None:
+        self.heal = heal and model_control_mode == "explicit"
+        self.watchdog = None
         self.data_dir = Path(data_dir).absolute()
         self.outbox = Path(outbox).absolute() if outbox else self.data_dir / "outbox.db"
         self.store = self.data_dir / "store"
@@ -130,12 +133,18 @@ class Pipeline:
             if self.uploader is not None:
                 self.uploader.start()
             self.server.start()
+            if self.heal:
+                from triton_al.serving.watchdog import StubWatchdog
+
+                self.watchdog = StubWatchdog(self.server).start()
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         try:
             self.server.stop()
         finally:

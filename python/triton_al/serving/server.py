@@ -198,7 +198,7 @@ class TritonServer:
             "--http-address=127.0.0.1", f"--http-port={self.ports.http}",
             "--metrics-address=127.0.0.1", f"--metrics-port={self.ports.metrics}",
             f"--model-control-mode={self.model_control_mode}", f"--log-verbose={self.log_verbose}",
-            "--exit-timeout-secs=10", *CPU_FLAGS,
+            "--exit-timeout-secs=5", *CPU_FLAGS,
         ]
         if self.model_control_mode == "poll":
             args.append(f"--repository-poll-secs={self.repository_poll_secs}")

@@ -1,0 +1,65 @@
+"""Helpers for tests against a real tritonserver: a copy of the example repository in a
+temporary folder, the Pipeline (server + uploader, stopped by PID even when a test fails),
+PNG-encoded Fashion-MNIST images and small gRPC utilities."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REPOSITORY = ROOT / "model_repository"
+
+tritonclient = pytest.importorskip("tritonclient.grpc", reason="the triton extra is not installed")
+grpcclient = tritonclient
+
+
+def copy_repository(tmp: Path) -> Path:
+    target = tmp / "model_repository"
+    shutil.copytree(REPOSITORY, target, ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+def set_parameter(config: Path, key: str, value: str) -> None:
+    """Change one string parameter of a config.pbtxt written by attach."""
+    text = config.read_text()
+    pattern = re.compile(r'(key: "' + re.escape(key) + r'"\s*value \{\s*string_value: ")([^"]*)(")')
+    if not pattern.search(text):
+        raise KeyError(f"{key} not in {config}")
+    config.write_text(pattern.sub(lambda m: m.group(1) + value + m.group(3), text))
+
+
+def fashion_pngs(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(PNG bytes as an object array [n, 1], uint8 pixels, labels) from the test split."""
+    from triton_al.example.data import encode_png, load
+
+    images, labels = load("test")
+    images, labels = images[start : start + n], labels[start : start + n]
+    return np.array([[encode_png(x)] for x in images], dtype=object), images, labels
+
+
+def infer_al(client, pngs: np.ndarray, model: str = "fashion_cnn_al"):
+    inp = grpcclient.InferInput("IMAGE", list(pngs.shape), "BYTES")
+    inp.set_data_from_numpy(pngs)
+    result = client.infer(model, [inp])
+    return result.as_numpy("PROBS"), result.as_numpy("SCORE").reshape(-1), result.as_numpy("FLAGGED").reshape(-1)
+
+
+def triton_metrics(server) -> str:
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        return r.read().decode()
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
