@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from outbox_helpers import wait_for
 from triton_helpers import copy_repository, grpcclient, infer_al, metric_sum, set_parameter, fashion_pngs, triton_metrics
 from tritonclient.utils import InferenceServerException
 
@@ -182,18 +183,26 @@ def test_a_model_output_full_of_nan_is_scored_nan_flagged_and_stored_as_invalid(
     records = LocalStore(pipeline.store).index("active-learning")
     invalid = {r["content_hash"] for r in records if r["reason"] == "invalid_output"}
     assert {content_hash(p[0]) for p in pngs} <= invalid
-    text = triton_metrics(pipeline.server)
-    assert metric_sum(text, "triton_al_items_flagged_total", reason="invalid_output") >= 3
+    wait_for(lambda: metric_sum(triton_metrics(pipeline.server), "triton_al_items_flagged_total", reason="invalid_output") >= 3,
+             10, "the invalid_output counter")
 
 
-def test_custom_metrics_appear_in_tritons_metrics(pipeline, client):
-    before = metric_sum(triton_metrics(pipeline.server), "triton_al_items_scored_total", model="active_learning")
+def test_custom_metrics_appear_in_tritons_metrics_and_calibrate_reads_them(pipeline, client):
+    from triton_al.calibrate import parse_metrics
+
+    scored = lambda: metric_sum(triton_metrics(pipeline.server), "triton_al_items_scored_total", model="active_learning")  # noqa: E731
+    wait_for(lambda: scored() == scored(), 5, "metrics to settle")  # earlier tests' deltas are flushed
+    time.sleep(0.6)
+    before = scored()
     pngs, _, _ = fashion_pngs(16, start=4000)
     _, score, flagged = infer_al(client, pngs)
+    wait_for(lambda: scored() == before + 16, 10, "16 more items scored")
     text = triton_metrics(pipeline.server)
-    assert metric_sum(text, "triton_al_items_scored_total", model="active_learning") == before + 16
-    assert metric_sum(text, "triton_al_score_count", model="active_learning") >= 16
     assert "triton_al_items_flagged_total" in text and "triton_al_outbox_errors_total" in text
+    snapshot = parse_metrics(text, model="active_learning")
+    assert snapshot.buckets[float("inf")] == metric_sum(text, "triton_al_score_count", model="active_learning")
+    below = sum(1 for s in score if s <= 0.5)
+    assert snapshot.buckets[0.5] >= below
 
 
 def test_changed_settings_take_effect_on_reload_with_no_failed_request(pipeline):

@@ -45,7 +45,9 @@ def parse_metrics(text: str, model: str | None = None, at: float | None = None) 
         for sample in family.samples:
             if model is not None and sample.labels.get("model") != model:
                 continue
-            if sample.name == f"{HISTOGRAM}_bucket":
+            # A real histogram, or the step's cumulative counters of the same name (the
+            # parser gives counter samples a _total suffix).
+            if sample.name in (f"{HISTOGRAM}_bucket", f"{HISTOGRAM}_bucket_total"):
                 le = float(sample.labels["le"])
                 buckets[le] = buckets.get(le, 0.0) + sample.value
                 found = True

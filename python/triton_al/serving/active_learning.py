@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -29,34 +30,100 @@ SCORE_BUCKETS = [round(0.01 * i, 2) for i in range(1, 101)]
 
 
 class _Metrics:
-    """Custom metrics in Triton's own /metrics (nothing when the server has no support)."""
+    """Custom metrics in Triton's own /metrics, updated off the request path.
+
+    Every metric call from a Python-backend model is a round trip to the server process;
+    one per score would cost more than the scoring. Requests only add to local counters,
+    and a background thread hands the deltas to Triton every `FLUSH_S` seconds: at most
+    a few dozen calls per second whatever the traffic. The score distribution is exposed
+    in Prometheus histogram form (`triton_al_score_bucket{le=…}` cumulative counts,
+    `_count`, `_sum`), as counters, because a Triton histogram takes one value per call.
+    """
+
+    FLUSH_S = 0.5
 
     def __init__(self, model: str) -> None:
         self.enabled = hasattr(pb_utils, "MetricFamily")
+        self.bounds = np.array(SCORE_BUCKETS)
+        self._lock = threading.Lock()
+        self._pending = self._zero()
         if not self.enabled:
             return
         family = pb_utils.MetricFamily
         labels = {"model": model}
+
+        def counter(name: str, description: str):
+            return family(name=name, description=description, kind=family.COUNTER)
+
         self._families = [
-            family(name="triton_al_items_scored_total", description="Items scored by the active_learning step", kind=family.COUNTER),
-            family(name="triton_al_items_flagged_total", description="Items flagged, by reason", kind=family.COUNTER),
-            family(name="triton_al_outbox_errors_total", description="Flagged items the outbox could not take", kind=family.COUNTER),
-            family(name="triton_al_score", description="Distribution of scores (confidence in [0, 1])", kind=family.HISTOGRAM),
+            counter("triton_al_items_scored_total", "Items scored by the active_learning step"),
+            counter("triton_al_items_flagged_total", "Items flagged, by reason"),
+            counter("triton_al_outbox_errors_total", "Flagged items the outbox could not take"),
+            counter("triton_al_score_bucket", "Scores (confidence in [0, 1]) at or below le, cumulative"),
+            counter("triton_al_score_count", "Scores observed"),
+            counter("triton_al_score_sum", "Sum of the scores observed"),
         ]
-        scored, flagged, errors, histogram = self._families
+        scored, flagged, errors, bucket, count, total = self._families
         self.scored = scored.Metric(labels=labels)
         self.flagged = {r: flagged.Metric(labels={**labels, "reason": r}) for r in REASONS if r}
         self.errors = errors.Metric(labels=labels)
-        self.score = histogram.Metric(labels=labels, buckets=SCORE_BUCKETS)
+        self.buckets = [bucket.Metric(labels={**labels, "le": f"{b:g}"}) for b in SCORE_BUCKETS] + [
+            bucket.Metric(labels={**labels, "le": "+Inf"})]
+        self.count = count.Metric(labels=labels)
+        self.sum = total.Metric(labels=labels)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="triton-al-metrics", daemon=True)
+        self._thread.start()
+
+    def _zero(self) -> dict:
+        return {"scored": 0, "flagged": {}, "errors": 0, "hist": np.zeros(len(SCORE_BUCKETS) + 1, np.int64), "sum": 0.0}
 
     def observe(self, scores: np.ndarray, codes: np.ndarray) -> None:
         if not self.enabled or len(scores) == 0:
             return
-        self.scored.increment(float(len(scores)))
-        for code, count in zip(*np.unique(codes[codes != 0], return_counts=True)):
-            self.flagged[REASONS[int(code)]].increment(float(count))
-        for s in scores[np.isfinite(scores)].tolist():
-            self.score.observe(s)
+        finite = scores[np.isfinite(scores)]
+        # bucket i holds scores in (bounds[i-1], bounds[i]]; the last one is above 1 (+Inf)
+        hist = np.bincount(np.searchsorted(self.bounds, finite, side="left"), minlength=len(self.bounds) + 1)
+        reasons = dict(zip(*np.unique(codes[codes != 0], return_counts=True)))
+        with self._lock:
+            p = self._pending
+            p["scored"] += len(scores)
+            p["hist"] += hist[: len(self.bounds) + 1]
+            p["sum"] += float(finite.sum())
+            for code, n in reasons.items():
+                p["flagged"][REASONS[int(code)]] = p["flagged"].get(REASONS[int(code)], 0) + int(n)
+
+    def error(self, n: int) -> None:
+        with self._lock:
+            self._pending["errors"] += n
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.FLUSH_S):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            p, self._pending = self._pending, self._zero()
+        if p["scored"]:
+            self.scored.increment(float(p["scored"]))
+            self.count.increment(float(p["hist"].sum()))
+            self.sum.increment(p["sum"])
+            cumulative = np.cumsum(p["hist"])
+            for metric, delta in zip(self.buckets, cumulative.tolist()):
+                if delta:
+                    metric.increment(float(delta))
+        for reason, n in p["flagged"].items():
+            self.flagged[reason].increment(float(n))
+        if p["errors"]:
+            self.errors.increment(float(p["errors"]))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join(2)
+            self.flush()
 
 
 class LatestVersion:
@@ -147,13 +214,13 @@ class TritonPythonModel:
             )
         errors = self.step.counts.outbox_errors
         if errors != self._last_errors:
-            if self.metrics.enabled:
-                self.metrics.errors.increment(float(errors - self._last_errors))
+            self.metrics.error(errors - self._last_errors)
             self.log.log_error(f"active_learning: {errors - self._last_errors} flagged items could not be stored")
             self._last_errors = errors
         return responses
 
     def finalize(self) -> None:
+        self.metrics.close()
         outbox = getattr(self.step, "outbox", None)
         if outbox is not None and hasattr(outbox, "close"):
             outbox.close()

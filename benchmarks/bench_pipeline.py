@@ -1,0 +1,142 @@
+"""What the active_learning step costs in the served pipeline, measured side by side.
+
+    scripts/bench.sh pipeline
+
+One tritonserver serves both `fashion_cnn_al` (preprocess -> fashion_cnn -> active_learning)
+and `fashion_cnn_plain` (the same ensemble without the step). Clients send PNGs over gRPC
+in closed loops (each sends its next request when the previous answer arrives), batch 1
+and batch 32, 1 and 4 concurrent clients; the two pipelines alternate, twice each, in one
+run. Reported: p50/p99 latency per request and items per second; the step's cost is the
+difference at p50 and the throughput ratio. Target (issue 5): under 0.3 ms added at p50
+for batch 1, under 10% throughput lost.
+
+The outbox is real (flagged items are appended; the uploader is off so that it does not
+compete for the two cores - its cost is measured in bench_outbox.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DURATION_S = 4.0
+
+PLAIN = """name: "fashion_cnn_plain"
+platform: "ensemble"
+max_batch_size: 64
+input [ { name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] } ]
+output [ { name: "PROBS" data_type: TYPE_FP32 dims: [ 10 ] } ]
+ensemble_scheduling {
+  step [
+    { model_name: "preprocess" model_version: -1 input_map { key: "IMAGE" value: "IMAGE" } output_map { key: "image" value: "image" } },
+    { model_name: "fashion_cnn" model_version: -1 input_map { key: "image" value: "image" } output_map { key: "PROBS" value: "PROBS" } }
+  ]
+}
+"""
+
+RESULTS: dict[tuple[str, int, int], list[dict]] = {}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from triton_al.serving.pipeline import Pipeline
+
+    tmp = tmp_path_factory.mktemp("bench")
+    repo = tmp / "model_repository"
+    shutil.copytree(ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "fashion_cnn_plain" / "1").mkdir(parents=True)
+    (repo / "fashion_cnn_plain" / "config.pbtxt").write_text(PLAIN)
+    with Pipeline(repo, tmp / "data", uploader=False) as p:
+        yield p.server
+
+
+@pytest.fixture(scope="module")
+def pngs():
+    from triton_al.example.data import encode_png, load
+
+    images = load("test")[0][:2048]
+    return np.array([[encode_png(x)] for x in images], dtype=object)
+
+
+def closed_loop(url: str, model: str, pngs: np.ndarray, batch: int, clients: int) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + DURATION_S
+
+    def client(k: int) -> None:
+        mine = []
+        with grpcclient.InferenceServerClient(url) as c:
+            i = k * 97
+            while True:
+                start = (i * batch) % (len(pngs) - batch)
+                inp = grpcclient.InferInput("IMAGE", [batch, 1], "BYTES")
+                inp.set_data_from_numpy(pngs[start : start + batch])
+                t0 = time.perf_counter()
+                c.infer(model, [inp])
+                t1 = time.perf_counter()
+                if t1 > stop_at:
+                    break
+                mine.append(t1 - t0)
+                i += 1
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1e3
+    return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "items_per_s": len(lat) * batch / wall, "requests": len(lat)}
+
+
+@pytest.mark.parametrize("repeat", [0, 1])
+@pytest.mark.parametrize("clients", [1, 4])
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("model", ["fashion_cnn_plain", "fashion_cnn_al"])
+def test_pipeline(benchmark, server, pngs, model, batch, clients, repeat):
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:  # warm up this shape
+        inp = grpcclient.InferInput("IMAGE", [batch, 1], "BYTES")
+        inp.set_data_from_numpy(pngs[:batch])
+        for _ in range(20):
+            c.infer(model, [inp])
+    result = benchmark.pedantic(closed_loop, args=(server.grpc_url, model, pngs, batch, clients), rounds=1, iterations=1)
+    benchmark.extra_info.update(model=model, batch=batch, clients=clients, **result)
+    RESULTS.setdefault((model, batch, clients), []).append(result)
+
+
+def test_report():
+    """Print the side-by-side table (medians of the repeats)."""
+    rows = []
+    for batch in (1, 32):
+        for clients in (1, 4):
+            plain, al = RESULTS.get(("fashion_cnn_plain", batch, clients)), RESULTS.get(("fashion_cnn_al", batch, clients))
+            if not plain or not al:
+                continue
+            med = lambda rs, k: float(np.median([r[k] for r in rs]))  # noqa: E731
+            rows.append({
+                "batch": batch, "clients": clients,
+                "p50_plain_ms": round(med(plain, "p50_ms"), 3), "p50_al_ms": round(med(al, "p50_ms"), 3),
+                "added_p50_ms": round(med(al, "p50_ms") - med(plain, "p50_ms"), 3),
+                "p99_plain_ms": round(med(plain, "p99_ms"), 2), "p99_al_ms": round(med(al, "p99_ms"), 2),
+                "items_s_plain": round(med(plain, "items_per_s")), "items_s_al": round(med(al, "items_per_s")),
+                "throughput_ratio": round(med(al, "items_per_s") / med(plain, "items_per_s"), 3),
+            })
+    print("\n" + json.dumps(rows, indent=1))
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline-table.json").write_text(json.dumps(rows, indent=1))
