@@ -239,7 +239,10 @@ def test_a_bad_setting_fails_the_load_naming_it(pipeline):
     config = pipeline.repository / "active_learning" / "config.pbtxt"
     original = config.read_text()
     try:
-        set_parameter(config, "threshold", "lots")
+        with pytest.raises(ValueError, match="threshold"):  # the product's editor refuses it ...
+            set_parameter(config, "threshold", "lots")
+        config.write_text(original.replace('string_value: "0.85"', 'string_value: "lots"'))  # ... a hand edit does not
+        assert "lots" in config.read_text()
         with pytest.raises(Exception, match="threshold"):
             pipeline.server.load_model("active_learning")
     finally:

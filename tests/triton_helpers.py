@@ -4,7 +4,6 @@ PNG-encoded Fashion-MNIST images and small gRPC utilities."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -26,12 +25,10 @@ def copy_repository(tmp: Path) -> Path:
 
 
 def set_parameter(config: Path, key: str, value: str) -> None:
-    """Change one string parameter of a config.pbtxt written by attach."""
-    text = config.read_text()
-    pattern = re.compile(r'(key: "' + re.escape(key) + r'"\s*value \{\s*string_value: ")([^"]*)(")')
-    if not pattern.search(text):
-        raise KeyError(f"{key} not in {config}")
-    config.write_text(pattern.sub(lambda m: m.group(1) + value + m.group(3), text))
+    """Change one parameter of a step's config.pbtxt (the product's own editor)."""
+    from triton_al.attach import set_step_parameter
+
+    set_step_parameter(config.parent.parent, config.parent.name, key, value)
 
 
 def fashion_pngs(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -273,3 +273,22 @@ def attach(
     # Ensembles need a version directory; the placeholder keeps it in version control.
     _write(repository / ensemble_name / "1" / ".gitkeep", "", written)
     return written
+
+
+def set_step_parameter(repository: Path, step: str, key: str, value: str) -> Path:
+    """Change one parameter of a step's config.pbtxt (e.g. the threshold), validated first
+    the way the step will read it; the file is replaced atomically. Reload the step
+    afterwards (explicit model control) for it to take effect."""
+    from triton_al.step_settings import StepSettings
+
+    path = Path(repository) / step / "config.pbtxt"
+    config = read_config(path)
+    config.parameters[key].string_value = value
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    StepSettings.from_parameters(params, env={"TRITON_AL_OUTBOX": "/validation-only"})  # raises naming the bad key
+    text = path.read_text()
+    header = f"{MARKER}\n" if text.startswith(MARKER) else ""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(header + text_format.MessageToString(config))
+    tmp.replace(path)
+    return path

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 HISTOGRAM = "triton_al_score"
 SCORED = "triton_al_items_scored"  # the parser strips the _total suffix of counters
+FLAGGED = "triton_al_items_flagged"
 SECONDS_PER_DAY = 86_400.0
 
 
@@ -33,13 +34,14 @@ class ScoreSnapshot:
     buckets: dict[float, float]
     scored: float
     at: float
+    flagged: float = 0.0
 
 
 def parse_metrics(text: str, model: str | None = None, at: float | None = None) -> ScoreSnapshot:
     """Read the step's histogram and counter from Prometheus exposition text (summed over
     models unless `model` names one)."""
     buckets: dict[float, float] = {}
-    scored = 0.0
+    scored = flagged = 0.0
     found = False
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -53,13 +55,15 @@ def parse_metrics(text: str, model: str | None = None, at: float | None = None) 
                 found = True
             elif sample.name in (SCORED, f"{SCORED}_total"):
                 scored += sample.value
+            elif sample.name in (FLAGGED, f"{FLAGGED}_total"):
+                flagged += sample.value
     if not found:
         raise CalibrationError(
             f"no {HISTOGRAM} histogram in the metrics (is the active_learning step loaded"
             + (f" as model {model!r}" if model else "")
             + " and has it scored anything?)"
         )
-    return ScoreSnapshot(buckets=buckets, scored=scored, at=time.time() if at is None else at)
+    return ScoreSnapshot(buckets=buckets, scored=scored, at=time.time() if at is None else at, flagged=flagged)
 
 
 def scrape(url: str, model: str | None = None, timeout: float = 5.0) -> ScoreSnapshot:

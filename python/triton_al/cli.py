@@ -28,6 +28,7 @@ def _root() -> None:
 COMMAND_MODULES = [
     "triton_al.serving.commands",
     "triton_al.uploader.commands",
+    "triton_al.loop.commands",
 ]
 
 for _name in COMMAND_MODULES:

@@ -1,0 +1,174 @@
+"""CLI for the loop: `annotate --simulate`, `retrain`, `deploy`, `rollback`, `report`, `calibrate`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Store = Annotated[Path, typer.Option(help="The local project store (where flagged items and labels live).")]
+Repository = Annotated[Path, typer.Option("--model-repository", help="The Triton model repository.")]
+Url = Annotated[str, typer.Option(help="Triton's gRPC address.")]
+
+
+def _fail(message: str) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(2)
+
+
+def annotate_command(
+    store: Store,
+    simulate: Annotated[bool, typer.Option(help="Required: label from Fashion-MNIST's ground truth (a SIMULATION of annotators).")] = False,
+    group: Annotated[str, typer.Option(help="Upload group to label.")] = "active-learning",
+    limit: Annotated[Optional[int], typer.Option(help="Label at most this many assets.")] = None,
+) -> None:
+    """Label flagged assets. Only the simulated annotator exists: real labels come from your annotation tool."""
+    if not simulate:
+        _fail("triton-al annotate: pass --simulate to label from the dataset's ground truth (a simulation); "
+              "real annotations are label files written by your annotation tool (see the README)")
+    from triton_al.loop.annotator import SimulatedAnnotator
+    from triton_al.sinks.local import LocalStore
+
+    run = SimulatedAnnotator().annotate(LocalStore(store, create=False), group, limit)
+    typer.echo(json.dumps({"simulated": True, **run.__dict__}))
+
+
+def _step_settings(repository: Path, step: str) -> dict[str, str]:
+    text = (repository / step / "config.pbtxt").read_text()
+    return dict(re.findall(r'key: "([^"]+)"\s*value \{\s*string_value: "([^"]*)"', text))
+
+
+def retrain_command(
+    model_repository: Repository,
+    store: Store,
+    model: Annotated[str, typer.Option(help="The model to retrain (the example CNN).")] = "fashion_cnn",
+    group: Annotated[str, typer.Option(help="Upload group whose labels to use.")] = "active-learning",
+    base_size: Annotated[int, typer.Option(help="Labelled training images the loop started from.")] = 1000,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    seed: Annotated[int, typer.Option()] = 0,
+    step: Annotated[str, typer.Option(help="The active_learning step (for the threshold in the record).")] = "active_learning",
+    metrics_url: Annotated[Optional[str], typer.Option(help="Triton /metrics URL: records flag counts and the score histogram.")] = None,
+) -> None:
+    """Train on the base set plus every label in the store; write the next model version and a cycle record."""
+    from triton_al.loop.cycles import append_cycle
+    from triton_al.loop.retrain import RetrainError, retrain
+    from triton_al.sinks.local import LocalStore
+
+    try:
+        result = retrain(model_repository, LocalStore(store, create=False), model=model, group=group,
+                         base_size=base_size, epochs=epochs, seed=seed)
+    except (RetrainError, FileNotFoundError, ImportError) as e:
+        _fail(f"triton-al retrain: {e}")
+    settings = _step_settings(model_repository, step) if (model_repository / step / "config.pbtxt").exists() else {}
+    record = {
+        "model_name": model, "model_version": result.version, "labels_used": result.labels_used,
+        "annotated": result.annotated, "group": group, "accuracy": result.report["accuracy"],
+        "per_class": result.report["per_class"], "macro": result.report["macro"],
+        "threshold": float(settings["threshold"]) if "threshold" in settings else None,
+        "strategy": settings.get("strategy"), "train_seconds": round(result.train_seconds, 1),
+    }
+    if metrics_url:
+        from triton_al.calibrate import scrape
+
+        snapshot = scrape(metrics_url, model=step)
+        record.update(scored=snapshot.scored, flagged=snapshot.flagged,
+                      score_buckets={str(k): v for k, v in snapshot.buckets.items()})
+    record = append_cycle(store, record)
+    typer.echo(json.dumps({k: record[k] for k in ("cycle", "model_version", "labels_used", "annotated", "accuracy")}))
+
+
+def deploy_command(
+    model_repository: Repository,
+    url: Url = "127.0.0.1:8001",
+    model: Annotated[str, typer.Option()] = "fashion_cnn",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the new version.")] = 120.0,
+) -> None:
+    """Load the newest version of MODEL into the running server (explicit model control); the old one serves until it is ready."""
+    from triton_al.loop.deploy import DeployError, deploy
+
+    try:
+        version = deploy(url, model_repository, model, timeout)
+    except DeployError as e:
+        _fail(f"triton-al deploy: {e}")
+    typer.echo(f"serving {model} version {version}")
+
+
+def rollback_command(
+    model_repository: Repository,
+    url: Url = "127.0.0.1:8001",
+    model: Annotated[str, typer.Option()] = "fashion_cnn",
+) -> None:
+    """Go back to the previous version of MODEL (the newest is set aside as <N>.rolled-back)."""
+    from triton_al.loop.deploy import DeployError, rollback
+
+    try:
+        version = rollback(url, model_repository, model)
+    except DeployError as e:
+        _fail(f"triton-al rollback: {e}")
+    typer.echo(f"serving {model} version {version}")
+
+
+def report_command(
+    store: Store,
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs and index.html.")] = Path("triton-al-report"),
+    group: Annotated[str, typer.Option()] = "active-learning",
+) -> None:
+    """Plots and an HTML page: metrics across cycles, score histograms per version, flag rate over time."""
+    from triton_al.loop.report import write_report
+
+    typer.echo(f"wrote {write_report(store, out, group)}")
+
+
+def calibrate_command(
+    metrics_url: Annotated[str, typer.Option(help="Triton's /metrics URL (the step's score histogram).")],
+    capacity: Annotated[Optional[str], typer.Option(help="Annotation capacity, e.g. 500/day.")] = None,
+    flag_rate: Annotated[Optional[float], typer.Option(help="Target share of traffic to flag, in [0, 1].")] = None,
+    window: Annotated[float, typer.Option(help="Seconds between two scrapes (traffic rate; needed for --capacity).")] = 60.0,
+    step: Annotated[str, typer.Option(help="The step model's name.")] = "active_learning",
+    apply: Annotated[bool, typer.Option(help="Write the threshold into the step's config.pbtxt and reload it (no restart).")] = False,
+    model_repository: Annotated[Optional[Path], typer.Option("--model-repository", help="Needed with --apply.")] = None,
+    url: Url = "127.0.0.1:8001",
+) -> None:
+    """Propose the threshold that flags about CAPACITY items a day (or a flag rate), from the recent scores."""
+    import time
+
+    from triton_al.calibrate import CalibrationError, parse_capacity, propose, scrape
+
+    try:
+        per_day = parse_capacity(capacity) if capacity else None
+        before = scrape(metrics_url, model=step) if window > 0 else None
+        if before is not None:
+            time.sleep(window)
+        after = scrape(metrics_url, model=step)
+        proposal = propose(before, after, capacity_per_day=per_day, flag_rate=flag_rate)
+    except (CalibrationError, OSError) as e:
+        _fail(f"triton-al calibrate: {e}")
+    body = dict(proposal.__dict__)
+    if apply:
+        if model_repository is None:
+            _fail("triton-al calibrate: --apply needs --model-repository")
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        from triton_al.attach import set_step_parameter
+
+        try:
+            set_step_parameter(model_repository, step, "threshold", f"{proposal.threshold:g}")
+            with grpcclient.InferenceServerClient(url) as client:
+                client.load_model(step)  # the old settings serve until the new ones are loaded
+        except (ValueError, OSError, InferenceServerException) as e:
+            _fail(f"triton-al calibrate: could not apply the threshold: {e}")
+        body["applied"] = True
+    typer.echo(json.dumps(body))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("annotate")(annotate_command)
+    app.command("retrain")(retrain_command)
+    app.command("deploy")(deploy_command)
+    app.command("rollback")(rollback_command)
+    app.command("report")(report_command)
+    app.command("calibrate")(calibrate_command)

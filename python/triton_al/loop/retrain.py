@@ -1,0 +1,107 @@
+"""Retrain the example model on the base set plus every annotation in the project store,
+evaluate it on the held-out test split, and write it as the next version of the model in
+the repository (a clear example: replace `triton_al.example.train` with your own).
+
+The new version directory is assembled under a temporary name and renamed into place, so
+a server polling the repository never sees half a version. Files of the current version
+other than the model (the `model.py` shim) are carried over.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from triton_al.example.data import CLASS_NAMES, load
+from triton_al.loop.evaluation import classification_report
+from triton_al.sinks.local import LocalStore
+
+MODEL_FILES = ("model.onnx", "model.onnx.json")
+
+
+class RetrainError(RuntimeError):
+    pass
+
+
+def versions(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def annotated_images(store: LocalStore, group: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(images uint8 [N, 28, 28], labels, skipped) for every labelled asset of the group."""
+    from PIL import Image
+
+    files = {r["content_hash"]: r for r in store.index(group)}
+    images, labels, skipped = [], [], 0
+    for annotation in store.annotations(group):
+        record = files.get(annotation.content_hash)
+        if record is None or not isinstance(annotation.label, int) or not 0 <= annotation.label < len(CLASS_NAMES):
+            skipped += 1
+            continue
+        with Image.open(io.BytesIO(store.asset_path(group, record).read_bytes())) as image:
+            pixels = np.asarray(image.convert("L"), np.uint8)
+        if pixels.shape != (28, 28):
+            skipped += 1
+            continue
+        images.append(pixels)
+        labels.append(annotation.label)
+    if not images:
+        return np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), skipped
+    return np.stack(images), np.array(labels, np.int64), skipped
+
+
+def base_set(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled data the loop starts from: `size` training images chosen with `seed`."""
+    images, labels = load("train")
+    index = np.random.default_rng(seed).permutation(len(labels))[:size]
+    return images[index], labels[index]
+
+
+@dataclass
+class RetrainResult:
+    version: int
+    path: Path
+    labels_used: int
+    annotated: int
+    report: dict
+    train_seconds: float
+
+
+def retrain(repository: Path, store: LocalStore, *, model: str = "fashion_cnn", group: str = "active-learning",
+            base_size: int = 1000, epochs: int = 10, min_steps: int = 300, seed: int = 0) -> RetrainResult:
+    from triton_al.example.train import export_onnx, predict_proba, train
+
+    model_dir = Path(repository) / model
+    existing = versions(model_dir) if model_dir.is_dir() else []
+    if not existing:
+        raise RetrainError(f"{model_dir}: no version directory to start from")
+    base_x, base_y = base_set(base_size, seed)
+    extra_x, extra_y, skipped = annotated_images(store, group)
+    x, y = np.concatenate([base_x, extra_x]), np.concatenate([base_y, extra_y])
+    started = time.perf_counter()
+    trained = train(x, y, epochs=epochs, seed=seed, min_steps=min_steps)
+    seconds = time.perf_counter() - started
+    test_x, test_y = load("test")
+    report = classification_report(test_y, predict_proba(trained, test_x).argmax(1), CLASS_NAMES)
+
+    version = existing[-1] + 1
+    target = model_dir / str(version)
+    tmp = model_dir / f".{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in (model_dir / str(existing[-1])).iterdir():
+        if f.is_file() and f.name not in MODEL_FILES:
+            shutil.copy2(f, tmp / f.name)
+    export_onnx(trained, tmp / "model.onnx")
+    (tmp / "model.onnx.json").write_text(json.dumps({
+        "trained_on": {"base": int(len(base_y)), "annotated": int(len(extra_y)), "group": group, "skipped": skipped},
+        "seed": seed, "epochs": epochs, "test_accuracy": round(report["accuracy"], 4), "train_seconds": round(seconds, 1),
+    }, indent=1) + "\n")
+    tmp.rename(target)
+    return RetrainResult(version, target, int(len(y)), int(len(extra_y)), report, seconds)
