@@ -277,7 +277,8 @@ def test_a_killed_backend_process_is_reloaded_and_nothing_accepted_is_lost(pipel
             errors.append(e.message())
             assert time.monotonic() < deadline, f"not recovered: {errors[-1]}; watchdog: {pipeline.watchdog.failures}"
             time.sleep(0.2)
-    assert all("active_learning" in m and "not healthy" in m for m in errors), errors[:2]
+    # While it is reloaded the ensemble is briefly unavailable too; both errors say what is wrong.
+    assert all(("active_learning" in m and "not healthy" in m) or "no available versions" in m for m in errors), errors[:2]
     assert "active_learning" in pipeline.watchdog.reloads
     assert pipeline.flush(30).complete
     stored = {r["content_hash"] for r in LocalStore(pipeline.store).index("active-learning")}
