@@ -48,6 +48,7 @@ def retrain_command(
     group: Annotated[str, typer.Option(help="Upload group whose labels to use.")] = "active-learning",
     base_size: Annotated[int, typer.Option(help="Labelled training images the loop started from.")] = 1000,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
+    min_steps: Annotated[int, typer.Option(min=1, help="Train at least this many batches (small label sets).")] = 300,
     seed: Annotated[int, typer.Option()] = 0,
     step: Annotated[str, typer.Option(help="The active_learning step (for the threshold in the record).")] = "active_learning",
     metrics_url: Annotated[Optional[str], typer.Option(help="Triton /metrics URL: records flag counts and the score histogram.")] = None,
@@ -59,7 +60,7 @@ def retrain_command(
 
     try:
         result = retrain(model_repository, LocalStore(store, create=False), model=model, group=group,
-                         base_size=base_size, epochs=epochs, seed=seed)
+                         base_size=base_size, epochs=epochs, min_steps=min_steps, seed=seed)
     except (RetrainError, FileNotFoundError, ImportError) as e:
         _fail(f"triton-al retrain: {e}")
     settings = _step_settings(model_repository, step) if (model_repository / step / "config.pbtxt").exists() else {}
@@ -78,6 +79,27 @@ def retrain_command(
                       score_buckets={str(k): v for k, v in snapshot.buckets.items()})
     record = append_cycle(store, record)
     typer.echo(json.dumps({k: record[k] for k in ("cycle", "model_version", "labels_used", "annotated", "accuracy")}))
+
+
+def evaluate_command(
+    model_repository: Repository,
+    store: Store,
+    model: Annotated[str, typer.Option()] = "fashion_cnn",
+    base_size: Annotated[int, typer.Option(help="Labels the served version was trained on (for the record).")] = 1000,
+    step: Annotated[str, typer.Option(help="The active_learning step (for the threshold in the record).")] = "active_learning",
+) -> None:
+    """Record the newest version's test metrics as a cycle (e.g. cycle 0, before any annotation)."""
+    from triton_al.loop.cycles import append_cycle
+    from triton_al.loop.retrain import evaluate_version
+
+    version, report = evaluate_version(model_repository, model)
+    settings = _step_settings(model_repository, step) if (model_repository / step / "config.pbtxt").exists() else {}
+    record = append_cycle(store, {
+        "model_name": model, "model_version": version, "labels_used": base_size, "annotated": 0,
+        "accuracy": report["accuracy"], "per_class": report["per_class"], "macro": report["macro"],
+        "threshold": float(settings["threshold"]) if "threshold" in settings else None, "strategy": settings.get("strategy"),
+    })
+    typer.echo(json.dumps({k: record[k] for k in ("cycle", "model_version", "accuracy")}))
 
 
 def deploy_command(
@@ -101,7 +123,7 @@ def rollback_command(
     url: Url = "127.0.0.1:8001",
     model: Annotated[str, typer.Option()] = "fashion_cnn",
 ) -> None:
-    """Go back to the previous version of MODEL (the newest is set aside as <N>.rolled-back)."""
+    """Go back to the previous version of MODEL (the newest is set aside as rolled-back-<N>)."""
     from triton_al.loop.deploy import DeployError, rollback
 
     try:
@@ -168,6 +190,7 @@ def calibrate_command(
 def register(app: typer.Typer) -> None:
     app.command("annotate")(annotate_command)
     app.command("retrain")(retrain_command)
+    app.command("evaluate")(evaluate_command)
     app.command("deploy")(deploy_command)
     app.command("rollback")(rollback_command)
     app.command("report")(report_command)

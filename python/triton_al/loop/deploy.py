@@ -4,8 +4,9 @@ Needs explicit model control (`triton-al serve` uses it): Triton loads the newes
 directory while the old one keeps serving, switches when the new one is ready, and
 ensembles follow; requests in flight finish on the version that took them. A version that
 fails to load leaves the old one serving: deploy says why and renames the directory to
-`<N>.failed` (Triton ignores non-numeric folders), so that a restart does not trip on it.
-Rollback renames the newest version to `<N>.rolled-back` and loads the model again.
+`failed-<N>`, so that a restart does not trip on it. Rollback renames the newest version
+to `rolled-back-<N>` and loads the model again. (The names must not start with a digit:
+Triton reads `3.failed` as version 3.)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _load(url: str, model: str, expect: int, timeout_s: float) -> None:
 
     with _client(url) as c:
         try:
-            c.load_model(model)
+            c.load_model(model, client_timeout=timeout_s)  # some broken versions make Triton hang
         except InferenceServerException as e:
             raise DeployError(e.message()) from None
         deadline = time.monotonic() + timeout_s
@@ -70,7 +71,9 @@ def deploy(url: str, repository: Path, model: str, timeout_s: float = 120.0) -> 
         _load(url, model, newest, timeout_s)
     except DeployError as e:
         reason = _reason(url, model, newest)
-        failed = model_dir / f"{newest}.failed"
+        failed = model_dir / f"failed-{newest}"
+        if failed.exists():
+            failed = model_dir / f"failed-{newest}-{int(time.time())}"
         (model_dir / str(newest)).rename(failed)
         still = served_versions(url, model)
         raise DeployError(
@@ -87,9 +90,9 @@ def rollback(url: str, repository: Path, model: str, timeout_s: float = 120.0) -
     if len(available) < 2:
         raise DeployError(f"{model_dir}: nothing to roll back to (versions {available})")
     newest, previous = available[-1], available[-2]
-    aside = model_dir / f"{newest}.rolled-back"
+    aside = model_dir / f"rolled-back-{newest}"
     if aside.exists():
-        aside = model_dir / f"{newest}.rolled-back-{int(time.time())}"
+        aside = model_dir / f"rolled-back-{newest}-{int(time.time())}"
     (model_dir / str(newest)).rename(aside)
     try:
         _load(url, model, previous, timeout_s)

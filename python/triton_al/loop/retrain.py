@@ -105,3 +105,18 @@ def retrain(repository: Path, store: LocalStore, *, model: str = "fashion_cnn", 
     }, indent=1) + "\n")
     tmp.rename(target)
     return RetrainResult(version, target, int(len(y)), int(len(extra_y)), report, seconds)
+
+
+def evaluate_version(repository: Path, model: str = "fashion_cnn", version: int | None = None) -> tuple[int, dict]:
+    """Accuracy and per-class metrics of a version's model.onnx on the test split
+    (onnxruntime only: no training framework needed)."""
+    import onnxruntime as ort
+
+    from triton_al.example.data import to_model_input
+
+    model_dir = Path(repository) / model
+    version = version if version is not None else versions(model_dir)[-1]
+    session = ort.InferenceSession(str(model_dir / str(version) / "model.onnx"), providers=["CPUExecutionProvider"])
+    test_x, test_y = load("test")
+    probs = session.run(None, {session.get_inputs()[0].name: to_model_input(test_x)})[0]
+    return version, classification_report(test_y, probs.argmax(1), CLASS_NAMES)

@@ -305,13 +305,13 @@ class TritonServer:
 
         return grpcclient.InferenceServerClient(self.grpc_url)
 
-    def load_model(self, name: str, config: str | None = None) -> None:
+    def load_model(self, name: str, config: str | None = None, timeout_s: float = 120.0) -> None:
         """Load (or reload) a model in explicit mode; raises ServerError with Triton's reason."""
         from tritonclient.utils import InferenceServerException
 
         with self.client() as c:
             try:
-                c.load_model(name, config=config)
+                c.load_model(name, config=config, client_timeout=timeout_s)
             except InferenceServerException as e:
                 raise ServerError(f"loading model {name!r} failed: {e.message()}") from None
 
