@@ -3,7 +3,7 @@
 # Installs the baselines (scipy, torch CPU) into .venv on first use.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export TRITON_AL_EXTRAS="test,triton,train,bench"
+export TRITON_AL_EXTRAS="test,triton,train,s3,bench"
 source "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 mkdir -p benchmarks/results

@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g. `scripts/test.sh -m "not slow" -x`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export TRITON_AL_EXTRAS="${TRITON_AL_EXTRAS:-test,triton,train}"
+export TRITON_AL_EXTRAS="${TRITON_AL_EXTRAS:-test,triton,train,s3}"
 source "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 echo "== cargo test (kernels)"
