@@ -2,10 +2,12 @@
 
     scripts/bench.sh pipeline
 
-One tritonserver serves both `fashion_cnn_al` (preprocess -> fashion_cnn -> active_learning)
-and `fashion_cnn_plain` (the same ensemble without the step). Clients send PNGs over gRPC
+One tritonserver serves `fashion_cnn_al` (preprocess -> fashion_cnn -> active_learning),
+`fashion_cnn_plain` (the same ensemble without the step) and `fashion_cnn_noop` (with an
+empty Python-backend step in its place: the floor any Python-backend step pays for the
+extra process hop). Clients send PNGs over gRPC
 in closed loops (each sends its next request when the previous answer arrives), batch 1
-and batch 32, 1 and 4 concurrent clients; the two pipelines alternate, twice each, in one
+and batch 32, 1 and 4 concurrent clients; the pipelines alternate, twice each, in one
 run. Reported: p50/p99 latency per request and items per second; the step's cost is the
 difference at p50 and the throughput ratio. Target (issue 5): under 0.3 ms added at p50
 for batch 1, under 10% throughput lost.
@@ -41,6 +43,21 @@ ensemble_scheduling {
 }
 """
 
+# The floor for any Python-backend step: one that returns constant outputs and does nothing.
+NOOP_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            n = pb_utils.get_input_tensor_by_name(r, "PROBS").as_numpy().shape[0]
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("SCORE", np.ones((n, 1), np.float32)),
+                                                   pb_utils.Tensor("FLAGGED", np.zeros((n, 1), bool))]))
+        return out
+"""
+
 RESULTS: dict[tuple[str, int, int], list[dict]] = {}
 
 
@@ -53,6 +70,14 @@ def server(tmp_path_factory):
     shutil.copytree(ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "fashion_cnn_plain" / "1").mkdir(parents=True)
     (repo / "fashion_cnn_plain" / "config.pbtxt").write_text(PLAIN)
+    # fashion_cnn_noop: the same ensemble as fashion_cnn_al with an empty Python step.
+    (repo / "noop_step" / "1").mkdir(parents=True)
+    (repo / "noop_step" / "1" / "model.py").write_text(NOOP_MODEL)
+    step_config = (repo / "active_learning" / "config.pbtxt").read_text()
+    (repo / "noop_step" / "config.pbtxt").write_text(step_config.split("parameters {")[0].replace('name: "active_learning"', 'name: "noop_step"') + 'backend: "python"\n')
+    (repo / "fashion_cnn_noop" / "1").mkdir(parents=True)
+    (repo / "fashion_cnn_noop" / "config.pbtxt").write_text((repo / "fashion_cnn_al" / "config.pbtxt").read_text()
+        .replace('name: "fashion_cnn_al"', 'name: "fashion_cnn_noop"').replace('model_name: "active_learning"', 'model_name: "noop_step"'))
     with Pipeline(repo, tmp / "data", uploader=False) as p:
         yield p.server
 
@@ -105,7 +130,7 @@ def closed_loop(url: str, model: str, pngs: np.ndarray, batch: int, clients: int
 @pytest.mark.parametrize("repeat", [0, 1])
 @pytest.mark.parametrize("clients", [1, 4])
 @pytest.mark.parametrize("batch", [1, 32])
-@pytest.mark.parametrize("model", ["fashion_cnn_plain", "fashion_cnn_al"])
+@pytest.mark.parametrize("model", ["fashion_cnn_plain", "fashion_cnn_noop", "fashion_cnn_al"])
 def test_pipeline(benchmark, server, pngs, model, batch, clients, repeat):
     import tritonclient.grpc as grpcclient
 
@@ -125,12 +150,16 @@ def test_report():
     for batch in (1, 32):
         for clients in (1, 4):
             plain, al = RESULTS.get(("fashion_cnn_plain", batch, clients)), RESULTS.get(("fashion_cnn_al", batch, clients))
-            if not plain or not al:
+            noop = RESULTS.get(("fashion_cnn_noop", batch, clients))
+            if not plain or not al or not noop:
                 continue
             med = lambda rs, k: float(np.median([r[k] for r in rs]))  # noqa: E731
             rows.append({
                 "batch": batch, "clients": clients,
-                "p50_plain_ms": round(med(plain, "p50_ms"), 3), "p50_al_ms": round(med(al, "p50_ms"), 3),
+                "p50_plain_ms": round(med(plain, "p50_ms"), 3), "p50_noop_ms": round(med(noop, "p50_ms"), 3),
+                "p50_al_ms": round(med(al, "p50_ms"), 3),
+                "al_over_noop_p50_ms": round(med(al, "p50_ms") - med(noop, "p50_ms"), 3),
+                "items_s_noop": round(med(noop, "items_per_s")),
                 "added_p50_ms": round(med(al, "p50_ms") - med(plain, "p50_ms"), 3),
                 "p99_plain_ms": round(med(plain, "p99_ms"), 2), "p99_al_ms": round(med(al, "p99_ms"), 2),
                 "items_s_plain": round(med(plain, "items_per_s")), "items_s_al": round(med(al, "items_per_s")),

@@ -60,6 +60,7 @@ class Curves:
 
     def summary(self) -> dict:
         final_random = float(self.mean("random")[-1]) if "random" in self.accuracy else None
+        random_reach = self.labels_to_reach("random", final_random) if final_random is not None else None
         out = {"labels": self.labels, "seconds": round(self.seconds, 1), "plan": self.plan.__dict__, "strategies": {}}
         for s in self.accuracy:
             entry = {"mean": [round(float(v), 4) for v in self.mean(s)], "std": [round(float(v), 4) for v in self.std(s)]}
@@ -68,7 +69,10 @@ class Curves:
                 reach = self.labels_to_reach(s, final_random)
                 entry["labels_to_reach_random_final"] = None if reach is None else round(reach)
                 if reach is not None:
+                    # against the labels random used in all, and against where random's
+                    # (noisy) mean curve first reached its own final accuracy
                     entry["label_saving_vs_random"] = round(1 - reach / self.labels[-1], 3)
+                    entry["label_saving_vs_random_first_reach"] = round(1 - reach / random_reach, 3)
             out["strategies"][s] = entry
         return out
 
