@@ -1,0 +1,183 @@
+"""A local stand-in for the parts of the Datature Nexus API that the official `datature`
+SDK (1.12.2) uses to upload assets into groups. It is NOT the real service (which cannot be
+reached from here); it follows the requests and responses the SDK sends and decodes:
+
+    GET  /projects/{id}                                   project (the SDK checks its type)
+    GET  /projects/{id}/assets/{filename}                 one asset, 404 when absent
+    POST /projects/{id}/assetuploadsessions               {"groups", "assets": [{filename, mime, size, crc32c}]}
+                                                          -> {"id", "opId", "assets": [{"metadata", "upload": signed URL}]}
+    PUT  /upload/{token}                                  the signed URL: the asset bytes
+    GET  /projects/{id}/operations/{op}                   the session's operation (Finished once all bytes arrived)
+    PUT  /projects/{id}/assets/{filename}/customMetadatas custom metadata of an asset
+
+Every API call needs the header `Secret-Key`. State lives in a folder (assets as files plus
+a JSON state file), so the server can be stopped and started again on the same port.
+Assets whose MIME type is not an image are refused with 400, like the service does.
+
+    FAKE_NEXUS_SECRET=KEY python tests/nexus_fake_server.py --port N --data DIR --project proj_x
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class State:
+    def __init__(self, data: Path, project: str) -> None:
+        self.data, self.project = data, project
+        self.file = data / "state.json"
+        self.lock = threading.Lock()
+        (data / "assets").mkdir(parents=True, exist_ok=True)
+        self.state = json.loads(self.file.read_text()) if self.file.exists() else {"assets": {}, "pending": {}, "ops": {}, "sessions": []}
+
+    def save(self) -> None:
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state))
+        tmp.replace(self.file)
+
+
+def make_handler(state: State, secret: str, base_url: str):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _json(self, code: int, body) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> bytes:
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _authorised(self) -> bool:
+            if self.headers.get("Secret-Key") != secret:
+                self._json(403, {"message": "Forbidden: invalid secret key"})
+                return False
+            return True
+
+        def _asset(self, name: str) -> dict:
+            a = state.state["assets"][name]
+            return {"id": a["id"], "projectId": state.project, "filename": name, "status": "None",
+                    "createDate": a["created"], "url": "", "metadata": {
+                        "fileSize": a["size"], "mimeType": a["mime"], "height": 28, "width": 28, "groups": a["groups"],
+                        "customMetadata": a.get("custom", {})}}
+
+        def do_GET(self) -> None:  # noqa: N802
+            if not self._authorised():
+                return
+            m = re.fullmatch(r"/projects/([^/]+)", self.path)
+            if m:
+                if m.group(1) != state.project:
+                    return self._json(404, {"message": "project not found"})
+                return self._json(200, {"id": state.project, "name": "fake", "workspaceId": "ws_fake", "type": "ObjectDetection",
+                                        "createDate": 0, "localization": "MULTI", "tags": [], "groups": ["main"]})
+            m = re.fullmatch(r"/projects/([^/]+)/assets/([^/?]+)", self.path)
+            if m:
+                with state.lock:
+                    if m.group(2) in state.state["assets"]:
+                        return self._json(200, self._asset(m.group(2)))
+                return self._json(404, {"message": "asset not found"})
+            m = re.fullmatch(r"/projects/([^/]+)/operations/([^/?]+)", self.path)
+            if m:
+                with state.lock:
+                    op = state.state["ops"].get(m.group(2))
+                    if op is None:
+                        return self._json(404, {"message": "operation not found"})
+                    done = all(token not in state.state["pending"] for token in op["tokens"])
+                n = len(op["tokens"])
+                return self._json(200, {"id": m.group(2), "kind": "nexus.assets.upload", "createDate": 0, "updateDate": 0,
+                                        "status": {"overview": "Finished" if done else "Running", "message": "",
+                                                   "progress": {"unit": "asset", "withStatus": {
+                                                       "Queued": 0, "Running": 0 if done else n, "Finished": n if done else 0,
+                                                       "Cancelled": 0, "Errored": 0}}}})
+            self._json(404, {"message": f"no route {self.path}"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if not self._authorised():
+                return
+            m = re.fullmatch(r"/projects/([^/]+)/assetuploadsessions", self.path)
+            if not m:
+                return self._json(404, {"message": f"no route {self.path}"})
+            body = json.loads(self._body())
+            for asset in body["assets"]:
+                if not asset["mime"].startswith("image/"):
+                    return self._json(400, {"message": f"unsupported file type {asset['mime']} for {asset['filename']}"})
+            session, op = f"upses_{uuid.uuid4().hex}", f"op_{uuid.uuid4().hex}"
+            items, tokens = [], []
+            with state.lock:
+                for asset in body["assets"]:
+                    token = uuid.uuid4().hex
+                    state.state["pending"][token] = {**asset, "groups": body["groups"]}
+                    tokens.append(token)
+                    items.append({"metadata": asset, "upload": {"method": "PUT", "url": f"{base_url}/upload/{token}",
+                                                                "headers": {"Content-Type": asset["mime"]}}})
+                state.state["ops"][op] = {"tokens": tokens}
+                state.state["sessions"].append({"id": session, "groups": body["groups"], "files": [a["filename"] for a in body["assets"]]})
+                state.save()
+            self._json(200, {"id": session, "opId": op, "assets": items})
+
+        def do_PUT(self) -> None:  # noqa: N802
+            m = re.fullmatch(r"/upload/([0-9a-f]+)", self.path)
+            if m:  # a signed URL: no secret key, the token is the authorisation
+                data = self._body()
+                with state.lock:
+                    pending = state.state["pending"].get(m.group(1))
+                    if pending is None:
+                        return self._json(403, {"message": "signed URL unknown or expired"})
+                    if len(data) != pending["size"]:
+                        return self._json(400, {"message": "size mismatch"})
+                    (state.data / "assets" / pending["filename"]).write_bytes(data)
+                    previous = state.state["assets"].get(pending["filename"])
+                    state.state["assets"][pending["filename"]] = {
+                        "id": previous["id"] if previous else f"asset_{uuid.uuid4()}", "size": len(data), "mime": pending["mime"],
+                        "groups": sorted(set(pending["groups"]) | set(previous["groups"] if previous else [])),
+                        "created": int(time.time() * 1000), "custom": previous.get("custom", {}) if previous else {}}
+                    del state.state["pending"][m.group(1)]
+                    state.save()
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if not self._authorised():
+                return
+            m = re.fullmatch(r"/projects/([^/]+)/assets/([^/]+)/customMetadatas", self.path)
+            if not m:
+                return self._json(404, {"message": f"no route {self.path}"})
+            body = json.loads(self._body())
+            with state.lock:
+                asset = state.state["assets"].get(m.group(2))
+                if asset is None:
+                    return self._json(404, {"message": "asset not found"})
+                asset["custom"] = {**asset.get("custom", {}), **body.get("customMetadata", body.get("custom_metadata", {}))}
+                state.save()
+            self._json(200, {"parent": {"filename": m.group(2)}, "customMetadata": asset["custom"]})
+
+    return Handler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--secret-env", default="FAKE_NEXUS_SECRET", help="Environment variable holding the secret key.")
+    parser.add_argument("--project", default="proj_fake")
+    args = parser.parse_args()
+    base_url = f"http://127.0.0.1:{args.port}"
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(State(args.data, args.project), os.environ[args.secret_env], base_url))
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
