@@ -141,13 +141,30 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_cleanly(tmp_path, upload
     up.ports()
     wait_for(lambda: store_index(store, GROUP), 30, "the first upload")
     assert up.stop() == 0
-    assert "finishing the batch in flight" in up.log()
+    assert "stopped by a signal after finishing the batch in flight" in up.log()
     # Everything delivered so far is out of the outbox; the rest is still queued.
     with Outbox(outbox) as o:
         queued = o.counters()["queued_items"]
     assert len(store_index(store, GROUP)) + queued == len(hashes)
     for line in up.log().splitlines():
         json.loads(line)  # structured logs: one JSON object per line
+
+
+def test_sigterm_at_random_moments_always_stops_the_uploader(tmp_path, uploaders):
+    """A signal handler that takes a lock can deadlock the process it interrupts; this
+    found one (Event.set in the handler while the loop sat in Event.wait)."""
+    outbox, store = tmp_path / "outbox.db", tmp_path / "store"
+    fill(outbox, range(200))
+    rng = random.Random(3)
+    for _ in range(12):
+        up = uploaders(outbox, store, "--batch-size", "4")
+        up.ports()
+        time.sleep(rng.uniform(0.0, 0.4))
+        os.kill(up.pid, signal.SIGTERM)
+        try:
+            assert up.proc.wait(10) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the uploader did not stop after SIGTERM:\n{up.log()}") from None
 
 
 def test_a_store_that_disappears_is_backed_off_and_everything_arrives_when_it_returns(tmp_path, uploaders):

@@ -60,7 +60,7 @@ def serve_command(
     """Serve a model repository with Triton and the uploader sidecar until Ctrl-C / SIGTERM."""
     import json
     import signal
-    import threading
+    import time
 
     from triton_al.serving.pipeline import Pipeline
     from triton_al.serving.server import ServerError
@@ -75,9 +75,11 @@ def serve_command(
         uploader=uploader, model_control_mode=model_control_mode, load_models=models, grpc_port=grpc_port,
         http_port=http_port, metrics_port=metrics_port, tritonserver=tritonserver, console=not quiet,
     )
-    stop = threading.Event()
+    # A flag, not an Event: a signal handler must not take a lock the interrupted main
+    # thread may hold (Event.set inside Event.wait can deadlock).
+    stop: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
     try:
         pipeline.start()
     except ServerError as e:
@@ -91,7 +93,8 @@ def serve_command(
         info.update(uploader_admin=pipeline.uploader.admin_address, uploader_metrics=pipeline.uploader.metrics_url)
     typer.echo("serving: " + json.dumps(info))
     try:
-        while not stop.wait(1.0):
+        while not stop:
+            time.sleep(0.25)
             if pipeline.server.process.poll() is not None:
                 typer.echo(f"tritonserver exited with code {pipeline.server.process.returncode}", err=True)
                 raise typer.Exit(1)

@@ -120,8 +120,8 @@ def uploader_command(
     log.info("uploader ready: outbox=%s sink=%s ports=%s", box.path, target.describe(), json.dumps(ports))
 
     def on_signal(signum, _frame):
-        log.info("received %s: finishing the batch in flight", signal.Signals(signum).name)
-        worker.stop()
+        # No logging or locks in here (the interrupted thread may hold them): a flag only.
+        worker.stop_from_signal()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -130,6 +130,8 @@ def uploader_command(
             worker.flush(timeout_s=float("inf"))
         else:
             worker.run()
+        if worker.stopping:
+            log.info("stopped by a signal after finishing the batch in flight")
     finally:
         for stop in servers:
             stop()

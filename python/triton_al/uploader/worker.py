@@ -21,6 +21,7 @@ from triton_al.sinks.base import PermanentSinkError, Sink, SinkAuthError, SinkEr
 from triton_al.uploader.limits import RateLimit, limits_for
 
 log = logging.getLogger("triton_al.uploader")
+SIGNAL_CHECK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Uploader:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         self._rng = random.Random(self.seed)
         self._stop = threading.Event()
+        self._signalled = False
         self._wake = threading.Event()
         self.sink_failures = 0
         self.sink_retry_at = 0.0
@@ -79,13 +81,19 @@ class Uploader:
     # Control (signal handlers and the admin API call these from other threads) ---------
 
     def stop(self) -> None:
-        """Finish the batch in flight, then return from `run`."""
+        """Finish the batch in flight, then return from `run` (call from any thread)."""
         self._stop.set()
         self._wake.set()
 
+    def stop_from_signal(self) -> None:
+        """The same, safe inside a signal handler: it takes no lock. (Event.set would take
+        the Event's lock, which the interrupted main thread may be holding in Event.wait:
+        a deadlock.) `run` notices within `SIGNAL_CHECK_S`."""
+        self._signalled = True
+
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._signalled or self._stop.is_set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -97,14 +105,14 @@ class Uploader:
 
     def run(self) -> None:
         log.info("uploader started: %s -> %s", self.outbox.path, self.sink.describe())
-        while not self._stop.is_set():
+        while not self.stopping:
             wait = self.sink_backoff_remaining()
             if wait <= 0:
                 outcome = self.step()
                 if outcome is not None and not outcome.sink_failed:
                     continue  # more may be due: no sleep between full batches
                 wait = self.sink_backoff_remaining() or self.poll_interval_s
-            self._wake.wait(wait)
+            self._wake.wait(min(wait, SIGNAL_CHECK_S))
             self._wake.clear()
         log.info("uploader stopped")
 
@@ -223,7 +231,7 @@ class Uploader:
         (uploaded, still queued, complete)."""
         deadline = time.monotonic() + timeout_s
         uploaded = 0
-        while time.monotonic() < deadline and not self._stop.is_set():
+        while time.monotonic() < deadline and not self.stopping:
             if self.sink_backoff_remaining() > 0:
                 time.sleep(min(0.05, self.sink_backoff_remaining()))
                 continue
