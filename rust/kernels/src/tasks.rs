@@ -3,7 +3,7 @@
 //! into chunks (threads only for big inputs) and runs a SIMD-dispatched body per chunk.
 
 use crate::dispatch::multiversion;
-use crate::distribution::{inv_ln_classes, strategy_score, Needs, Stats};
+use crate::distribution::{inv_ln_classes, Needs, Stats};
 use crate::multilabel as label;
 use crate::options::{Aggregate, Detection, Layout, Scoring, Strategy};
 use crate::parallel::for_each_chunk;
