@@ -58,11 +58,11 @@ def assets() -> list[bytes]:
     return pngs(20_000)
 
 
-@pytest.mark.parametrize("impl", ["triton_al", "sqlite-bare"])
+@pytest.mark.parametrize("impl", ["triton_al", "triton_al-sync-normal", "sqlite-bare"])
 def test_append_latency(benchmark, tmp_path, assets, impl):
     it = itertools.cycle(assets)
-    if impl == "triton_al":
-        outbox = Outbox(tmp_path / "outbox.db", max_items=10**7)
+    if impl.startswith("triton_al"):
+        outbox = Outbox(tmp_path / "outbox.db", max_items=10**7, durable=impl == "triton_al")
         # cycle() repeats assets after 20k appends: repeats are deduplicated, which is cheaper,
         # so the rounds below stay under that.
         benchmark.pedantic(lambda: outbox.append_many([flagged(next(it))]), rounds=3000, warmup_rounds=50)
@@ -86,9 +86,10 @@ def test_append_latency(benchmark, tmp_path, assets, impl):
     print(json.dumps({impl: benchmark.extra_info}))
 
 
-def _writer(path: str, offset: int, n: int, rate: float, queue) -> None:
+def _writer(path: str, offset: int, n: int, rate: float, durable: bool, start, queue) -> None:
     items = [flagged(a) for a in pngs(n, seed=1000 + offset)]
-    outbox = Outbox(path, max_items=10**7)
+    outbox = Outbox(path, max_items=10**7, durable=durable)
+    start.wait()  # all writers begin together, after making their images (not timed)
     rng = np.random.default_rng(offset)
     latencies = []
     for item in items:
@@ -100,42 +101,63 @@ def _writer(path: str, offset: int, n: int, rate: float, queue) -> None:
     queue.put(latencies)
 
 
-@pytest.mark.parametrize("rate", [250, 0], ids=["paced-4x250-per-s", "saturated"])
-def test_append_four_writer_processes(benchmark, tmp_path, rate):
+FOUR_WRITER_CASES = {
+    # id: (appends per second per writer, 0 = as fast as it can; durable; uploader draining)
+    "paced-4x250-per-s": (250, True, True),
+    "paced-4x250-per-s-no-uploader": (250, True, False),
+    "paced-4x250-per-s-sync-normal": (250, False, True),
+    "saturated": (0, True, True),
+    "saturated-sync-normal": (0, False, True),
+}
+
+
+@pytest.mark.parametrize("case", list(FOUR_WRITER_CASES))
+def test_append_four_writer_processes(benchmark, tmp_path, case):
     """Four writer processes (Triton model instances) appending one item per call: paced at
     250 flagged items per second each (1,000/s in all: a busy server flagging a lot), and
     saturated (each appends as fast as it can: the lock's capacity, where queueing sets
-    the tail)."""
+    the tail). Variants take the uploader away, or use `outbox_sync=normal` (no fsync per
+    append), to show where the tail comes from."""
+    rate, durable, draining = FOUR_WRITER_CASES[case]
     path = str(tmp_path / "outbox.db")
     Outbox(path).close()
     n = 1500
     result = {}
     # The uploader drains at the same time, as in production (its deletes take the same lock).
-    uploader = subprocess.Popen([sys.executable, "-m", "triton_al.cli", "uploader", "--outbox", path,
-                                 "--store", str(tmp_path / "store"), "--log-format", "text"], stderr=subprocess.DEVNULL)
+    uploader = None
+    if draining:
+        uploader = subprocess.Popen([sys.executable, "-m", "triton_al.cli", "uploader", "--outbox", path,
+                                     "--store", str(tmp_path / "store"), "--log-format", "text"], stderr=subprocess.DEVNULL)
 
     def run():
         ctx = multiprocessing.get_context("spawn")
         queue = ctx.Queue()
-        procs = [ctx.Process(target=_writer, args=(path, w, n, rate, queue)) for w in range(4)]
-        t0 = time.perf_counter()
-        for p in procs:
-            p.start()
-        latencies = np.concatenate([queue.get(timeout=600) for _ in procs])
-        wall = time.perf_counter() - t0
-        for p in procs:
-            p.join()
+        start = ctx.Barrier(5)
+        procs = [ctx.Process(target=_writer, args=(path, w, n, rate, durable, start, queue)) for w in range(4)]
+        try:
+            for p in procs:
+                p.start()
+            start.wait(timeout=600)
+            t0 = time.perf_counter()
+            latencies = np.concatenate([queue.get(timeout=600) for _ in procs])
+            wall = time.perf_counter() - t0
+        finally:
+            for p in procs:
+                if p.is_alive() and p.pid is not None:
+                    p.join(5)
+                    p.kill()
         result.update(p50_ms=float(np.percentile(latencies, 50) * 1e3), p99_ms=float(np.percentile(latencies, 99) * 1e3),
                       max_ms=float(latencies.max() * 1e3), appends_per_s=len(latencies) / wall)
 
     try:
         benchmark.pedantic(run, rounds=1, iterations=1)
     finally:
-        os.kill(uploader.pid, signal.SIGTERM)
-        uploader.wait(30)
+        if uploader is not None:
+            os.kill(uploader.pid, signal.SIGTERM)
+            uploader.wait(30)
     result["uploaded"] = Outbox(path).counters().get("uploaded", 0)
-    benchmark.extra_info.update(workload=f"append-4-processes-{'saturated' if not rate else f'{rate}-per-s'}", impl="triton_al", **result)
-    print(json.dumps({"rate": rate, **result}))
+    benchmark.extra_info.update(workload=f"append-4-processes-{case}", impl="triton_al", **result)
+    print(json.dumps({"case": case, **result}))
 
 
 @pytest.mark.parametrize("impl", ["triton_al-uploader", "files+fsync"])

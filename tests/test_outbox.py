@@ -147,6 +147,33 @@ def test_a_forked_child_opens_its_own_connection(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+KILLED_AFTER_APPEND = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from outbox_helpers import item
+from triton_al.outbox import Outbox
+outbox = Outbox(sys.argv[1], durable=sys.argv[3] == "full")
+for seed in range(50):
+    outbox.append_many([item(seed)])
+os.kill(os.getpid(), signal.SIGKILL)  # at once after the last append returned: no close, no cleanup
+"""
+
+
+@pytest.mark.parametrize("sync", ["full", "normal"])
+def test_a_writer_killed_right_after_appending_loses_nothing(tmp_path, sync):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-c", KILLED_AFTER_APPEND, str(tmp_path / "o.db"), str(Path(__file__).parent), sync],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    with Outbox(tmp_path / "o.db") as o:
+        assert sorted(i.content_hash for i in o.due(100)) == sorted(content_hash(png(s)) for s in range(50))
+        assert o.integrity_check() == "ok"
+
+
 def test_a_busy_database_fails_fast_with_outbox_busy(tmp_path):
     path = tmp_path / "o.db"
     Outbox(path).close()

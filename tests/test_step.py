@@ -54,6 +54,7 @@ def test_outbox_comes_from_the_environment_when_not_a_parameter():
         ({"outbox_size": "1"}, ["unknown", "outbox_size"]),
         ({"task": "classification", "layout": "nchw"}, ["layout"]),
         ({"outbox_max_items": "-1", "outbox_path": "/tmp/o.db"}, ["max_items"]),
+        ({"outbox_sync": "fast", "outbox_path": "/tmp/o.db"}, ["sync", "full", "normal"]),
     ],
 )
 def test_bad_parameters_fail_with_their_name(params, words):
@@ -121,6 +122,17 @@ def test_flagged_items_land_in_a_real_outbox_once_with_their_prediction(tmp_path
     assert sorted(r.upload_group for r in rows) == ["hard", "review"]
     assert all(r.asset == png(1) and r.media_type == "image/png" and r.model_version == "3" for r in rows)
     assert rows[0].prediction["label"] == 0 and rows[0].score == pytest.approx(0.0, abs=1e-6)
+
+
+def test_outbox_sync_chooses_the_durability_of_appends(tmp_path):
+    full = ActiveLearningStep(settings(outbox_path=str(tmp_path / "a.db")))
+    normal = ActiveLearningStep(settings(outbox_path=str(tmp_path / "b.db"), outbox_sync="normal"))
+    assert full.outbox.durable and not normal.outbox.durable
+
+    def synchronous(step):  # what SQLite was told, read back from the step's own connection
+        return step.outbox._connect().execute("PRAGMA synchronous").fetchone()[0]
+
+    assert (synchronous(full), synchronous(normal)) == (2, 1)  # FULL, NORMAL
 
 
 def test_a_broken_outbox_never_fails_inference(tmp_path):

@@ -2,7 +2,9 @@
 
 One SQLite file in WAL mode, shared by every writer process (Triton runs one Python-backend
 process per model instance) and the uploader. An append is durable when it returns
-(`synchronous=FULL`: the WAL is fsynced at commit). The file is bounded by a cap on items
+(`synchronous=FULL`: the WAL is fsynced at commit; with `durable=False`, `synchronous=NORMAL`:
+the commit is in the operating system when it returns, which survives any process kill but
+not a power loss). The file is bounded by a cap on items
 and on asset bytes, with an overflow policy; items are deduplicated per upload group by
 the SHA-256 of the asset, including against items already delivered.
 

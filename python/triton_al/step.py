@@ -108,7 +108,8 @@ class ActiveLearningStep:
 
             o = settings.outbox
             o.path.parent.mkdir(parents=True, exist_ok=True)
-            self.outbox = Outbox(o.path, max_items=o.max_items, max_bytes=o.max_bytes, overflow_policy=o.overflow_policy)
+            self.outbox = Outbox(o.path, max_items=o.max_items, max_bytes=o.max_bytes, overflow_policy=o.overflow_policy,
+                                 durable=o.sync == "full")
         # Each batch gets its own seed (random strategy / random share), reproducible when
         # the config has one.
         base = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(8), "little")
