@@ -191,8 +191,12 @@ def test_custom_metrics_appear_in_tritons_metrics_and_calibrate_reads_them(pipel
     from triton_al.calibrate import parse_metrics
 
     scored = lambda: metric_sum(triton_metrics(pipeline.server), "triton_al_items_scored_total", model="active_learning")  # noqa: E731
-    wait_for(lambda: scored() == scored(), 5, "metrics to settle")  # earlier tests' deltas are flushed
-    time.sleep(0.6)
+    def settled() -> bool:  # earlier tests' deltas are flushed: nothing changes for longer than a flush interval
+        first = scored()
+        time.sleep(1.3)  # the step hands metrics to Triton once a second
+        return scored() == first
+
+    wait_for(settled, 15, "metrics to settle")
     before = scored()
     pngs, _, _ = fashion_pngs(16, start=4000)
     _, score, flagged = infer_al(client, pngs)
