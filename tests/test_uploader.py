@@ -151,8 +151,10 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_cleanly(tmp_path, upload
 
 
 def test_sigterm_at_random_moments_always_stops_the_uploader(tmp_path, uploaders):
-    """A signal handler that takes a lock can deadlock the process it interrupts; this
-    found one (Event.set in the handler while the loop sat in Event.wait)."""
+    """SIGTERM at random moments (idle, uploading, starting) always ends the process.
+    A guard, not a reproducer: a handler that takes a lock (Event.set, logging) deadlocks
+    only when the signal lands in the few bytecodes where the interrupted main thread holds
+    that same lock, which 12 random tries rarely hit; the handler now sets a flag only."""
     outbox, store = tmp_path / "outbox.db", tmp_path / "store"
     fill(outbox, range(200))
     rng = random.Random(3)
