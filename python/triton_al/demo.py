@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from triton_al.serving.pipeline import Pipeline
     from triton_al.sinks.local import LocalStore
 
-    console = Console()
+    console = Console(soft_wrap=True)  # long paths stay on one line, copy-pasteable
     ensure_model()
     if args.out.exists():
         shutil.rmtree(args.out)
