@@ -8,8 +8,9 @@ empty Python-backend step in its place: the floor any Python-backend step pays f
 extra process hop). Clients send PNGs over gRPC
 in closed loops (each sends its next request when the previous answer arrives), batch 1
 and batch 32, 1 and 4 concurrent clients; the three pipelines take turns in windows of
-1 s, 6 each, in one run (so drift on a shared machine falls on all alike). Reported: p50/p99 latency per request and items per second; the step's cost is the
-difference at p50 and the throughput ratio. Target (issue 5): under 0.3 ms added at p50
+1 s, 6 each, in one run (so drift on a shared machine falls on all alike). Reported:
+p50/p99 latency per request and items per second; the step's cost is the difference at
+p50 and the throughput ratio. Target (issue 5): under 0.3 ms added at p50
 for batch 1, under 10% throughput lost.
 
 The outbox is real (flagged items are appended; the uploader is off so that it does not
@@ -161,7 +162,7 @@ def test_pipeline(benchmark, server, pngs, batch, clients):
 
 
 def test_report():
-    """Print the side-by-side table (medians of the repeats)."""
+    """Print the side-by-side table (each pipeline's windows pooled)."""
     rows = []
     for batch in (1, 32):
         for clients in (1, 4):

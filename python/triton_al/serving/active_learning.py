@@ -29,6 +29,11 @@ from triton_al.step_settings import StepSettings
 SCORE_BUCKETS = [round(0.01 * i, 2) for i in range(1, 101)]
 
 
+def _merged(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, reason codes) of several batches as one."""
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
 class _Metrics:
     """Custom metrics in Triton's own /metrics, updated off the request path.
 
@@ -88,9 +93,7 @@ class _Metrics:
             if len(self._batches) < self.MAX_PENDING:
                 return
             # The flush thread is far behind: fold what is pending into one batch.
-            scores = np.concatenate([b[0] for b in self._batches])
-            codes = np.concatenate([b[1] for b in self._batches])
-            self._batches = [(scores, codes)]
+            self._batches = [_merged(self._batches)]
 
     def error(self, n: int) -> None:
         with self._lock:
@@ -107,8 +110,7 @@ class _Metrics:
             batches, self._batches = self._batches, []
             errors, self._errors = self._errors, 0
         if batches:
-            scores = np.concatenate([b[0] for b in batches])
-            codes = np.concatenate([b[1] for b in batches])
+            scores, codes = _merged(batches)
             finite = scores[np.isfinite(scores)]
             # bucket i holds scores in (bounds[i-1], bounds[i]]; the last one is above 1 (+Inf)
             hist = np.bincount(np.searchsorted(self.bounds, finite, side="left"), minlength=len(self.bounds) + 1)

@@ -69,8 +69,8 @@ class Uploader:
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         self._rng = random.Random(self.seed)
-        self._stop = threading.Event()
-        self._signalled = False
+        # A plain flag, not an Event: setting it takes no lock, so a signal handler may.
+        self._stop_requested = False
         self._wake = threading.Event()
         self.sink_failures = 0
         self.sink_retry_at = 0.0
@@ -82,18 +82,18 @@ class Uploader:
 
     def stop(self) -> None:
         """Finish the batch in flight, then return from `run` (call from any thread)."""
-        self._stop.set()
+        self._stop_requested = True
         self._wake.set()
 
     def stop_from_signal(self) -> None:
-        """The same, safe inside a signal handler: it takes no lock. (Event.set would take
-        the Event's lock, which the interrupted main thread may be holding in Event.wait:
-        a deadlock.) `run` notices within `SIGNAL_CHECK_S`."""
-        self._signalled = True
+        """The same, safe inside a signal handler: it skips the wake-up, whose Event.set
+        would take a lock the interrupted main thread may hold in Event.wait (a deadlock).
+        `run` notices within `SIGNAL_CHECK_S`."""
+        self._stop_requested = True
 
     @property
     def stopping(self) -> bool:
-        return self._signalled or self._stop.is_set()
+        return self._stop_requested
 
     def wake(self) -> None:
         self._wake.set()
