@@ -1,10 +1,11 @@
 """The durable outbox: flagged items wait here until a sink confirms them.
 
 One SQLite file in WAL mode, shared by every writer process (Triton runs one Python-backend
-process per model instance) and the uploader. An append is durable when it returns
-(`synchronous=FULL`: the WAL is fsynced at commit; with `durable=False`, `synchronous=NORMAL`:
-the commit is in the operating system when it returns, which survives any process kill but
-not a power loss). The file is bounded by a cap on items
+process per model instance) and the uploader. An append is durable when it returns: the WAL
+is flushed to disk after the commit, by a group commit shared between processes (see
+`group_commit`). With `durable=False` it is not flushed: the commit is in the operating
+system when it returns, which survives any process kill but not a power loss. The file is
+bounded by a cap on items
 and on asset bytes, with an overflow policy; items are deduplicated per upload group by
 the SHA-256 of the asset, including against items already delivered.
 
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from triton_al.config import validate_group_name
+from triton_al.group_commit import GroupCommit
 
 log = logging.getLogger("triton_al.outbox")
 
@@ -310,6 +312,7 @@ class Outbox:
         self.durable = durable
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
+        self._group_commit: GroupCommit | None = None
         self._lock_pid = -1
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -357,7 +360,9 @@ class Outbox:
         try:
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+            # NORMAL even when durable: `_transaction` flushes the WAL itself, after the
+            # commit and outside the writers' lock (group commit).
+            conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute(f"PRAGMA wal_autocheckpoint={self.autocheckpoint_pages}")
             version = self._schema_version(conn)
@@ -402,6 +407,7 @@ class Outbox:
         free. It dies with its holder, so a killed process never leaves it taken."""
         if self._lock_fd is None or self._lock_pid != os.getpid():
             self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self._group_commit = GroupCommit(self.path, self._lock_fd)
             self._lock_pid = os.getpid()
         if not _flock_within(self._lock_fd, self.busy_timeout_s):
             raise OutboxBusy(f"outbox {self.path}: busy for more than {self.busy_timeout_s} s (writer lock)")
@@ -412,29 +418,38 @@ class Outbox:
 
     @contextmanager
     def _transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
-        with self._lock, (self._writer_lock() if write else contextlib.nullcontext()):
-            conn = self._connect()
-            try:
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            except sqlite3.OperationalError as e:
-                raise self._error(e) from e
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as e:
-                if conn.in_transaction:  # SQLite may already have rolled back (disk full)
-                    conn.execute("ROLLBACK")
-                if isinstance(e, sqlite3.OperationalError):
+        with self._lock:
+            with self._writer_lock() if write else contextlib.nullcontext():
+                conn = self._connect()
+                try:
+                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                except sqlite3.OperationalError as e:
                     raise self._error(e) from e
-                raise
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException as e:
+                    if conn.in_transaction:  # SQLite may already have rolled back (disk full)
+                        conn.execute("ROLLBACK")
+                    if isinstance(e, sqlite3.OperationalError):
+                        raise self._error(e) from e
+                    raise
+                seq = self._group_commit.committed() if write and self.durable else 0
+            if write and self.durable:  # the writers' lock is free: others commit meanwhile
+                try:
+                    self._group_commit.wait_durable(seq)
+                except OSError as e:
+                    raise OutboxError(f"outbox {self.path}: committed, but could not flush the WAL to disk ({e}); "
+                                      "the change may not survive a power loss") from e
 
     def close(self) -> None:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
             if self._lock_fd is not None and self._lock_pid == os.getpid():
+                self._group_commit.close()
                 os.close(self._lock_fd)
-            self._conn = self._lock_fd = None
+            self._conn = self._lock_fd = self._group_commit = None
 
     def __enter__(self) -> Outbox:
         return self
