@@ -92,9 +92,13 @@ def _writer(path: str, offset: int, n: int, rate: float, durable: bool, start, q
     start.wait()  # all writers begin together, after making their images (not timed)
     rng = np.random.default_rng(offset)
     latencies = []
+    # Poisson arrivals on a fixed schedule (open loop): an append that runs late does not
+    # push the next arrivals back, so the offered load stays `rate` per second.
+    due = time.perf_counter()
     for item in items:
-        if rate:  # Poisson arrivals: flagged items come at random moments
-            time.sleep(rng.exponential(1 / rate))
+        if rate:
+            due += rng.exponential(1 / rate)
+            time.sleep(max(0.0, due - time.perf_counter()))
         t0 = time.perf_counter()
         outbox.append_many([item])
         latencies.append(time.perf_counter() - t0)

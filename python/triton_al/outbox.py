@@ -313,6 +313,7 @@ class Outbox:
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
         self._group_commit: GroupCommit | None = None
+        self._unflushed = 0  # the last commit made with wait_durable=False
         self._lock_pid = -1
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -417,7 +418,9 @@ class Outbox:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextmanager
-    def _transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, write: bool = True, wait_durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A transaction; a durable write one is on disk when this returns, unless
+        `wait_durable=False` (then call `_wait_durable(self._unflushed)` later)."""
         with self._lock:
             with self._writer_lock() if write else contextlib.nullcontext():
                 conn = self._connect()
@@ -436,11 +439,17 @@ class Outbox:
                     raise
                 seq = self._group_commit.committed() if write and self.durable else 0
             if write and self.durable:  # the writers' lock is free: others commit meanwhile
-                try:
-                    self._group_commit.wait_durable(seq)
-                except OSError as e:
-                    raise OutboxError(f"outbox {self.path}: committed, but could not flush the WAL to disk ({e}); "
-                                      "the change may not survive a power loss") from e
+                if wait_durable:
+                    self._wait_durable(seq)
+                else:
+                    self._unflushed = seq
+
+    def _wait_durable(self, seq: int) -> None:
+        try:
+            self._group_commit.wait_durable(seq)
+        except OSError as e:
+            raise OutboxError(f"outbox {self.path}: committed, but could not flush the WAL to disk ({e}); "
+                              "the change may not survive a power loss") from e
 
     def close(self) -> None:
         with self._lock:
@@ -605,7 +614,8 @@ class Outbox:
         """Forget delivered items (remembering their hash for dedup); returns how many.
 
         Done in chunks of `RELEASE_CHUNK` rows, each its own short transaction, so that
-        writers on the inference path never wait behind a whole batch."""
+        writers on the inference path never wait behind a whole batch, and flushed to disk
+        once at the end rather than once per chunk."""
         now = time.time() if now is None else now
         done = 0
         remaining = list(ids)
@@ -620,13 +630,16 @@ class Outbox:
                 done += self._mark_delivered(remaining, now)
                 break
             remaining = remaining[len(chunk):]
+        if done and self.durable:
+            with self._lock:
+                self._wait_durable(self._unflushed)
         if done:
             self._keep_reserve()
         return done
 
     def _mark_delivered(self, ids: list[int], now: float) -> int:
         marks = ",".join("?" * len(ids))
-        with self._transaction() as conn:
+        with self._transaction(wait_durable=False) as conn:
             conn.execute(
                 f"INSERT OR IGNORE INTO delivered SELECT upload_group, content_hash, ? FROM items WHERE id IN ({marks})",
                 [now, *ids],
