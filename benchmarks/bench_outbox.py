@@ -58,10 +58,25 @@ def assets() -> list[bytes]:
     return pngs(20_000)
 
 
-@pytest.mark.parametrize("impl", ["triton_al", "triton_al-sync-normal", "sqlite-bare"])
+@pytest.mark.parametrize("impl", ["triton_al", "triton_al-sync-normal", "sqlite-bare", "fdatasync-only"])
 def test_append_latency(benchmark, tmp_path, assets, impl):
+    """One writer. Baselines: a bare SQLite insert of the same bytes at the same durability,
+    and the disk's own floor: rewriting 11 pages (what an append adds to the WAL) in a file
+    and `fdatasync`-ing it, with no database at all."""
     it = itertools.cycle(assets)
-    if impl.startswith("triton_al"):
+    if impl == "fdatasync-only":
+        fd = os.open(tmp_path / "raw.bin", os.O_RDWR | os.O_CREAT)
+        pages = os.urandom(11 * 4096)
+        os.pwrite(fd, pages * 64, 0)
+        offsets = itertools.cycle(range(0, 64 * len(pages), len(pages)))
+
+        def write_and_sync():
+            os.pwrite(fd, pages, next(offsets))
+            os.fdatasync(fd)
+
+        benchmark.pedantic(write_and_sync, rounds=3000, warmup_rounds=50)
+        os.close(fd)
+    elif impl.startswith("triton_al"):
         outbox = Outbox(tmp_path / "outbox.db", max_items=10**7, durable=impl == "triton_al")
         # cycle() repeats assets after 20k appends: repeats are deduplicated, which is cheaper,
         # so the rounds below stay under that.
