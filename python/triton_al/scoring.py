@@ -63,18 +63,32 @@ def evaluate(
     stream of batches should pass a different seed per batch (the Triton step does).
     Without one, ``config.seed`` is used, or a fresh seed when that is unset.
     ``per_call`` takes per-batch arrays: ``valid_counts`` and ``box_confidence`` (detection).
+    Callers that evaluate many batches with one config should keep an :class:`Evaluator`.
     """
-    if seed is None:
-        seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little")
-    options = config.kernel_options()
-    options.update({k: v for k, v in per_call.items() if v is not None})
-    scores = _core.score(
-        outputs,
-        strategy=config.strategy,
-        task=config.task,
-        from_logits=config.from_logits,
-        seed=seed,
-        **options,
-    )
-    codes = _core.flag(scores, config.threshold, random_fraction=config.random_fraction, seed=seed)
-    return Evaluation(scores=scores, reason_codes=codes)
+    return Evaluator(config)(outputs, seed=seed, **per_call)
+
+
+class Evaluator:
+    """`evaluate` with one config, its kernel arguments worked out once: per call, only
+    the two kernel calls remain (the Triton step calls it once per batch, where resolving
+    the config's options again cost as much as scoring a small batch)."""
+
+    def __init__(self, config: ActiveLearningConfig) -> None:
+        self.config = config
+        self._score_args = {
+            "strategy": config.strategy,
+            "task": config.task,
+            "from_logits": config.from_logits,
+            **config.kernel_options(),
+        }
+
+    def __call__(self, outputs: npt.ArrayLike, *, seed: int | None = None, **per_call: Any) -> Evaluation:
+        config = self.config
+        if seed is None:
+            seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little")
+        args = self._score_args
+        if per_call:
+            args = {**args, **{k: v for k, v in per_call.items() if v is not None}}
+        scores = _core.score(outputs, seed=seed, **args)
+        codes = _core.flag(scores, config.threshold, random_fraction=config.random_fraction, seed=seed)
+        return Evaluation(scores=scores, reason_codes=codes)

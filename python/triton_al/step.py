@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from triton_al.scoring import REASONS, Evaluation, evaluate
+from triton_al.scoring import REASONS, Evaluation, Evaluator
 from triton_al.step_settings import StepSettings
 
 log = logging.getLogger("triton_al.step")
@@ -33,8 +33,10 @@ class RequestInputs:
 
     outputs: np.ndarray
     """The model's class scores for this request's items, batch first."""
-    assets: np.ndarray | None = None
-    """One asset per item: encoded bytes (object array) or a numeric tensor per item."""
+    assets: Sequence[Any] | None = None
+    """One asset per item: encoded bytes (object array) or a numeric tensor per item; any
+    sequence will do, which lets the Triton step decode its BYTES tensor only when an
+    item is flagged."""
     model_version: str | None = None
 
 
@@ -102,6 +104,7 @@ class ActiveLearningStep:
     def __init__(self, settings: StepSettings, outbox: Any | None = None) -> None:
         self.settings = settings
         self.config = settings.active_learning
+        self.evaluate = Evaluator(self.config)
         self.outbox = outbox
         if self.outbox is None and settings.outbox is not None:
             from triton_al.outbox import Outbox
@@ -144,7 +147,7 @@ class ActiveLearningStep:
         for members in by_shape.values():
             stacked = np.concatenate([requests[i].outputs for i in members]) if len(members) > 1 else requests[members[0]].outputs
             try:
-                evaluation = evaluate(stacked, self.config, seed=next(self._seeds))
+                evaluation = self.evaluate(stacked, seed=next(self._seeds))
             except (TypeError, ValueError) as e:
                 for i in members:
                     results[i] = RequestError(f"{self.settings.scores_input}: {e}")
@@ -164,6 +167,8 @@ class ActiveLearningStep:
             if not isinstance(result, Evaluation):
                 continue
             self.counts.scored += len(result)
+            if not result.reason_codes.any():  # most batches: nothing flagged
+                continue
             for j in np.flatnonzero(result.reason_codes):
                 reason = REASONS[int(result.reason_codes[j])]
                 self.counts.flagged[reason] = self.counts.flagged.get(reason, 0) + 1

@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,24 @@ class LatestVersion:
         return self._value
 
 
+class LazyAssets(Sequence):
+    """A request's asset tensor, decoded only when an item is flagged: decoding a BYTES
+    tensor (`as_numpy`) is a Python loop over its items, and most batches flag nothing."""
+
+    def __init__(self, tensor) -> None:
+        self._tensor = tensor
+        self._len = int(tensor.shape()[0])
+        self._items = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if self._items is None:
+            self._items = self._tensor.as_numpy()
+        return self._items[index]
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         model_config = json.loads(args["model_config"])
@@ -184,7 +203,7 @@ class TritonPythonModel:
         if self.settings.asset_input:
             tensor = pb_utils.get_input_tensor_by_name(request, self.settings.asset_input)
             if tensor is not None:
-                assets = tensor.as_numpy()
+                assets = LazyAssets(tensor)
         version = None
         if "MODEL_VERSION" in self.inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, "MODEL_VERSION")
