@@ -120,24 +120,28 @@ def _writer(path: str, offset: int, n: int, rate: float, durable: bool, start, q
     queue.put(latencies)
 
 
-FOUR_WRITER_CASES = {
-    # id: (appends per second per writer, 0 = as fast as it can; durable; uploader draining)
-    "paced-4x250-per-s": (250, True, True),
-    "paced-4x250-per-s-no-uploader": (250, True, False),
-    "paced-4x250-per-s-sync-normal": (250, False, True),
-    "saturated": (0, True, True),
-    "saturated-sync-normal": (0, False, True),
+WRITER_CASES = {
+    # id: (writer processes; appends per second per writer, 0 = as fast as it can; durable;
+    # uploader draining)
+    "paced-4x250-per-s": (4, 250, True, True),
+    "paced-4x250-per-s-no-uploader": (4, 250, True, False),
+    "paced-4x250-per-s-sync-normal": (4, 250, False, True),
+    "paced-1x250-per-s-no-uploader": (1, 250, True, False),
+    "paced-1x250-per-s-no-uploader-sync-normal": (1, 250, False, False),
+    "saturated": (4, 0, True, True),
+    "saturated-sync-normal": (4, 0, False, True),
 }
 
 
-@pytest.mark.parametrize("case", list(FOUR_WRITER_CASES))
-def test_append_four_writer_processes(benchmark, tmp_path, case):
+@pytest.mark.parametrize("case", list(WRITER_CASES))
+def test_append_from_writer_processes(benchmark, tmp_path, case):
     """Four writer processes (Triton model instances) appending one item per call: paced at
     250 flagged items per second each (1,000/s in all: a busy server flagging a lot), and
     saturated (each appends as fast as it can: the lock's capacity, where queueing sets
-    the tail). Variants take the uploader away, or use `outbox_sync=normal` (no fsync per
-    append), to show where the tail comes from."""
-    rate, durable, draining = FOUR_WRITER_CASES[case]
+    the tail). Variants take the uploader away, use `outbox_sync=normal` (no flush per
+    append), or keep one writer (no contention at all: what an append costs when it comes
+    after an idle gap, against `test_append_latency`'s back-to-back calls)."""
+    writers, rate, durable, draining = WRITER_CASES[case]
     path = str(tmp_path / "outbox.db")
     Outbox(path).close()
     n = 1500
@@ -151,8 +155,8 @@ def test_append_four_writer_processes(benchmark, tmp_path, case):
     def run():
         ctx = multiprocessing.get_context("spawn")
         queue = ctx.Queue()
-        start = ctx.Barrier(5)
-        procs = [ctx.Process(target=_writer, args=(path, w, n, rate, durable, start, queue)) for w in range(4)]
+        start = ctx.Barrier(writers + 1)
+        procs = [ctx.Process(target=_writer, args=(path, w, n, rate, durable, start, queue)) for w in range(writers)]
         try:
             for p in procs:
                 p.start()
@@ -175,7 +179,7 @@ def test_append_four_writer_processes(benchmark, tmp_path, case):
             os.kill(uploader.pid, signal.SIGTERM)
             uploader.wait(30)
     result["uploaded"] = Outbox(path).counters().get("uploaded", 0)
-    benchmark.extra_info.update(workload=f"append-4-processes-{case}", impl="triton_al", **result)
+    benchmark.extra_info.update(workload=f"append-{writers}-processes-{case}", impl="triton_al", **result)
     print(json.dumps({"case": case, **result}))
 
 
