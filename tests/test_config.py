@@ -87,3 +87,15 @@ def test_evaluate_passes_per_call_detection_arrays():
     c = ActiveLearningConfig(task="detection", task_options={"empty_score": 0.0})
     e = triton_al.evaluate(x, c, valid_counts=[0, 3])
     assert e.scores.tolist() == [0.0, 0.0] and e.flagged.all()
+
+
+def test_an_evaluator_kept_across_batches_matches_evaluate_and_forgets_per_call_arrays():
+    x = np.tile(np.array([0.99, 0.01], np.float32), (2, 3, 1))
+    c = ActiveLearningConfig(task="detection", task_options={"empty_score": 0.0}, threshold=0.5)
+    evaluator = triton_al.Evaluator(c)
+    with_counts = evaluator(x, seed=1, valid_counts=[0, 3])
+    assert with_counts.scores[0] == 0.0 and with_counts.scores[1] > 0.9
+    np.testing.assert_array_equal(with_counts.scores, triton_al.evaluate(x, c, seed=1, valid_counts=[0, 3]).scores)
+    without = evaluator(x, seed=1)  # the previous call's valid_counts must not stick
+    assert (without.scores > 0.9).all() and not without.flagged.any()
+    np.testing.assert_array_equal(without.reason_codes, triton_al.evaluate(x, c, seed=1).reason_codes)

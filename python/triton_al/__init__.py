@@ -1,6 +1,7 @@
 """triton-al: active learning for models served by NVIDIA Triton Inference Server.
 
-The public API is small: :func:`score`, :func:`evaluate` and :class:`ActiveLearningConfig`.
+The public API is small: :func:`score`, :func:`evaluate` (and :class:`Evaluator`, the same
+with one config kept across batches) and :class:`ActiveLearningConfig`.
 They are imported lazily so that processes which only need the outbox or the uploader
 (which never score) do not load the compiled extension.
 """
@@ -9,19 +10,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["score", "evaluate", "ActiveLearningConfig", "Evaluation", "__version__"]
+__all__ = ["score", "evaluate", "Evaluator", "ActiveLearningConfig", "Evaluation", "__version__"]
 __version__ = "0.1.0"
 
 _LAZY = {
     "score": "triton_al.scoring",
     "evaluate": "triton_al.scoring",
+    "Evaluator": "triton_al.scoring",
     "Evaluation": "triton_al.scoring",
     "ActiveLearningConfig": "triton_al.config",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from triton_al.config import ActiveLearningConfig
-    from triton_al.scoring import Evaluation, evaluate, score
+    from triton_al.scoring import Evaluation, Evaluator, evaluate, score
 
 
 def __getattr__(name: str) -> Any:
