@@ -44,12 +44,12 @@ def deferred_commit(outbox: Outbox, n: int):
     """Append, but stop before waiting for the disk; returns the wait to run later."""
     waiting = []
     wait = outbox._group_commit.wait_durable
-    outbox._group_commit.wait_durable = waiting.append
+    outbox._group_commit.wait_durable = lambda seq, timeout_s: waiting.append(seq)
     try:
         outbox.append(item(n))
     finally:
         outbox._group_commit.wait_durable = wait
-    return lambda: wait(waiting[0])
+    return lambda: wait(waiting[0], 2.0)
 
 
 def test_one_flush_covers_every_commit_numbered_before_it(tmp_path, wal_flushes):
@@ -96,9 +96,32 @@ def test_without_usable_counters_every_commit_is_flushed(tmp_path, wal_flushes):
         try:
             assert group.committed() == 0
             wal_flushes.clear()
-            group.wait_durable(0)
-            group.wait_durable(0)
+            group.wait_durable(0, 2.0)
+            group.wait_durable(0, 2.0)
             assert len(wal_flushes) == 2
         finally:
             group.close()
             os.close(read_only)
+
+
+def test_a_stalled_flush_elsewhere_fails_the_append_fast_with_outbox_busy_and_keeps_the_item(tmp_path):
+    import fcntl
+    import time
+
+    from triton_al.outbox import OutboxBusy
+
+    path = tmp_path / "o.db"
+    with Outbox(path, busy_timeout_s=0.3) as o:
+        o.append(item(0))
+        stalled = os.open(f"{path}.sync", os.O_RDWR)  # another process, stuck in its flush
+        fcntl.flock(stalled, fcntl.LOCK_EX)
+        try:
+            started = time.monotonic()
+            with pytest.raises(OutboxBusy, match="committed, but not confirmed on disk"):
+                o.append(item(1))
+            assert time.monotonic() - started < 2.0
+        finally:
+            os.close(stalled)
+        assert sorted(i.prediction["label"] for i in o.due(10)) == [0, 1]  # stored all the same
+        o.append(item(2))  # and the next append goes through once the flush is done
+        assert len(o.due(10)) == 3

@@ -28,6 +28,8 @@ import os
 import struct
 from pathlib import Path
 
+from triton_al.file_lock import flock_polling
+
 _SLOT = struct.Struct("<QQ")
 _COMMITTED, _SYNCED = 0, _SLOT.size
 _MASK = (1 << 64) - 1
@@ -86,13 +88,17 @@ class GroupCommit:
         self._write(_COMMITTED, last + 1)
         return last + 1
 
-    def wait_durable(self, seq: int) -> None:
-        """Return once commit number `seq` (0: unknown, flush regardless) is on disk."""
+    def wait_durable(self, seq: int, timeout_s: float) -> None:
+        """Return once commit number `seq` (0: unknown, flush regardless) is on disk.
+
+        Raises TimeoutError when another process's flush holds the flush lock longer than
+        `timeout_s` (a stalled disk): the commit is made, only its flush is not confirmed."""
         if self._wal_fd is None:
             # Valid while our connection is open: SQLite deletes the WAL only when the last
             # connection closes.
             self._wal_fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
-        fcntl.flock(self._sync_fd, fcntl.LOCK_EX)
+        if not flock_polling(self._sync_fd, timeout_s):
+            raise TimeoutError(f"another process's flush took more than {timeout_s} s")
         try:
             synced = self._read(_SYNCED) if seq else None
             if synced is not None and synced >= seq:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from triton_al.config import validate_group_name
+from triton_al.file_lock import flock_within
 from triton_al.group_commit import GroupCommit
 
 log = logging.getLogger("triton_al.outbox")
@@ -168,39 +169,6 @@ def _checkpoint_when_full(use_reserve: bool):
         return wrapper
 
     return decorate
-
-
-def _flock_within(fd: int, timeout_s: float) -> bool:
-    """Take an exclusive flock on `fd`, waiting at most `timeout_s`; False on timeout.
-
-    `flock` cannot time out by itself: when the lock is taken, a helper thread blocks on
-    it and the caller waits for that thread; a helper that wins after the caller gave up
-    releases the lock at once."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        pass
-    acquired = threading.Event()
-    state = threading.Lock()
-    abandoned = False
-
-    def wait_for_lock() -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        with state:
-            if abandoned:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            else:
-                acquired.set()
-
-    threading.Thread(target=wait_for_lock, name="outbox-lock", daemon=True).start()
-    if acquired.wait(timeout_s):
-        return True
-    with state:
-        if acquired.is_set():
-            return True
-        abandoned = True
-    return False
 
 
 @dataclass(frozen=True)
@@ -410,7 +378,7 @@ class Outbox:
             self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
             self._group_commit = GroupCommit(self.path, self._lock_fd)
             self._lock_pid = os.getpid()
-        if not _flock_within(self._lock_fd, self.busy_timeout_s):
+        if not flock_within(self._lock_fd, self.busy_timeout_s):
             raise OutboxBusy(f"outbox {self.path}: busy for more than {self.busy_timeout_s} s (writer lock)")
         try:
             yield
@@ -446,7 +414,10 @@ class Outbox:
 
     def _wait_durable(self, seq: int) -> None:
         try:
-            self._group_commit.wait_durable(seq)
+            self._group_commit.wait_durable(seq, self.busy_timeout_s)
+        except TimeoutError as e:
+            raise OutboxBusy(f"outbox {self.path}: committed, but not confirmed on disk: {e}; "
+                             "the change is stored, but may not survive a power loss") from e
         except OSError as e:
             raise OutboxError(f"outbox {self.path}: committed, but could not flush the WAL to disk ({e}); "
                               "the change may not survive a power loss") from e
