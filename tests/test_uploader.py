@@ -367,3 +367,30 @@ def test_generated_grpc_code_matches_the_protos(tmp_path):
         assert committed.exists(), f"{rel} is generated but not committed"
         assert committed.read_bytes() == (tmp_path / rel).read_bytes(), f"{rel} differs from a fresh generation: run scripts/gen_protos.sh"
     shutil.rmtree(tmp_path)
+
+
+def test_an_outbox_held_by_another_process_delays_the_uploader_but_does_not_stop_it(tmp_path):
+    import fcntl
+    import threading
+
+    from triton_al.uploader.worker import Uploader
+
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as o:
+        o.append_many([item(i) for i in range(5)])
+    rival = os.open(f"{path}.lock", os.O_RDWR)  # another writer, stuck holding the lock
+    fcntl.flock(rival, fcntl.LOCK_EX)
+    uploader = Uploader(Outbox(path, busy_timeout_s=0.1), LocalStore(tmp_path / "store"), poll_interval_s=0.05)
+    runner = threading.Thread(target=uploader.run)
+    runner.start()
+    try:
+        time.sleep(0.5)  # several steps fail with OutboxBusy meanwhile
+        assert runner.is_alive()
+        os.close(rival)
+        wait_for(lambda: uploader.outbox.counters().get("uploaded") == 5, 10, "all five delivered")
+    finally:
+        uploader.stop()
+        runner.join(10)
+        uploader.outbox.close()
+    assert not runner.is_alive()
+    assert len(store_index(tmp_path / "store", GROUP)) == 5

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from triton_al.outbox import Outbox, QueuedItem
+from triton_al.outbox import Outbox, OutboxBusy, QueuedItem
 from triton_al.sinks.base import PermanentSinkError, Sink, SinkAuthError, SinkError, Upload
 from triton_al.uploader.limits import RateLimit, limits_for
 
@@ -108,7 +108,11 @@ class Uploader:
         while not self.stopping:
             wait = self.sink_backoff_remaining()
             if wait <= 0:
-                outcome = self.step()
+                try:
+                    outcome = self.step()
+                except OutboxBusy as e:  # another process held the outbox too long: try again
+                    log.warning("outbox busy, retrying in %.2f s: %s", self.poll_interval_s, e)
+                    outcome = None
                 if outcome is not None and not outcome.sink_failed:
                     continue  # more may be due: no sleep between full batches
                 wait = self.sink_backoff_remaining() or self.poll_interval_s
