@@ -7,28 +7,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from outbox_helpers import item
+from outbox_helpers import item, wal_flushes, wal_inode  # noqa: F401 (a fixture)
 
 from triton_al.group_commit import GroupCommit
 from triton_al.outbox import Outbox
-
-
-@pytest.fixture
-def wal_flushes(monkeypatch):
-    """The inode of every file `os.fdatasync` flushes, in order (the real flush still runs)."""
-    flushed: list[int] = []
-    real = os.fdatasync
-
-    def recording(fd: int) -> None:
-        flushed.append(os.fstat(fd).st_ino)
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", recording)
-    return flushed
-
-
-def wal_inode(path) -> int:
-    return os.stat(f"{path}-wal").st_ino
 
 
 @pytest.mark.parametrize("durable", [True, False])

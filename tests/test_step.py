@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import io
 
-import os
-
 import numpy as np
 import pytest
+from outbox_helpers import wal_flushes, wal_inode  # noqa: F401 (a fixture)
 from PIL import Image
 
 import triton_al
@@ -126,20 +125,16 @@ def test_flagged_items_land_in_a_real_outbox_once_with_their_prediction(tmp_path
     assert rows[0].prediction["label"] == 0 and rows[0].score == pytest.approx(0.0, abs=1e-6)
 
 
-def test_outbox_sync_chooses_the_durability_of_appends(tmp_path, monkeypatch):
+def test_outbox_sync_chooses_the_durability_of_appends(tmp_path, wal_flushes):
     full = ActiveLearningStep(settings(outbox_path=str(tmp_path / "a.db")))
     normal = ActiveLearningStep(settings(outbox_path=str(tmp_path / "b.db"), outbox_sync="normal"))
     assert full.outbox.durable and not normal.outbox.durable
-    flushed = []  # the file behind every fdatasync, by inode
-    real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (flushed.append(os.fstat(fd).st_ino), real(fd)))
     uncertain = np.array([[0.5, 0.5]], np.float32)
     for step, name in ((full, "a.db"), (normal, "b.db")):
-        flushed.clear()
+        wal_flushes.clear()
         (result,) = step.process([RequestInputs(uncertain, np.array([png(1)], dtype=object))])
         assert list(result.flagged) == [True] and step.counts.stored == 1
-        wal = os.stat(tmp_path / f"{name}-wal").st_ino
-        assert flushed.count(wal) == (1 if step is full else 0), name
+        assert wal_flushes.count(wal_inode(tmp_path / name)) == (1 if step is full else 0), name
 
 
 def test_a_broken_outbox_never_fails_inference(tmp_path):
