@@ -376,8 +376,7 @@ def test_an_outbox_held_by_another_process_delays_the_uploader_but_does_not_stop
     from triton_al.uploader.worker import Uploader
 
     path = tmp_path / "outbox.db"
-    with Outbox(path) as o:
-        o.append_many([item(i) for i in range(5)])
+    fill(path, range(5))
     rival = os.open(f"{path}.lock", os.O_RDWR)  # another writer, stuck holding the lock
     fcntl.flock(rival, fcntl.LOCK_EX)
     uploader = Uploader(Outbox(path, busy_timeout_s=0.1), LocalStore(tmp_path / "store"), poll_interval_s=0.05)

@@ -601,10 +601,10 @@ class Outbox:
                 done += self._mark_delivered(remaining, now)
                 break
             remaining = remaining[len(chunk):]
-        if done and self.durable:
-            with self._lock:
-                self._wait_durable(self._unflushed)
         if done:
+            if self.durable:
+                with self._lock:
+                    self._wait_durable(self._unflushed)
             self._keep_reserve()
         return done
 
