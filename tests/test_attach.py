@@ -43,17 +43,23 @@ def test_classification_logits_model(tmp_path):
     }
     step = read_config(tmp_path / "resnet_active_learning" / "config.pbtxt")
     assert step.backend == "python" and step.max_batch_size == 32
-    assert [(t.name, list(t.dims)) for t in step.input] == [("PROBS", [1000]), ("IMAGE", [3, 224, 224])]
-    assert [(t.name, list(t.dims)) for t in step.output] == [("SCORE", [1]), ("FLAGGED", [1])]
+    assert [(t.name, list(t.dims)) for t in step.input] == [("logits", [1000]), ("IMAGE", [3, 224, 224])]
+    # every model output passes through the step, so Triton never prunes it (any subset of outputs works)
+    assert [(t.name, list(t.dims)) for t in step.output] == [("logits", [1000]), ("SCORE", [1]), ("FLAGGED", [1])]
     params = step_params(tmp_path, "resnet_active_learning")
     assert params["from_logits"] == "true" and params["task"] == "classification" and params["model_name"] == "resnet"
+    assert (params["scores_input"], params["asset_input"]) == ("logits", "IMAGE")
     settings = StepSettings.from_parameters(params, env={"TRITON_AL_OUTBOX": "/tmp/o.db"})
     assert settings.active_learning.from_logits
     ensemble = read_config(tmp_path / "resnet_al" / "config.pbtxt")
     assert ensemble.platform == "ensemble"
     assert [o.name for o in ensemble.output] == ["logits", "SCORE", "FLAGGED"]
     assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["resnet", "resnet_active_learning"]
-    assert dict(ensemble.ensemble_scheduling.step[1].input_map) == {"PROBS": "logits", "IMAGE": "input__0"}
+    model_step, step_step = ensemble.ensemble_scheduling.step
+    assert dict(model_step.output_map) == {"logits": "resnet.logits"}
+    assert dict(step_step.input_map) == {"logits": "resnet.logits", "IMAGE": "input__0"}
+    # every output of the ensemble comes from the step
+    assert dict(step_step.output_map) == {"logits": "logits", "SCORE": "SCORE", "FLAGGED": "FLAGGED"}
     # The original is untouched.
     assert (tmp_path / "resnet" / "config.pbtxt").read_text().endswith(RESNET)
 
@@ -89,7 +95,20 @@ output [{ name: "boxes" data_type: TYPE_FP32 dims: [100, 4] }, { name: "class_sc
     assert [t.name for t in ensemble.input] == ["IMAGE"]
     assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["decode", "yolo", "yolo_active_learning"]
     step = read_config(tmp_path / "yolo_active_learning" / "config.pbtxt")
-    assert [(t.name, list(t.dims)) for t in step.input] == [("PROBS", [100, 80]), ("IMAGE", [1])]
+    assert [(t.name, list(t.dims)) for t in step.input] == [("boxes", [100, 4]), ("class_scores", [100, 80]), ("IMAGE", [1])]
+    assert [t.name for t in step.output] == ["boxes", "class_scores", "SCORE", "FLAGGED"]
+    assert params["scores_input"] == "class_scores"
+
+
+def test_names_that_would_clash_in_the_step(tmp_path):
+    model(tmp_path, "m", 'max_batch_size: 4\ninput [{name: "x" data_type: TYPE_FP32 dims: [4]}]\n'
+          'output [{name: "probs" data_type: TYPE_FP32 dims: [10]}, {name: "IMAGE" data_type: TYPE_FP32 dims: [4]}]')
+    attach(tmp_path, "m", output="probs")
+    assert step_params(tmp_path, "m_active_learning")["asset_input"] == "ASSET"  # IMAGE is a model output
+    model(tmp_path, "n", 'max_batch_size: 4\ninput [{name: "x" data_type: TYPE_FP32 dims: [4]}]\n'
+          'output [{name: "probs" data_type: TYPE_FP32 dims: [10]}, {name: "SCORE" data_type: TYPE_FP32 dims: [1]}]')
+    with pytest.raises(AttachError, match=r"output\(s\) \['SCORE'\]"):
+        attach(tmp_path, "n", output="probs")
 
 
 def test_unbatched_model(tmp_path):
@@ -102,7 +121,7 @@ output [{ name: "probabilities" data_type: TYPE_FP16 dims: [-1, 3] }]
     attach(tmp_path, "tiny")
     step = read_config(tmp_path / "tiny_active_learning" / "config.pbtxt")
     assert step.max_batch_size == 0
-    assert [list(t.dims) for t in step.output] == [[-1, 1], [-1, 1]]
+    assert [list(t.dims) for t in step.output] == [[-1, 3], [-1, 1], [-1, 1]]
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,38 @@ def test_scores_and_flags_equal_the_rust_core_on_the_returned_probs(client, batc
         assert (probs.argmax(1) == labels).mean() > 0.8
 
 
+OUTPUT_SUBSETS = [("PROBS",), ("SCORE",), ("FLAGGED",), ("PROBS", "SCORE"), ("PROBS", "FLAGGED"), ("SCORE", "FLAGGED"),
+                  ("PROBS", "SCORE", "FLAGGED")]
+
+
+@pytest.mark.parametrize("model, start", [("fashion_cnn_al", 7000), ("nan_model_al", 7500)])
+def test_a_client_naming_any_subset_of_outputs_gets_them_and_every_item_is_scored_and_delivered(pipeline, client, model, start):
+    """Drop-in clients name the outputs they want (often only the model's own). Each subset
+    is answered, and the items are scored, flagged and delivered whatever was asked for."""
+    expected_in_store = set()
+    for k, subset in enumerate(OUTPUT_SUBSETS):
+        pngs, _, _ = fashion_pngs(6, start=start + 6 * k)
+        inp = grpcclient.InferInput("IMAGE", list(pngs.shape), "BYTES")
+        inp.set_data_from_numpy(pngs)
+        result = client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput(n) for n in subset])
+        got = {n: result.as_numpy(n) for n in ("PROBS", "SCORE", "FLAGGED")}
+        assert {n for n, v in got.items() if v is not None} == set(subset)
+        assert all(len(got[n]) == 6 for n in subset)
+        if subset == ("PROBS",):  # what an existing client asks for: its items must still be flagged and stored
+            probs = got["PROBS"]
+            threshold = THRESHOLD if model == "fashion_cnn_al" else 0.5
+            flagged = np.isnan(triton_al.score(probs)) | (triton_al.score(probs) < threshold)
+            assert flagged.any(), "nothing flagged among these images; pick others"
+            expected_in_store |= {content_hash(p[0]) for p, f in zip(pngs, flagged) if f}
+        full = infer_al(client, pngs, model=model)  # the same images, every output
+        for n, value in zip(("PROBS", "SCORE", "FLAGGED"), full):
+            if got[n] is not None:
+                np.testing.assert_array_equal(got[n].reshape(value.shape), value)
+    assert pipeline.flush(30).complete
+    stored = {r["content_hash"] for r in LocalStore(pipeline.store).index("active-learning")}
+    assert expected_in_store <= stored
+
+
 def test_the_plain_model_keeps_working_beside_the_ensemble(client):
     pngs, pixels, _ = fashion_pngs(4)
     probs_al, _, _ = infer_al(client, pngs)

@@ -160,3 +160,15 @@ def test_invalid_outputs_are_stored_with_a_json_safe_prediction(tmp_path):
         first, second = o.due(10)
     assert first.prediction == {"probs": [None, 0.5], "label": 1}
     assert second.prediction == {"probs": [None, -1.0], "label": 1}
+
+
+def test_pass_through_outputs_must_copy_an_input_of_the_same_name_and_shape():
+    from triton_al.serving.active_learning import passthrough_outputs
+
+    probs = {"name": "PROBS", "data_type": "TYPE_FP32", "dims": ["10"]}
+    config = {"input": [probs], "output": [dict(probs), {"name": "SCORE"}, {"name": "FLAGGED"}]}
+    assert passthrough_outputs(config) == ["PROBS"]
+    with pytest.raises(ValueError, match="'LOGITS' is neither SCORE, FLAGGED nor a pass-through"):
+        passthrough_outputs({**config, "output": [{**probs, "name": "LOGITS"}]})
+    with pytest.raises(ValueError, match="type and dims of input 'PROBS'"):
+        passthrough_outputs({**config, "output": [{**probs, "dims": ["11"]}]})

@@ -6,6 +6,14 @@ scores, and writes beside the model, leaving it untouched:
 - `<model>_al/config.pbtxt` + `<model>_al/1/`: an ensemble [preprocess →] model → step whose
   outputs are the model's outputs plus `SCORE` and `FLAGGED` per item.
 
+Every output of the ensemble comes from the step: the step takes all of the model's outputs
+and passes them through unchanged (an output of the step named like one of its inputs is a
+copy of it). Triton prunes an ensemble step none of whose outputs a client asked for, and
+then (a Triton bug) also prunes the steps producing the outputs the client did ask for,
+failing with "unexpected deadlock": a client naming only the model's own output would get an
+error, or, without the bug, items that were never scored. Through the step, any subset works
+and every request is scored and flagged.
+
 Configs are built as protobuf `ModelConfig` messages and written in text format, so they
 always parse. Re-running with the same arguments rewrites identical files; a file at one of
 those paths that attach did not write is never overwritten.
@@ -123,21 +131,38 @@ def _tensor(pb_list, name: str, data_type, dims) -> None:
     t.dims.extend(dims)
 
 
+STEP_OUTPUTS = ("SCORE", "FLAGGED")
+
+
+def asset_input_name(model) -> str:
+    """The step's input for the original asset: `IMAGE`, unless the model has an output of
+    that name (every model output is also a step input)."""
+    names = {o.name for o in model.output}
+    return next(n for n in ("IMAGE", "ASSET", "AL_ASSET") if n not in names)
+
+
+def model_tensor(model, output: str) -> str:
+    """The ensemble's name for a model output on its way into the step (the client-facing
+    name is the step's copy)."""
+    return f"{model.name}.{output}"
+
+
 def step_config(name: str, model, front, scores: ScoresOutput, al: ActiveLearningConfig, extra_params: dict[str, str]):
-    """The step's ModelConfig: inputs PROBS (+ IMAGE: the ensemble's first input), outputs
+    """The step's ModelConfig: inputs are every model output (the class scores among them)
+    plus the asset (the ensemble's first input); outputs are a copy of every model output,
     SCORE and FLAGGED."""
     pb = _pb()
     c = pb.ModelConfig()
     c.name = name
     c.backend = "python"
     c.max_batch_size = model.max_batch_size
-    out = next(o for o in model.output if o.name == scores.name)
-    _tensor(c.input, "PROBS", out.data_type, out.dims)
+    for o in model.output:
+        _tensor(c.input, o.name, o.data_type, o.dims)
     asset = front.input[0]
-    _tensor(c.input, "IMAGE", asset.data_type, asset.dims)
-    if any(o.name == "MODEL_VERSION" for o in model.output):
-        mv = next(o for o in model.output if o.name == "MODEL_VERSION")
-        _tensor(c.input, "MODEL_VERSION", mv.data_type, mv.dims)
+    asset_name = asset_input_name(model)
+    _tensor(c.input, asset_name, asset.data_type, asset.dims)
+    for o in model.output:
+        _tensor(c.output, o.name, o.data_type, o.dims)
     one = [1] if model.max_batch_size > 0 else [-1, 1]
     _tensor(c.output, "SCORE", pb.TYPE_FP32, one)
     _tensor(c.output, "FLAGGED", pb.TYPE_BOOL, one)
@@ -154,6 +179,8 @@ def step_config(name: str, model, front, scores: ScoresOutput, al: ActiveLearnin
         "task": scores.task,
         "from_logits": "true" if scores.kind == "logits" else "false",
         "random_fraction": repr(al.random_fraction),
+        "scores_input": scores.name,
+        "asset_input": asset_name,
         **{k: str(v) for k, v in al.task_options.model_dump().items()},
         **extra_params,
     }
@@ -190,16 +217,16 @@ def ensemble_config(name: str, model, front, step_name: str, scores: ScoresOutpu
     for t in model.input:
         main.input_map[t.name] = t.name
     for o in model.output:
-        main.output_map[o.name] = o.name
+        main.output_map[o.name] = model_tensor(model, o.name)
     last = scheduling.step.add()
     last.model_name = step_name
     last.model_version = -1
-    last.input_map["PROBS"] = scores.name
-    last.input_map["IMAGE"] = front.input[0].name
-    if any(o.name == "MODEL_VERSION" for o in model.output):
-        last.input_map["MODEL_VERSION"] = "MODEL_VERSION"
-    last.output_map["SCORE"] = "SCORE"
-    last.output_map["FLAGGED"] = "FLAGGED"
+    for o in model.output:
+        last.input_map[o.name] = model_tensor(model, o.name)
+        last.output_map[o.name] = o.name
+    last.input_map[asset_input_name(model)] = front.input[0].name
+    for name in STEP_OUTPUTS:
+        last.output_map[name] = name
     return c
 
 
@@ -257,6 +284,9 @@ def attach(
         _check_front(front, base)
     if not front.input:
         raise AttachError(f"{front.name!r} declares no inputs")
+    clashing = [o.name for o in base.output if o.name in STEP_OUTPUTS]
+    if clashing:
+        raise AttachError(f"model {model!r} has output(s) {clashing}: the step adds outputs of those names to the ensemble")
     scores = choose_output(base, output, task, kind)
     al_config = config or ActiveLearningConfig()
     if al_config.task != scores.task:  # the output decides the task; its options start from defaults

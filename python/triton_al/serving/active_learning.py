@@ -5,9 +5,12 @@ A model repository's `active_learning/1/model.py` is one line:
 
 Inputs: the model's class scores (`scores_input`, default `PROBS`), optionally the original
 asset (`asset_input`, default `IMAGE`, BYTES) and `MODEL_VERSION` (BYTES or INT). Outputs, per
-item: `SCORE` (FP32 [1]) and `FLAGGED` (BOOL [1]). Every request gets exactly one response,
-in order; a request whose inputs are unusable gets an error response and the others are
-served. Flagged items go to the outbox; a failing outbox never fails inference.
+item: `SCORE` (FP32 [1]) and `FLAGGED` (BOOL [1]); any other output is a pass-through: a copy
+of the input of the same name (`attach` routes every model output through the step, so that
+Triton never prunes the step, whichever outputs a client asks for). Every request gets
+exactly one response, in order; a request whose inputs are unusable gets an error response
+and the others are served. Flagged items go to the outbox; a failing outbox never fails
+inference.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from triton_al.scoring import REASONS
 from triton_al.step import ActiveLearningStep, RequestError, RequestInputs
 from triton_al.serving.backend_utils import parameters, pb_utils
 from triton_al.step_settings import StepSettings
+
+STEP_OUTPUTS = ("SCORE", "FLAGGED")
 
 # 0.01 wide: `triton-al calibrate` reads thresholds off this histogram.
 SCORE_BUCKETS = [round(0.01 * i, 2) for i in range(1, 101)]
@@ -134,6 +139,28 @@ class _Metrics:
             self.flush()
 
 
+def passthrough_outputs(model_config: dict) -> list[str]:
+    """The step's outputs other than SCORE and FLAGGED: each must have an input of the same
+    name, type and shape, which it copies. Raises ValueError (failing the load) otherwise."""
+    inputs = {i["name"]: i for i in model_config.get("input", [])}
+    names = []
+    for output in model_config.get("output", []):
+        name = output["name"]
+        if name in STEP_OUTPUTS:
+            continue
+        source = inputs.get(name)
+        if source is None:
+            raise ValueError(f"active_learning step: output {name!r} is neither SCORE, FLAGGED nor a pass-through "
+                             f"(a pass-through output needs an input of the same name)")
+        same = (source.get("data_type"), [int(d) for d in source.get("dims", [])]) == (
+            output.get("data_type"), [int(d) for d in output.get("dims", [])])
+        if not same:
+            raise ValueError(f"active_learning step: pass-through output {name!r} must have the type and dims of "
+                             f"input {name!r}")
+        names.append(name)
+    return names
+
+
 class LatestVersion:
     """The newest version directory of the scored model, which is what Triton's default
     version policy serves; re-read at most once a second, so a deployed version shows up
@@ -186,6 +213,7 @@ class TritonPythonModel:
         self.settings = StepSettings.from_parameters(params)
         self.step = ActiveLearningStep(self.settings)
         self.inputs = {i["name"] for i in model_config.get("input", [])}
+        self.passthrough = passthrough_outputs(model_config)
         self.metrics = _Metrics(args.get("model_name", "active_learning"))
         self._last_errors = 0
         self.log = pb_utils.Logger
@@ -194,6 +222,15 @@ class TritonPythonModel:
             f"active_learning ready: strategy={s.strategy} threshold={s.threshold} groups={s.upload_groups} "
             f"task={s.task} outbox={self.settings.outbox.path if self.settings.outbox else None}"
         )
+
+    def _passthrough_of(self, request) -> list:
+        tensors = []
+        for name in self.passthrough:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise RequestError(f"missing input {name!r} (passed through to the output of that name)")
+            tensors.append(pb_utils.Tensor(name, tensor.as_numpy()))
+        return tensors
 
     def _inputs_of(self, request) -> RequestInputs:
         scores = pb_utils.get_input_tensor_by_name(request, self.settings.scores_input)
@@ -216,15 +253,18 @@ class TritonPythonModel:
 
     def execute(self, requests):
         parsed: list[RequestInputs | Exception] = []
+        copies: list[list] = []
         for request in requests:
             try:
                 parsed.append(self._inputs_of(request))
+                copies.append(self._passthrough_of(request))
             except Exception as e:  # noqa: BLE001 - becomes this request's error response
                 parsed.append(e)
+                copies.append([])
         ok = [p for p in parsed if isinstance(p, RequestInputs)]
         results = iter(self.step.process(ok))
         responses = []
-        for p in parsed:
+        for p, passthrough in zip(parsed, copies):
             result = next(results) if isinstance(p, RequestInputs) else p
             if isinstance(result, Exception):
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"active_learning: {result}")))
@@ -233,6 +273,7 @@ class TritonPythonModel:
             responses.append(
                 pb_utils.InferenceResponse(
                     output_tensors=[
+                        *passthrough,
                         pb_utils.Tensor("SCORE", result.scores.reshape(-1, 1)),
                         pb_utils.Tensor("FLAGGED", result.flagged.reshape(-1, 1)),
                     ]
