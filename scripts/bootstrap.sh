@@ -42,17 +42,8 @@ PY
     echo "$deps_hash" > "$STAMPS/deps"
 fi
 
-build_hash="$(cd "$ROOT" && hash_of Cargo.toml Cargo.lock pyproject.toml $(find rust -type f \( -name '*.rs' -o -name Cargo.toml \) | sort))"
-if ! fresh build "$build_hash" || ! ls "$ROOT"/python/triton_al/_core*.so >/dev/null 2>&1; then
-    log "building the Rust extension (release)"
-    if ! (cd "$ROOT" && "$VENV/bin/maturin" develop --release > "$STAMPS/build.log" 2>&1); then
-        cat "$STAMPS/build.log" >&2; log "the extension did not build (log above)"; exit 1
-    fi
-    "$VENV/bin/python" -c "import triton_al._core" || { log "the extension does not import"; exit 1; }
-    echo "$build_hash" > "$STAMPS/build"
-fi
-
-# Debian packages: Fashion-MNIST for the example model and the demo.
+# Debian packages: Fashion-MNIST for the example model and the demo; SQLite's headers,
+# because the Python extension links the system SQLite that Python's sqlite3 module uses.
 ensure_debian_package() {
     local package="$1" probe="$2"
     [ -e "$probe" ] && return 0
@@ -63,3 +54,20 @@ ensure_debian_package() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$package" >/dev/null
 }
 ensure_debian_package dataset-fashion-mnist /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+ensure_debian_package libsqlite3-dev /usr/include/sqlite3.h
+
+# The Rust parts: the Python extension (triton_al._core) and the native Triton backend
+# (libtriton_active_learning.so, copied into the package so `serve` finds it).
+NATIVE="$ROOT/python/triton_al/native/libtriton_active_learning.so"
+build_hash="$(cd "$ROOT" && hash_of Cargo.toml Cargo.lock pyproject.toml $(find rust -type f \( -name '*.rs' -o -name Cargo.toml -o -name '*.sql' -o -name '*.json' \) | sort))"
+if ! fresh build "$build_hash" || ! ls "$ROOT"/python/triton_al/_core*.so >/dev/null 2>&1 || [ ! -f "$NATIVE" ]; then
+    log "building the Rust extension and the native Triton backend (release)"
+    if ! (cd "$ROOT" && "$VENV/bin/maturin" develop --release > "$STAMPS/build.log" 2>&1 \
+          && cargo build --release --quiet -p triton-al-backend >> "$STAMPS/build.log" 2>&1); then
+        cat "$STAMPS/build.log" >&2; log "the Rust build failed (log above)"; exit 1
+    fi
+    mkdir -p "$(dirname "$NATIVE")"
+    cp "$ROOT/target/release/libtriton_active_learning.so" "$NATIVE.tmp" && mv "$NATIVE.tmp" "$NATIVE"
+    "$VENV/bin/python" -c "import triton_al._core" || { log "the extension does not import"; exit 1; }
+    echo "$build_hash" > "$STAMPS/build"
+fi

@@ -140,21 +140,3 @@ def small_filesystem(path: Path, size: str) -> Iterator[Path]:
 
 def remount(path: Path, options: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True)
-
-
-@pytest.fixture
-def wal_flushes(monkeypatch):
-    """The inode of every file `os.fdatasync` flushes, in order (the real flush still runs)."""
-    flushed: list[int] = []
-    real = os.fdatasync
-
-    def recording(fd: int) -> None:
-        flushed.append(os.fstat(fd).st_ino)
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", recording)
-    return flushed
-
-
-def wal_inode(path) -> int:
-    return os.stat(f"{path}-wal").st_ino

@@ -32,6 +32,7 @@ def test_defaults():
         ({"upload_groups": ["/abs"]}, ["/abs"]),
         ({"upload_groups": [".hidden"]}, [".hidden"]),
         ({"upload_groups": ["a", "a"]}, ["duplicates"]),
+        ({"upload_groups": ["review\n"]}, ["upload_groups", "review"]),  # a trailing newline is not a name
         ({"task": "caption"}, ["task"]),
         ({"task": "detection", "task_options": {"layout": "nchw"}}, ["task_options", "detection", "layout"]),
         ({"task": "detection", "task_options": {"k": 0}}, ["task_options", "k"]),

@@ -180,7 +180,7 @@ def test_a_busy_database_fails_fast_with_outbox_busy(tmp_path):
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
-        with Outbox(path, busy_timeout_s=0.2) as o, pytest.raises(OutboxBusy, match="busy for more than 0.2 s"):
+        with Outbox(path, busy_timeout_s=0.2) as o, pytest.raises(OutboxBusy, match="held the write lock for more than 200ms"):
             o.append_many([item(1)])
     finally:
         holder.execute("ROLLBACK")
@@ -204,40 +204,28 @@ def test_bad_settings_are_refused(tmp_path):
 
 
 def test_a_full_disk_refuses_appends_cleanly_and_keeps_what_was_accepted(tmp_path):
-    with small_filesystem(tmp_path / "small", "2m") as fs, Outbox(fs / "o.db", reserve_bytes=256 * 1024) as o:
-        assert (fs / "o.db.reserve").stat().st_size == 256 * 1024
-        accepted, error = [], None
-        for i in range(2000):
-            try:
-                o.append_many([item(i, asset=png(i, size=64))])
-                accepted.append(i)
-            except OutboxFull as e:
-                error = e
-                break
-        assert error is not None and "the disk is full" in str(error), "the disk never filled"
-        assert len(accepted) > 10
-        assert o.integrity_check() == "ok"
-        assert sorted(i.content_hash for i in o.due(5000)) == sorted(content_hash(png(i, size=64)) for i in accepted)
-        o.mark_delivered([i.id for i in o.due(5000)])  # space comes back ...
-    with Outbox(fs / "o.db") as o:  # ... and so do appends (with the WAL checkpointed)
-        o.append_many([item(99_999)])
-        assert o.integrity_check() == "ok"
+    with small_filesystem(tmp_path / "small", "2m") as fs:
+        with Outbox(fs / "o.db", reserve_bytes=256 * 1024) as o:
+            assert (fs / "o.db.reserve").stat().st_size == 256 * 1024
+            accepted, error = [], None
+            for i in range(2000):
+                try:
+                    o.append_many([item(i, asset=png(i, size=64))])
+                    accepted.append(i)
+                except OutboxFull as e:
+                    error = e
+                    break
+                if i % 10 == 9:
+                    o.checkpoint("PASSIVE")  # as the uploader does after each batch
+            assert error is not None and "the disk is full" in str(error), "the disk never filled"
+            assert "nothing of this append was stored" in str(error)
+            assert len(accepted) > 10
+            assert o.integrity_check() == "ok"
+            assert sorted(i.content_hash for i in o.due(5000)) == sorted(content_hash(png(i, size=64)) for i in accepted)
+            o.mark_delivered([i.id for i in o.due(5000)])  # the reserve lets the uploader drain ...
+            assert o.due(5000) == []
+        with Outbox(fs / "o.db") as o:  # ... and appends come back, on the same (still small) disk
+            assert o.append_many([item(99_999)]).accepted == 1
+            assert o.integrity_check() == "ok"
 
 
-def test_a_writer_holding_the_lock_too_long_makes_others_fail_fast_not_hang(tmp_path):
-    import fcntl
-    import time
-
-    path = tmp_path / "o.db"
-    with Outbox(path, busy_timeout_s=0.2) as o:
-        holder = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT)  # another open file description: a rival writer
-        fcntl.flock(holder, fcntl.LOCK_EX)
-        try:
-            t0 = time.monotonic()
-            with pytest.raises(OutboxBusy, match="writer lock"):
-                o.append_many([item(1)])
-            assert time.monotonic() - t0 < 2
-        finally:
-            fcntl.flock(holder, fcntl.LOCK_UN)
-            os.close(holder)
-        assert o.append_many([item(1)]).accepted == 1  # the abandoned waiter let go of the lock

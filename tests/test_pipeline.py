@@ -48,9 +48,12 @@ output [ { name: "PROBS" data_type: TYPE_FP32 dims: [ 10 ] } ]
 '''
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipeline")
+@pytest.fixture(scope="module", params=["native", "python"])
+def pipeline(tmp_path_factory, request):
+    """The example pipeline with the step of each kind: the native Triton backend (what the
+    example ships) and the Python-backend model."""
+    step = request.param
+    tmp = tmp_path_factory.mktemp(f"pipeline-{step}")
     repository = copy_repository(tmp)
     # A model whose output is all NaN, with active learning attached the usual way.
     nan = repository / "nan_model"
@@ -59,12 +62,14 @@ def pipeline(tmp_path_factory):
     (nan / "config.pbtxt").write_text(NAN_CONFIG)
     from triton_al.attach import attach
 
-    attach(repository, "nan_model", output="PROBS", kind="probs")
+    attach(repository, "nan_model", output="PROBS", kind="probs", step=step)
+    attach(repository, "fashion_cnn", preprocess="preprocess", step_name="active_learning", kind="probs", step=step)
     # The example model is confident: flag more so that small test batches flag something.
     set_parameter(repository / "active_learning" / "config.pbtxt", "threshold", str(THRESHOLD))
     models = ["fashion_cnn_al", "fashion_cnn", "preprocess", "active_learning", "nan_model_al"]
     with Pipeline(repository, tmp / "data", model_control_mode="explicit", load_models=models) as p:
         p.repository = repository
+        p.step = step
         yield p
 
 
@@ -301,7 +306,9 @@ def test_a_killed_backend_process_is_reloaded_and_nothing_accepted_is_lost(pipel
     pngs, _, _ = fashion_pngs(64, start=6000)
     _, _, flagged = infer_al(client, pngs)
     accepted = {content_hash(p[0]) for p, f in zip(pngs, flagged) if f}
-    os.kill(_stub_of(pipeline, "active_learning"), signal.SIGKILL)
+    # The native step has no process of its own: kill the model's (a Python-backend model).
+    victim = "active_learning" if pipeline.step == "python" else "fashion_cnn"
+    os.kill(_stub_of(pipeline, victim), signal.SIGKILL)
     with Outbox(pipeline.outbox) as o:
         assert o.integrity_check() == "ok"
     errors, deadline = [], time.monotonic() + 30
@@ -314,8 +321,8 @@ def test_a_killed_backend_process_is_reloaded_and_nothing_accepted_is_lost(pipel
             assert time.monotonic() < deadline, f"not recovered: {errors[-1]}; watchdog: {pipeline.watchdog.failures}"
             time.sleep(0.2)
     # While it is reloaded the ensemble is briefly unavailable too; both errors say what is wrong.
-    assert all(("active_learning" in m and "not healthy" in m) or "no available versions" in m for m in errors), errors[:2]
-    assert "active_learning" in pipeline.watchdog.reloads
+    assert all((victim in m and "not healthy" in m) or "no available versions" in m for m in errors), errors[:2]
+    assert victim in pipeline.watchdog.reloads
     assert pipeline.flush(30).complete
     stored = {r["content_hash"] for r in LocalStore(pipeline.store).index("active-learning")}
     assert accepted <= stored

@@ -4,14 +4,19 @@ of several requests into one kernel call, per-request errors, and what gets stor
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from outbox_helpers import wal_flushes, wal_inode  # noqa: F401 (a fixture)
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 from PIL import Image
 
 import triton_al
 from triton_al.step import ActiveLearningStep, RequestError, RequestInputs, asset_bytes, prediction_of, sniff_media_type
+from triton_al.step_settings import PARAMETERS_FILE as PARAMETERS_TABLE
 from triton_al.step_settings import StepSettings
 
 
@@ -125,16 +130,16 @@ def test_flagged_items_land_in_a_real_outbox_once_with_their_prediction(tmp_path
     assert rows[0].prediction["label"] == 0 and rows[0].score == pytest.approx(0.0, abs=1e-6)
 
 
-def test_outbox_sync_chooses_the_durability_of_appends(tmp_path, wal_flushes):
+def test_outbox_sync_chooses_the_durability_of_appends(tmp_path):
     full = ActiveLearningStep(settings(outbox_path=str(tmp_path / "a.db")))
     normal = ActiveLearningStep(settings(outbox_path=str(tmp_path / "b.db"), outbox_sync="normal"))
     assert full.outbox.durable and not normal.outbox.durable
     uncertain = np.array([[0.5, 0.5]], np.float32)
-    for step, name in ((full, "a.db"), (normal, "b.db")):
-        wal_flushes.clear()
+    for step in (full, normal):
         (result,) = step.process([RequestInputs(uncertain, np.array([png(1)], dtype=object))])
         assert list(result.flagged) == [True] and step.counts.stored == 1
-        assert wal_flushes.count(wal_inode(tmp_path / name)) == (1 if step is full else 0), name
+        stats = step.outbox.writer_stats()
+        assert (stats["appends"], stats["flushes"]) == (1, 1 if step is full else 0)
 
 
 def test_a_broken_outbox_never_fails_inference(tmp_path):
@@ -172,3 +177,69 @@ def test_pass_through_outputs_must_copy_an_input_of_the_same_name_and_shape():
         passthrough_outputs({**config, "output": [{**probs, "name": "LOGITS"}]})
     with pytest.raises(ValueError, match="type and dims of input 'PROBS'"):
         passthrough_outputs({**config, "output": [{**probs, "dims": ["11"]}]})
+
+
+CASES = json.loads((Path(__file__).parent / "step_parameter_cases.json").read_text())
+
+
+@pytest.mark.parametrize("case", CASES["cases"], ids=lambda c: ",".join(c["params"]) or "defaults")
+def test_shared_parameter_cases(case):
+    """The same file runs in `cargo test -p triton-al-step`: both steps read parameters alike."""
+    params = {**CASES["base"], **case["params"]}
+    params = {k: v for k, v in params.items() if v is not None}
+    env = {} if case.get("env") is None else {"TRITON_AL_OUTBOX": case["env"]}
+    if "error" in case:
+        with pytest.raises(ValueError) as e:
+            StepSettings.from_parameters(params, env=env)
+        assert str(e.value) == case["error"]
+        return
+    settings = StepSettings.from_parameters(params, env=env)  # the pydantic models accept what Rust parsed
+    parsed = triton_al._core.parse_step_parameters(params, env.get("TRITON_AL_OUTBOX"))
+    for key, expected in case["parsed"].items():
+        assert parsed[key] == expected, key
+    assert settings.active_learning.threshold == parsed["threshold"]
+
+
+def test_the_parameter_table_is_generated_from_the_models():
+    from triton_al.step_settings import PARAMETERS_FILE, parameter_table
+
+    assert json.loads(PARAMETERS_FILE.read_text()) == parameter_table(), (
+        "rust/step/src/parameters.json is stale: regenerate with `python -m triton_al.step_settings`")
+
+
+_VALUES = st.sampled_from(["", " ", "0", "1", "-1", "0.5", "1.5", "3", "1e-3", "nan", "inf", "true", "no", "maybe",
+                           "entropy", "margin", "random", "detection", "segmentation", "multilabel", "mean",
+                           "least_confident_mean", "quantile", "nhwc", "drop_newest", "normal", "a,b", "a,a",
+                           "../x", "g\n", "18446744073709551616"])
+_KEYS = st.sampled_from(sorted(json.loads(PARAMETERS_TABLE.read_text())["parameters"]) + ["k", "aggregate", "layout",
+                        "quantile", "confidence_floor", "empty_score", "bogus"])
+
+
+@settings_(max_examples=400, deadline=None)
+@given(st.dictionaries(_KEYS, _VALUES, max_size=6))
+def test_the_rust_rules_and_the_pydantic_models_agree(params):
+    """Whatever Rust accepts, the pydantic models accept too (else the table is wrong), and
+    what Rust refuses it refuses with one message naming the step."""
+    params = {"model_name": "m", "outbox_path": "", **params}
+    try:
+        parsed = triton_al._core.parse_step_parameters(params, None)
+    except ValueError as e:
+        assert str(e).startswith("active_learning step: ")
+        return
+    settings = StepSettings.from_parameters(params, env={})
+    assert settings.active_learning.task == parsed["task"]
+    assert settings.active_learning.upload_groups == parsed["upload_groups"]
+
+
+def test_an_unusable_outbox_file_does_not_stop_the_step(tmp_path):
+    """A corrupt outbox must not fail the load (so the whole ensemble): the step scores and
+    counts every flagged item as an outbox error."""
+    path = tmp_path / "outbox.db"
+    path.write_bytes(b"this is not SQLite" * 1000)
+    step = ActiveLearningStep(settings(outbox_path=str(path)))
+    assert step.outbox is None
+    (result,) = step.process([RequestInputs(np.array([[0.5, 0.5], [1.0, 0.0]], np.float32),
+                                            np.array([png(1), png(2)], dtype=object))])
+    assert list(result.flagged) == [True, False]
+    assert step.counts.outbox_errors == 1 and step.counts.stored == 0
+    assert path.read_bytes() == b"this is not SQLite" * 1000  # left as it was

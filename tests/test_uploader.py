@@ -370,22 +370,24 @@ def test_generated_grpc_code_matches_the_protos(tmp_path):
 
 
 def test_an_outbox_held_by_another_process_delays_the_uploader_but_does_not_stop_it(tmp_path):
-    import fcntl
+    import sqlite3
     import threading
 
     from triton_al.uploader.worker import Uploader
 
     path = tmp_path / "outbox.db"
     fill(path, range(5))
-    rival = os.open(f"{path}.lock", os.O_RDWR)  # another writer, stuck holding the lock
-    fcntl.flock(rival, fcntl.LOCK_EX)
+    rival = sqlite3.connect(path, isolation_level=None)  # another writer, stuck holding the write lock
+    rival.execute("BEGIN IMMEDIATE")
     uploader = Uploader(Outbox(path, busy_timeout_s=0.1), LocalStore(tmp_path / "store"), poll_interval_s=0.05)
     runner = threading.Thread(target=uploader.run)
     runner.start()
     try:
         time.sleep(0.5)  # several steps fail with OutboxBusy meanwhile
         assert runner.is_alive()
-        os.close(rival)
+        assert uploader.outbox.counters().get("uploaded") is None  # nothing could be marked delivered
+        rival.execute("ROLLBACK")
+        rival.close()
         wait_for(lambda: uploader.outbox.counters().get("uploaded") == 5, 10, "all five delivered")
     finally:
         uploader.stop()

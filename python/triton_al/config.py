@@ -23,13 +23,13 @@ Strategy = Literal["entropy", "least_confidence", "margin", "ratio", "random"]
 Task = Literal["classification", "multilabel", "detection", "segmentation"]
 
 # Group names become folder names and URL path parts in sinks: keep them boring.
-_GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: no trailing newline
 
 
 def validate_group_name(name: str) -> str:
     """An upload-group name: 1–128 of ``A-Z a-z 0-9 . _ -``, not starting with ``.``/``-``/``_``,
     no ``..`` (so it is safe as a folder name and a URL path segment)."""
-    if not isinstance(name, str) or not _GROUP_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _GROUP_NAME.fullmatch(name) or ".." in name:
         raise ValueError(
             f"upload group name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, with no '..' (no paths, no hidden names)"

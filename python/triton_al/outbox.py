@@ -1,13 +1,19 @@
 """The durable outbox: flagged items wait here until a sink confirms them.
 
-One SQLite file in WAL mode, shared by every writer process (Triton runs one Python-backend
-process per model instance) and the uploader. An append is durable when it returns: the WAL
-is flushed to disk after the commit, by a group commit shared between processes (see
-`group_commit`). With `durable=False` it is not flushed: the commit is in the operating
-system when it returns, which survives any process kill but not a power loss. The file is
-bounded by a cap on items
-and on asset bytes, with an overflow policy; items are deduplicated per upload group by
-the SHA-256 of the asset, including against items already delivered.
+One SQLite file in WAL mode. Every append goes through the one outbox writer of its process,
+`triton_al._core.OutboxWriter` (Rust, `rust/outbox`; the native Triton backend appends with
+the same code): a writer thread commits every append waiting at that moment in one
+transaction and, when durable, flushes the WAL once for them after releasing the write lock.
+An append is durable when it returns; with `durable=False` it is committed (in the operating
+system: it survives any process kill, not a power loss). The rest of this module is the
+uploader's side: due items, deliveries, retries, dead letters, status. Its own writes commit
+at `synchronous=NORMAL` and flush the WAL after the commit the same way.
+
+Several processes may write the file at once (the Python step runs one process per model
+instance, the uploader is another): SQLite's write lock orders them. The file is bounded by
+a cap on items and on asset bytes, with an overflow policy; items are deduplicated per
+upload group by the SHA-256 of the asset, including against items already delivered. The
+schema is the writer's (`triton_al._core.OUTBOX_SCHEMA`, from `rust/outbox/src/schema.sql`).
 
 Tables:
 - `assets`: the asset bytes, once per content hash, however many groups want them;
@@ -23,7 +29,6 @@ Tables:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -39,97 +44,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from triton_al import _core
 from triton_al.config import validate_group_name
-from triton_al.file_lock import flock_within
-from triton_al.group_commit import GroupCommit
 
 log = logging.getLogger("triton_al.outbox")
 
 OverflowPolicy = Literal["drop_newest", "drop_least_uncertain"]
 OVERFLOW_POLICIES: tuple[str, ...] = ("drop_newest", "drop_least_uncertain")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = _core.OUTBOX_SCHEMA_VERSION
 OVERFLOW_LOG_INTERVAL_S = 60.0
 RELEASE_CHUNK = 16
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS assets (
-    content_hash TEXT PRIMARY KEY,
-    media_type TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    data BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    upload_group TEXT NOT NULL,
-    content_hash TEXT NOT NULL REFERENCES assets (content_hash),
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    prediction TEXT NOT NULL,
-    score REAL,                -- NULL stands for NaN (invalid model output)
-    strategy TEXT NOT NULL,
-    threshold REAL NOT NULL,
-    reason TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    last_error TEXT,
-    UNIQUE (upload_group, content_hash)
-);
-CREATE INDEX IF NOT EXISTS items_by_hash ON items (content_hash);
-CREATE INDEX IF NOT EXISTS items_by_score ON items (score);
-CREATE INDEX IF NOT EXISTS items_due ON items (next_attempt_at, id);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY,
-    upload_group TEXT NOT NULL,
-    content_hash TEXT NOT NULL,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    prediction TEXT NOT NULL,
-    score REAL,
-    strategy TEXT NOT NULL,
-    threshold REAL NOT NULL,
-    reason TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    attempts INTEGER NOT NULL,
-    failed_at REAL NOT NULL,
-    error TEXT NOT NULL,
-    UNIQUE (upload_group, content_hash)
-);
-CREATE INDEX IF NOT EXISTS dead_by_hash ON dead_letters (content_hash);
-CREATE TABLE IF NOT EXISTS delivered (
-    upload_group TEXT NOT NULL,
-    content_hash TEXT NOT NULL,
-    delivered_at REAL NOT NULL,
-    PRIMARY KEY (upload_group, content_hash)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS delivered_by_time ON delivered (upload_group, delivered_at);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS paused_groups (upload_group TEXT PRIMARY KEY) WITHOUT ROWID;
-
--- Running totals for the caps, kept by the database itself so no code path can forget.
-CREATE TRIGGER IF NOT EXISTS items_added AFTER INSERT ON items BEGIN
-    INSERT INTO counters VALUES ('queued_items', 1) ON CONFLICT (name) DO UPDATE SET value = value + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS items_removed AFTER DELETE ON items BEGIN
-    UPDATE counters SET value = value - 1 WHERE name = 'queued_items';
-    -- An asset goes when nothing refers to it any more.
-    DELETE FROM assets WHERE content_hash = OLD.content_hash
-        AND NOT EXISTS (SELECT 1 FROM items WHERE content_hash = OLD.content_hash)
-        AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE content_hash = OLD.content_hash);
-END;
-CREATE TRIGGER IF NOT EXISTS dead_removed AFTER DELETE ON dead_letters BEGIN
-    DELETE FROM assets WHERE content_hash = OLD.content_hash
-        AND NOT EXISTS (SELECT 1 FROM items WHERE content_hash = OLD.content_hash)
-        AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE content_hash = OLD.content_hash);
-END;
-CREATE TRIGGER IF NOT EXISTS assets_added AFTER INSERT ON assets BEGIN
-    INSERT INTO counters VALUES ('stored_bytes', NEW.size) ON CONFLICT (name) DO UPDATE SET value = value + NEW.size;
-END;
-CREATE TRIGGER IF NOT EXISTS assets_removed AFTER DELETE ON assets BEGIN
-    UPDATE counters SET value = value - OLD.size WHERE name = 'stored_bytes';
-END;
-"""
 
 _ITEM_COLUMNS = (
     "upload_group, content_hash, model_name, model_version, prediction, score, strategy, "
@@ -152,7 +76,7 @@ class OutboxFull(OutboxError):
 def _checkpoint_when_full(use_reserve: bool):
     """In WAL mode even a delete needs room in the WAL. When the disk is full, fold the WAL
     into the database and truncate it, then try once more; operations that free space
-    (delivering, dead-lettering, dropping) may also spend the reserve file, so the uploader
+    (delivering, dead-lettering, dropping) may first spend the reserve file, so the uploader
     can always drain a full disk. Appends never touch the reserve."""
 
     def decorate(method):
@@ -161,9 +85,7 @@ def _checkpoint_when_full(use_reserve: bool):
             try:
                 return method(self, *args, **kwargs)
             except OutboxFull:
-                self.checkpoint()
-                if use_reserve:
-                    self._release_reserve()
+                self._make_room(use_reserve)
             return method(self, *args, **kwargs)
 
         return wrapper
@@ -195,6 +117,8 @@ class AppendResult:
     """(group, hash) pairs already queued, delivered or dead-lettered."""
     dropped: int = 0
     """Rows not queued, or evicted, because the outbox was full."""
+    refused: int = 0
+    """Rows not queued because the asset is bigger than `max_asset_bytes`."""
 
 
 @dataclass(frozen=True)
@@ -245,8 +169,7 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _score_in(score: float) -> float | None:
-    return None if score is None or math.isnan(score) else float(score)
+_INHERITED_WRITERS: list[Any] = []
 
 
 def _score_out(score: float | None) -> float:
@@ -267,6 +190,7 @@ class Outbox:
         durable: bool = True,
         reserve_bytes: int = 4 * 1024**2,
         autocheckpoint_pages: int = 16384,
+        max_asset_bytes: int = 32 * 1024**2,
     ) -> None:
         if overflow_policy not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow_policy: expected one of {OVERFLOW_POLICIES}, got {overflow_policy!r}")
@@ -278,11 +202,12 @@ class Outbox:
         self.overflow_policy = overflow_policy
         self.busy_timeout_s = busy_timeout_s
         self.durable = durable
+        self.max_asset_bytes = int(max_asset_bytes)
         self._lock = threading.Lock()
-        self._lock_fd: int | None = None
-        self._group_commit: GroupCommit | None = None
-        self._unflushed = 0  # the last commit made with wait_durable=False
-        self._lock_pid = -1
+        self._writer: Any = None  # the Rust writer, made at the first append (per process)
+        self._writer_pid = -1
+        self._wal: tuple[int, tuple[int, int]] | None = None  # (fd, (dev, ino)) of the -wal file
+        self._unflushed = False  # a commit made with wait_durable=False, not flushed yet
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._overflow_since_log = 0
@@ -312,6 +237,14 @@ class Outbox:
         except OSError:
             tmp.unlink(missing_ok=True)  # no room now; try again after the next delivery
 
+    def _make_room(self, use_reserve: bool) -> None:
+        """On a full disk: give back the reserve (if allowed), then fold the WAL into the
+        database. In that order: the WAL's last frames may extend the database, so the
+        checkpoint itself needs a little room."""
+        if use_reserve:
+            self._release_reserve()
+        self.checkpoint()
+
     def _release_reserve(self) -> None:
         if self.reserve_path.exists():
             log.warning("outbox %s: the disk is full; releasing the %d-byte reserve to keep draining", self.path, self.reserve_bytes)
@@ -328,15 +261,21 @@ class Outbox:
             raise OutboxError(f"outbox {self.path}: directory {self.path.parent} does not exist")
         try:
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA page_size={_core.OUTBOX_PAGE_SIZE}")  # a new file only (see rust/outbox)
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL even when durable: `_transaction` flushes the WAL itself, after the
-            # commit and outside the writers' lock (group commit).
+            # commit, when the write lock is free again.
             conn.execute("PRAGMA synchronous=NORMAL")
+            # Debian's SQLite zeroes every freed page (SECURE_DELETE): delivering an item then
+            # wrote 10.4 KB to the WAL instead of 4.9 KB (measured, 4 KB assets; FAST gave the
+            # same 10.4), and draining a full disk needs that much room. Delivered bytes stay in
+            # free pages until reused: the file is private to its owner.
+            conn.execute("PRAGMA secure_delete=OFF")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute(f"PRAGMA wal_autocheckpoint={self.autocheckpoint_pages}")
             version = self._schema_version(conn)
             if version is None:  # a new file: create the schema (the only write at open)
-                conn.executescript(_SCHEMA + f"INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');")
+                conn.executescript(_core.OUTBOX_SCHEMA + f"INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');")
                 version = self._schema_version(conn)
         except sqlite3.OperationalError as e:
             raise self._error(e, "cannot open it as an SQLite outbox") from e
@@ -367,69 +306,77 @@ class Outbox:
         return int(row[0]) if row else None
 
     @contextmanager
-    def _writer_lock(self) -> Iterator[None]:
-        """Serialise writers of all processes on a lock file before SQLite's own lock.
-
-        SQLite's busy handler sleeps 1, 2, 5, 10 … ms when another process holds the write
-        lock, and a waiter can starve while others re-acquire; those sleeps land straight in
-        inference latency. A blocking `flock` is handed over by the kernel the moment it is
-        free. It dies with its holder, so a killed process never leaves it taken."""
-        if self._lock_fd is None or self._lock_pid != os.getpid():
-            self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-            self._group_commit = GroupCommit(self.path, self._lock_fd)
-            self._lock_pid = os.getpid()
-        if not flock_within(self._lock_fd, self.busy_timeout_s):
-            raise OutboxBusy(f"outbox {self.path}: busy for more than {self.busy_timeout_s} s (writer lock)")
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-
-    @contextmanager
     def _transaction(self, *, write: bool = True, wait_durable: bool = True) -> Iterator[sqlite3.Connection]:
         """A transaction; a durable write one is on disk when this returns, unless
-        `wait_durable=False` (then call `_wait_durable(self._unflushed)` later)."""
+        `wait_durable=False` (then call `_flush()` later). Writers of other processes are
+        waited for by SQLite's busy handler, up to `busy_timeout_s`."""
         with self._lock:
-            with self._writer_lock() if write else contextlib.nullcontext():
-                conn = self._connect()
-                try:
-                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                except sqlite3.OperationalError as e:
+            conn = self._connect()
+            try:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            except sqlite3.OperationalError as e:
+                raise self._error(e) from e
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as e:
+                if conn.in_transaction:  # SQLite may already have rolled back (disk full)
+                    conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.OperationalError):
                     raise self._error(e) from e
-                try:
-                    yield conn
-                    conn.execute("COMMIT")
-                except BaseException as e:
-                    if conn.in_transaction:  # SQLite may already have rolled back (disk full)
-                        conn.execute("ROLLBACK")
-                    if isinstance(e, sqlite3.OperationalError):
-                        raise self._error(e) from e
-                    raise
-                seq = self._group_commit.committed() if write and self.durable else 0
-            if write and self.durable:  # the writers' lock is free: others commit meanwhile
+                raise
+            if write and self.durable:  # the write lock is free: others commit meanwhile
+                self._unflushed = True
                 if wait_durable:
-                    self._wait_durable(seq)
-                else:
-                    self._unflushed = seq
+                    self._flush()
 
-    def _wait_durable(self, seq: int) -> None:
+    def _flush(self) -> None:
+        """fdatasync the WAL (under `self._lock`): every commit made before is then on disk."""
+        if not self._unflushed:
+            return
+        wal = f"{self.path}-wal"
         try:
-            self._group_commit.wait_durable(seq, self.busy_timeout_s)
-        except TimeoutError as e:
-            raise OutboxBusy(f"outbox {self.path}: committed, but not confirmed on disk: {e}; "
-                             "the change is stored, but may not survive a power loss") from e
+            st = os.stat(wal)
+            identity = (st.st_dev, st.st_ino)
+            if self._wal is None or self._wal[1] != identity:
+                if self._wal is not None:
+                    os.close(self._wal[0])
+                self._wal = (os.open(wal, os.O_RDONLY), identity)
+            os.fdatasync(self._wal[0])
         except OSError as e:
             raise OutboxError(f"outbox {self.path}: committed, but could not flush the WAL to disk ({e}); "
                               "the change may not survive a power loss") from e
+        self._unflushed = False
+
+    def _append_writer(self):
+        """This process's Rust writer (a forked child makes its own)."""
+        if self._writer is not None and self._writer_pid != os.getpid():
+            # Inherited through fork: its thread does not exist here, and dropping it would
+            # wait for that thread. Keep it, unused, for the life of the process.
+            _INHERITED_WRITERS.append(self._writer)
+            self._writer = None
+        if self._writer is None:
+            self._writer = _core.OutboxWriter(
+                str(self.path), max_items=self.max_items, max_bytes=self.max_bytes, overflow_policy=self.overflow_policy,
+                durable=self.durable, busy_timeout_s=self.busy_timeout_s, max_asset_bytes=self.max_asset_bytes,
+            )
+            self._writer_pid = os.getpid()
+        return self._writer
+
+    def writer_stats(self) -> dict[str, int]:
+        """This process's appends so far: transactions, WAL flushes and appends stored."""
+        transactions, flushes, appends = self._append_writer().stats()
+        return {"transactions": transactions, "flushes": flushes, "appends": appends}
 
     def close(self) -> None:
         with self._lock:
+            if self._writer is not None and self._writer_pid == os.getpid():
+                self._writer.close()
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
-            if self._lock_fd is not None and self._lock_pid == os.getpid():
-                self._group_commit.close()
-                os.close(self._lock_fd)
-            self._conn = self._lock_fd = self._group_commit = None
+            if self._wal is not None:
+                os.close(self._wal[0])
+            self._conn = self._writer = self._wal = None
 
     def __enter__(self) -> Outbox:
         return self
@@ -445,104 +392,38 @@ class Outbox:
                 (name, by),
             )
 
-    @staticmethod
-    def _counter(conn: sqlite3.Connection, name: str) -> int:
-        row = conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
-        return int(row[0]) if row else 0
-
     # Writers (the active-learning step) --------------------------------------------
 
     def append(self, item: FlaggedItem) -> AppendResult:
         return self.append_many([item])
 
-    @_checkpoint_when_full(use_reserve=False)
     def append_many(self, items: Iterable[FlaggedItem]) -> AppendResult:
         """Queue flagged items, one row per upload group; durable when this returns.
 
         Raises `OutboxBusy` when the database stays locked longer than `busy_timeout_s`,
-        `OutboxError` for anything else (disk full, corrupt file); either way nothing of
-        this call was stored, and the file is unchanged."""
-        prepared = []
+        `OutboxFull` when the disk is full, `OutboxError` for anything else (a corrupt
+        file), ValueError for a bad item; in every case nothing of this call was stored."""
+        rows = []
         for item in items:
             if not isinstance(item.asset, (bytes, bytearray)) or not item.asset:
                 raise ValueError("asset: expected non-empty bytes")
-            groups = [validate_group_name(g) for g in item.upload_groups]
-            if not groups:
-                raise ValueError("upload_groups: expected at least one group")
-            try:
-                prediction = json.dumps(item.prediction, separators=(",", ":"), allow_nan=False)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"prediction: not JSON-serialisable ({e})") from e
-            prepared.append((item, content_hash(bytes(item.asset)), groups, prediction))
-        result = AppendResult()
-        if not prepared:
-            return result
-        now = time.time()
-        try:
-            with self._transaction() as conn:
-                for item, digest, groups, prediction in prepared:
-                    for group in dict.fromkeys(groups):
-                        self._append_one(conn, item, digest, group, prediction, now, result)
-                self._bump(conn, "appended", result.accepted)
-                self._bump(conn, "duplicates", result.duplicates)
-                self._bump(conn, "dropped_overflow", result.dropped)
-        except OutboxError:
-            raise
-        except sqlite3.DatabaseError as e:  # I/O error, corrupt file
-            raise OutboxError(f"outbox {self.path}: could not append ({e})") from e
+            prediction = item.prediction
+            if not isinstance(prediction, str):
+                try:
+                    prediction = json.dumps(prediction, separators=(",", ":"), allow_nan=False)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"prediction: not JSON-serialisable ({e})") from e
+            score = math.nan if item.score is None else float(item.score)
+            rows.append((bytes(item.asset), item.media_type, item.model_name, str(item.model_version), prediction, score,
+                         item.strategy, float(item.threshold), item.reason, list(item.upload_groups)))
+        if not rows:
+            return AppendResult()
+        # The Rust writer checkpoints and retries once on a full disk, like the uploader.
+        accepted, duplicates, dropped, refused = self._append_writer().append(rows, self.busy_timeout_s + 5.0)
+        result = AppendResult(accepted, duplicates, dropped, refused)
         if result.dropped:
             self._log_overflow(result.dropped)
         return result
-
-    def _append_one(self, conn, item: FlaggedItem, digest: str, group: str, prediction: str, now: float, result: AppendResult) -> None:
-        seen = conn.execute(
-            "SELECT 1 FROM items WHERE upload_group = ?1 AND content_hash = ?2 "
-            "UNION ALL SELECT 1 FROM delivered WHERE upload_group = ?1 AND content_hash = ?2 "
-            "UNION ALL SELECT 1 FROM dead_letters WHERE upload_group = ?1 AND content_hash = ?2 LIMIT 1",
-            (group, digest),
-        ).fetchone()
-        if seen:
-            result.duplicates += 1
-            return
-        have_asset = conn.execute("SELECT 1 FROM assets WHERE content_hash = ?", (digest,)).fetchone() is not None
-        new_bytes = 0 if have_asset else len(item.asset)
-        score = _score_in(item.score)
-        if not self._make_room(conn, new_bytes, score, digest):
-            result.dropped += 1
-            return
-        if not have_asset:
-            conn.execute(
-                "INSERT INTO assets VALUES (?, ?, ?, ?)", (digest, item.media_type, len(item.asset), bytes(item.asset))
-            )
-        conn.execute(
-            f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (group, digest, item.model_name, str(item.model_version), prediction, score, item.strategy,
-             float(item.threshold), item.reason, now),
-        )
-        result.accepted += 1
-
-    def _make_room(self, conn, new_bytes: int, score: float | None, digest: str) -> bool:
-        """True when one more row (and `new_bytes`) fits, after evicting per the policy."""
-        if new_bytes > self.max_bytes:
-            return False
-        while True:
-            items = self._counter(conn, "queued_items")
-            stored = self._counter(conn, "stored_bytes")
-            if items + 1 <= self.max_items and stored + new_bytes <= self.max_bytes:
-                return True
-            if self.overflow_policy == "drop_newest":
-                return False
-            # drop_least_uncertain: evict the most confident queued item if the newcomer is
-            # less confident (NaN = invalid output counts as least confident of all).
-            victim = conn.execute(
-                "SELECT id, score FROM items WHERE score IS NOT NULL AND content_hash != ? "
-                "ORDER BY score DESC, id DESC LIMIT 1",
-                (digest,),
-            ).fetchone()
-            if victim is None or (score is not None and victim[1] <= score):
-                return False
-            conn.execute("DELETE FROM items WHERE id = ?", (victim[0],))
-            self._bump(conn, "evicted_overflow")
 
     def _log_overflow(self, dropped: int) -> None:
         self._overflow_since_log += dropped
@@ -590,21 +471,28 @@ class Outbox:
         now = time.time() if now is None else now
         done = 0
         remaining = list(ids)
+        stuck = draining = False
         while remaining:
             chunk = remaining[:RELEASE_CHUNK]
             try:
                 done += self._mark_delivered(chunk, now)
             except OutboxFull:
-                # A full disk: spend the reserve on everything left in one transaction.
-                self.checkpoint()
-                self._release_reserve()
-                done += self._mark_delivered(remaining, now)
-                break
+                # A full disk: spend the reserve and fold the WAL into the database, then go
+                # on chunk by chunk, folding after each one while there is still room for
+                # the checkpoint itself (it may extend the database by a few pages); give up
+                # when that frees nothing for the same chunk twice.
+                if stuck:
+                    raise
+                self._make_room(use_reserve=True)
+                stuck = draining = True
+                continue
+            stuck = False
             remaining = remaining[len(chunk):]
+            if draining:
+                self.checkpoint()
         if done:
-            if self.durable:
-                with self._lock:
-                    self._wait_durable(self._unflushed)
+            with self._lock:
+                self._flush()
             self._keep_reserve()
         return done
 

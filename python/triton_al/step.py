@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from triton_al import _core
 from triton_al.scoring import REASONS, Evaluation, Evaluator
 from triton_al.step_settings import StepSettings
 
@@ -47,6 +49,8 @@ class StepCounts:
     stored: int = 0
     duplicates: int = 0
     dropped: int = 0
+    refused: int = 0
+    """Rows not stored because the asset is over `outbox_max_asset_bytes`."""
     outbox_errors: int = 0
 
 
@@ -76,26 +80,15 @@ def asset_bytes(asset: Any) -> tuple[bytes, str]:
     raise RequestError(f"asset: expected bytes or a numeric array per item, got {type(asset).__name__}")
 
 
-def _finite(values) -> list[float | None]:
-    """JSON-safe numbers: invalid model output (NaN, Inf) becomes null."""
-    return [round(float(v), 6) if np.isfinite(v) else None for v in np.asarray(values, np.float64).reshape(-1)]
+def prediction_json(outputs: np.ndarray, task: str, layout: str = "nchw") -> str:
+    """The JSON summary of one item's prediction, for annotators and pre-labels: the Rust
+    step's own (`triton_al._core.prediction_json`), so both steps store the same text."""
+    return _core.prediction_json(task, np.asarray(outputs, np.float32), layout=layout)
 
 
-def prediction_of(outputs: np.ndarray, task: str) -> dict[str, Any]:
-    """A JSON-serialisable summary of one item's prediction, for annotators and pre-labels."""
-    if task == "classification":
-        finite = np.isfinite(outputs)
-        return {"probs": _finite(outputs), "label": int(np.argmax(np.where(finite, outputs, -np.inf))) if finite.any() else None}
-    if task == "multilabel":
-        return {"probs": _finite(outputs)}
-    if task == "detection":
-        finite = np.where(np.isfinite(outputs), outputs, -np.inf)
-        return {"boxes": [{"label": int(np.argmax(b)), "confidence": _finite([np.max(b)])[0]} for b in finite]}
-    # segmentation: the per-class share of pixels is small and says what the image holds
-    class_axis = 0 if outputs.shape[0] < outputs.shape[-1] else -1
-    labels = np.nan_to_num(outputs, nan=-np.inf).argmax(axis=class_axis)
-    counts = np.bincount(labels.ravel(), minlength=outputs.shape[class_axis])
-    return {"class_pixels": counts.tolist()}
+def prediction_of(outputs: np.ndarray, task: str, layout: str = "nchw") -> dict[str, Any]:
+    """`prediction_json`, parsed."""
+    return json.loads(prediction_json(outputs, task, layout))
 
 
 class ActiveLearningStep:
@@ -110,9 +103,16 @@ class ActiveLearningStep:
             from triton_al.outbox import Outbox
 
             o = settings.outbox
-            o.path.parent.mkdir(parents=True, exist_ok=True)
-            self.outbox = Outbox(o.path, max_items=o.max_items, max_bytes=o.max_bytes, overflow_policy=o.overflow_policy,
-                                 durable=o.sync == "full")
+            try:
+                o.path.parent.mkdir(parents=True, exist_ok=True)
+                self.outbox = Outbox(o.path, max_items=o.max_items, max_bytes=o.max_bytes,
+                                     overflow_policy=o.overflow_policy, durable=o.sync == "full",
+                                     max_asset_bytes=o.max_asset_bytes)
+            except (OSError, ValueError, RuntimeError) as e:
+                # Inference must go on without the outbox: flagged items are counted as outbox
+                # errors until the step is reloaded with a usable one (the native step does
+                # the same).
+                log.error("active_learning: the outbox cannot be used, flagged items will not be stored: %s", e)
         # Each batch gets its own seed (random strategy / random share), reproducible when
         # the config has one.
         base = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(8), "little")
@@ -163,6 +163,7 @@ class ActiveLearningStep:
     def _store(self, requests: Sequence[RequestInputs], results: list[Evaluation | Exception]) -> None:
         items = []
         cfg = self.config
+        layout = getattr(cfg.task_options, "layout", "nchw")
         for request, result in zip(requests, results):
             if not isinstance(result, Evaluation):
                 continue
@@ -172,6 +173,9 @@ class ActiveLearningStep:
             for j in np.flatnonzero(result.reason_codes):
                 reason = REASONS[int(result.reason_codes[j])]
                 self.counts.flagged[reason] = self.counts.flagged.get(reason, 0) + 1
+                if self.outbox is None and self.settings.outbox is not None:
+                    self.counts.outbox_errors += 1  # configured, but unusable
+                    continue
                 if self.outbox is None or request.assets is None:
                     continue
                 from triton_al.outbox import FlaggedItem
@@ -188,7 +192,7 @@ class ActiveLearningStep:
                         media_type=media_type,
                         model_name=self.settings.model_name,
                         model_version=request.model_version or self.settings.model_version,
-                        prediction=prediction_of(request.outputs[j], cfg.task),
+                        prediction=prediction_json(request.outputs[j], cfg.task, layout),
                         score=float(result.scores[j]),
                         strategy=cfg.strategy,
                         threshold=cfg.threshold,
@@ -207,3 +211,4 @@ class ActiveLearningStep:
         self.counts.stored += getattr(appended, "accepted", len(items))
         self.counts.duplicates += getattr(appended, "duplicates", 0)
         self.counts.dropped += getattr(appended, "dropped", 0)
+        self.counts.refused += getattr(appended, "refused", 0)

@@ -31,7 +31,6 @@ from triton_al.config import TASK_OPTIONS, ActiveLearningConfig
 OUTBOX_ENV = "TRITON_AL_OUTBOX"
 
 _CONFIG_KEYS = {"strategy", "threshold", "task", "from_logits", "random_fraction", "seed", "sum_tolerance", "upload_groups"}
-_TASK_OPTION_KEYS = {key for model in TASK_OPTIONS.values() for key in model.model_fields}
 
 
 class OutboxSettings(BaseModel):
@@ -42,6 +41,7 @@ class OutboxSettings(BaseModel):
     max_bytes: int = Field(2 * 1024**3, gt=0)
     overflow_policy: Literal["drop_newest", "drop_least_uncertain"] = "drop_least_uncertain"
     sync: Literal["full", "normal"] = "full"
+    max_asset_bytes: int = Field(32 * 1024**2, gt=0)
 
 
 class StepSettings(BaseModel):
@@ -56,52 +56,75 @@ class StepSettings(BaseModel):
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], env: dict[str, str] | None = None) -> StepSettings:
-        """Parse Triton's flat string parameters; raise ValueError naming every bad key."""
+        """Parse Triton's flat string parameters; raise ValueError naming every bad key.
+
+        The rules and messages are the Rust step's (`triton_al._core.parse_step_parameters`,
+        the native backend reads its parameters with the same code); the values it returns
+        then build these pydantic models."""
+        from triton_al import _core
+
         env = dict(os.environ) if env is None else env
-        config: dict[str, Any] = {}
-        options: dict[str, Any] = {}
-        outbox: dict[str, Any] = {}
-        step: dict[str, Any] = {}
-        unknown = []
-        for key, raw in params.items():
-            value = raw.strip()
-            if key in _CONFIG_KEYS:
-                if key == "upload_groups":
-                    config[key] = [g.strip() for g in value.split(",") if g.strip()]
-                elif value:
-                    config[key] = value
-            elif key in _TASK_OPTION_KEYS:
-                if value:
-                    options[key] = value
-            elif key.startswith("outbox_"):
-                name = key.removeprefix("outbox_")
-                if name not in OutboxSettings.model_fields:
-                    unknown.append(key)
-                else:
-                    outbox[name] = value
-            elif key in ("scores_input", "asset_input", "model_name", "model_version"):
-                step[key] = value or (None if key == "asset_input" else value)
-            else:
-                unknown.append(key)
-        if unknown:
-            raise ValueError(f"active_learning step: unknown parameter(s) {sorted(unknown)} in config.pbtxt")
-        if options:
-            config["task_options"] = options
-        path = outbox.pop("path", None)
-        if path is None:
-            path = env.get(OUTBOX_ENV)
-        if path is None:
-            raise ValueError(
-                f"active_learning step: no outbox configured: set the parameter 'outbox_path' in "
-                f"config.pbtxt or the environment variable {OUTBOX_ENV} (an empty outbox_path scores "
-                "without storing flagged items)"
-            )
+        parsed = _core.parse_step_parameters({k: str(v) for k, v in params.items()}, env.get(OUTBOX_ENV))
+        task = parsed["task"]
+        config: dict[str, Any] = {key: parsed[key] for key in _CONFIG_KEYS}
+        config["task_options"] = {key: parsed[key] for key in TASK_OPTIONS[task].model_fields}
+        outbox = None
+        if parsed["outbox_path"] is not None:
+            outbox = {name: parsed[f"outbox_{name}"] for name in OutboxSettings.model_fields}
+        step = {key: parsed[key] for key in ("scores_input", "asset_input", "model_name", "model_version")}
         try:
-            return cls(
-                active_learning=ActiveLearningConfig.model_validate(config),
-                outbox=OutboxSettings(path=path, **outbox) if path else None,
-                **step,
-            )
-        except ValidationError as e:
+            return cls(active_learning=ActiveLearningConfig.model_validate(config),
+                       outbox=OutboxSettings(**outbox) if outbox else None, **step)
+        except ValidationError as e:  # the table and the models disagree: a defect, say where
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
             raise ValueError(f"active_learning step: bad parameter value(s): {problems}") from None
+
+
+PARAMETERS_FILE = Path(__file__).resolve().parents[2] / "rust" / "step" / "src" / "parameters.json"
+
+
+def _rule(schema: dict[str, Any]) -> dict[str, Any]:
+    """One parameter's rule, flattened from its JSON schema: a type and its bounds."""
+    if "anyOf" in schema:  # Optional[X]: the non-null branch, default null
+        branch = next(b for b in schema["anyOf"] if b.get("type") != "null")
+        return {**_rule(branch), "default": schema.get("default"), "nullable": True}
+    rule: dict[str, Any] = {"type": "enum" if "enum" in schema else schema["type"]}
+    if "enum" in schema:
+        rule["values"] = schema["enum"]
+    for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength"):
+        if bound in schema:
+            rule[bound] = schema[bound]
+    if rule.get("exclusiveMaximum") == 2**64:  # an unsigned 64-bit integer
+        rule["maximum"] = 2**64 - 1
+        del rule["exclusiveMaximum"]
+    if "default" in schema:
+        rule["default"] = schema["default"]
+    return rule
+
+
+def parameter_table() -> dict[str, Any]:
+    """Every step parameter with its rule, from the pydantic models (the one definition)."""
+    config = ActiveLearningConfig.model_json_schema()
+    parameters: dict[str, Any] = {}
+    for key in sorted(_CONFIG_KEYS):
+        prop = config["properties"][key]
+        parameters[key] = {"type": "groups", "default": "active-learning"} if key == "upload_groups" else _rule(prop)
+    outbox = OutboxSettings.model_json_schema()["properties"]
+    for name, prop in outbox.items():
+        parameters[f"outbox_{name}"] = {"type": "path"} if name == "path" else _rule(prop)
+    step = StepSettings.model_json_schema()["properties"]
+    for key in ("scores_input", "asset_input", "model_name", "model_version"):
+        parameters[key] = _rule(step[key])
+    parameters["model_name"]["required"] = True
+    task_options = {
+        task: {name: _rule(prop) for name, prop in model.model_json_schema()["properties"].items()}
+        for task, model in TASK_OPTIONS.items()
+    }
+    return {"generated_by": "python -m triton_al.step_settings", "parameters": parameters, "task_options": task_options}
+
+
+if __name__ == "__main__":  # python -m triton_al.step_settings: regenerate the committed table
+    import json
+
+    PARAMETERS_FILE.write_text(json.dumps(parameter_table(), indent=1) + "\n")
+    print(f"wrote {PARAMETERS_FILE}")

@@ -4,6 +4,10 @@ Where the binary comes from, in order: a path given by the caller, `$TRITON_AL_T
 the `nvidia-pytriton` wheel in this environment (a CPU-capable build with the Python
 backend), or `tritonserver` on PATH (NVIDIA's containers, `/opt/tritonserver/bin`).
 
+The server is given a backend directory holding both faces of the active_learning step: the
+native backend (`active_learning/libtriton_active_learning.so`, built from `rust/backend`)
+and, for the Python step and the example's Python models, the Python backend.
+
 The wheel's layout needs three things done for it (see DESIGN.md, "running Triton here"):
 its Python backend folder has no stub, so the backend is assembled in a cache folder with
 the stub for this Python; the stub runs the `python3` it finds on PATH, so this
@@ -36,6 +40,8 @@ from typing import Literal
 
 ControlMode = Literal["none", "poll", "explicit"]
 BINARY_ENV = "TRITON_AL_TRITONSERVER"
+NATIVE_BACKEND_ENV = "TRITON_AL_NATIVE_BACKEND"
+NATIVE_BACKEND_FILE = "libtriton_active_learning.so"
 # Flags every start uses: CPU-only friendly and nothing bound beyond loopback.
 CPU_FLAGS = ("--disable-auto-complete-config", "--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false")
 
@@ -106,6 +112,45 @@ def python_backend_dir(server_root: Path) -> Path:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(tmp, target)  # atomic: another process may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def native_backend_library() -> Path | None:
+    """The native step's shared library: `$TRITON_AL_NATIVE_BACKEND`, or the one built into
+    this package (`triton_al/native/`, by `scripts/bootstrap.sh` or the wheel build)."""
+    if os.environ.get(NATIVE_BACKEND_ENV):
+        path = Path(os.environ[NATIVE_BACKEND_ENV])
+        if not path.is_file():
+            raise ServerError(f"{NATIVE_BACKEND_ENV}={path}: no such file")
+        return path
+    packaged = Path(__file__).resolve().parents[1] / "native" / NATIVE_BACKEND_FILE
+    return packaged if packaged.is_file() else None
+
+
+def backend_dir(server_root: Path | None) -> Path | None:
+    """A backend directory with `python/` (the wheel's, prepared; only with the wheel's
+    server) and `active_learning/` (the native step, when built); None when neither applies
+    (a server in NVIDIA's container keeps its own /opt/tritonserver/backends, where the
+    README says to install the native step)."""
+    native = native_backend_library()
+    python = python_backend_dir(server_root) if server_root is not None else None
+    if python is None:
+        return None
+    if native is None:
+        return python
+    digest = hashlib.sha256(native.read_bytes()).hexdigest()[:16]
+    target = _cache_dir() / "backends" / f"{python.name}-native-{digest}"
+    if not (target / "active_learning" / NATIVE_BACKEND_FILE).exists():
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "active_learning").mkdir(parents=True)
+        (tmp / "python").symlink_to(python / "python")
+        # A copy, not a link: a rebuild must not change the library under a running server.
+        shutil.copy2(native, tmp / "active_learning" / NATIVE_BACKEND_FILE)
+        try:
+            os.replace(tmp, target)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -192,7 +237,7 @@ class TritonServer:
         server_root = self.binary.parent.parent
         args = [str(self.binary), f"--model-repository={self.model_repository}"]
         if _pytriton_root() is not None and server_root.resolve() == _pytriton_root().resolve():
-            args.append(f"--backend-directory={python_backend_dir(server_root)}")
+            args.append(f"--backend-directory={backend_dir(server_root)}")
         args += [
             "--grpc-address=127.0.0.1", f"--grpc-port={self.ports.grpc}",
             "--http-address=127.0.0.1", f"--http-port={self.ports.http}",

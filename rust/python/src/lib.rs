@@ -7,6 +7,8 @@
 
 mod convert;
 mod options;
+mod outbox;
+mod step;
 
 use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -173,6 +175,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(flag, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(step::parse_step_parameters, m)?)?;
+    m.add_function(wrap_pyfunction!(step::prediction_json, m)?)?;
+    m.add_class::<outbox::OutboxWriter>()?;
+    m.add("OUTBOX_SCHEMA", triton_al_outbox::SCHEMA)?;
+    m.add("OUTBOX_SCHEMA_VERSION", triton_al_outbox::SCHEMA_VERSION)?;
+    m.add("OUTBOX_PAGE_SIZE", triton_al_outbox::NEW_FILE_PAGE_SIZE)?;
     m.add("PARALLEL_MIN_ELEMENTS", kernels::PARALLEL_MIN_ELEMENTS)?;
     Ok(())
 }

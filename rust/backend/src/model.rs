@@ -1,0 +1,141 @@
+//! One loaded `active_learning` model: its settings read once from config.pbtxt, the step
+//! (with its outbox writer thread, shared by every instance), and its metrics.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+use triton_al_step::{Step, StepSettings, OUTBOX_ENV};
+
+use crate::metrics::StepMetrics;
+
+pub const STEP_OUTPUTS: [&str; 2] = ["SCORE", "FLAGGED"];
+
+/// The newest version folder of the scored model (what Triton's default policy serves),
+/// re-read at most once a second so a deployed version shows up without a reload.
+pub struct LatestVersion {
+    model_dir: PathBuf,
+    cached: Mutex<(String, Option<Instant>)>,
+}
+
+impl LatestVersion {
+    fn new(model_dir: PathBuf) -> Self {
+        LatestVersion { model_dir, cached: Mutex::new(("unknown".into(), None)) }
+    }
+
+    pub fn get(&self) -> String {
+        let Ok(mut cached) = self.cached.lock() else { return "unknown".into() };
+        if cached.1.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            let newest = std::fs::read_dir(&self.model_dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()))
+                .max();
+            *cached = (newest.map_or("unknown".into(), |v| v.to_string()), Some(Instant::now()));
+        }
+        cached.0.clone()
+    }
+}
+
+pub struct ModelState {
+    pub name: String,
+    pub step: Step,
+    pub metrics: Option<StepMetrics>,
+    /// Outputs that copy the input of the same name (every model output, so that Triton never
+    /// prunes the step from an ensemble).
+    pub passthrough: Vec<String>,
+    pub version_input: bool,
+    pub latest_version: Option<LatestVersion>,
+    /// How long a response may wait for its flagged items to be stored.
+    pub outbox_timeout: Duration,
+}
+
+fn tensors<'a>(config: &'a Json, key: &str) -> impl Iterator<Item = &'a Json> {
+    config.get(key).and_then(Json::as_array).into_iter().flatten()
+}
+
+fn name_of(tensor: &Json) -> &str {
+    tensor.get("name").and_then(Json::as_str).unwrap_or("")
+}
+
+/// The pass-through outputs of a step config: each must copy an input of the same name,
+/// type and dims (the Python step applies the same rule, with the same messages).
+fn passthrough_outputs(config: &Json) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for output in tensors(config, "output") {
+        let name = name_of(output);
+        if STEP_OUTPUTS.contains(&name) {
+            continue;
+        }
+        let Some(input) = tensors(config, "input").find(|i| name_of(i) == name) else {
+            return Err(format!(
+                "active_learning step: output '{name}' is neither SCORE, FLAGGED nor a pass-through (a pass-through output needs an input of the same name)"
+            ));
+        };
+        if input.get("data_type") != output.get("data_type") || input.get("dims") != output.get("dims") {
+            return Err(format!("active_learning step: pass-through output '{name}' must have the type and dims of input '{name}'"));
+        }
+        names.push(name.to_string());
+    }
+    Ok(names)
+}
+
+impl ModelState {
+    /// Read and check the model's configuration; any bad setting is an Err naming it (and the
+    /// load fails with that message).
+    pub fn new(name: &str, config_json: &str, repository: &str) -> Result<ModelState, String> {
+        let config: Json = serde_json::from_str(config_json).map_err(|e| format!("active_learning step: unreadable model config ({e})"))?;
+        let mut params: BTreeMap<String, String> = config
+            .get("parameters")
+            .and_then(Json::as_object)
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.get("string_value").and_then(Json::as_str).unwrap_or("").to_string()))
+            .collect();
+        let explicit_version = params.contains_key("model_version");
+        params.entry("model_name".into()).or_insert_with(|| name.to_string());
+        let settings = StepSettings::from_parameters(&params, std::env::var(OUTBOX_ENV).ok().as_deref())?;
+        let inputs: Vec<&str> = tensors(&config, "input").map(name_of).collect();
+        if !inputs.contains(&settings.scores_input.as_str()) {
+            return Err(format!(
+                "active_learning step: scores_input '{}' is not an input of this model (its inputs: {inputs:?})",
+                settings.scores_input
+            ));
+        }
+        let passthrough = passthrough_outputs(&config)?;
+        let latest_version = (!explicit_version).then(|| {
+            // The repository path is this model's folder; the scored model is its sibling.
+            LatestVersion::new(PathBuf::from(repository).parent().unwrap_or(std::path::Path::new("/")).join(&settings.model_name))
+        });
+        let step = match Step::open(settings.clone()) {
+            Ok(step) => step,
+            Err(e) => {
+                // Inference must go on without the outbox: every flagged item is counted as
+                // an outbox error until the step is reloaded with a usable one.
+                crate::triton::log_error!("active_learning {name}: the outbox cannot be used, flagged items will not be stored: {e}");
+                Step::with_outbox(settings.clone(), None)
+            }
+        };
+        let metrics = StepMetrics::start(name)
+            .map_err(|e| crate::triton::log_error!("active_learning {name}: metrics disabled: {e}"))
+            .ok();
+        Ok(ModelState {
+            name: name.to_string(),
+            step,
+            metrics,
+            passthrough,
+            version_input: inputs.contains(&"MODEL_VERSION"),
+            latest_version,
+            outbox_timeout: Duration::from_secs(2),
+        })
+    }
+
+    /// Whether flagged items are being counted as errors because the outbox is unusable.
+    pub fn outbox_missing(&self) -> bool {
+        self.step.settings.outbox.is_some() && self.step.outbox().is_none()
+    }
+}

@@ -1,0 +1,197 @@
+//! A flagged item as callers hand it over, and as the writer thread receives it: checked,
+//! hashed and with its NaN score turned into SQL NULL.
+
+use std::fmt;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+/// One flagged item: the asset, the model's prediction and why it was flagged.
+#[derive(Clone, PartialEq)]
+pub struct NewItem {
+    pub asset: Vec<u8>,
+    pub media_type: String,
+    pub model_name: String,
+    pub model_version: String,
+    /// Already-serialised JSON; not checked here (the caller's job).
+    pub prediction_json: String,
+    /// Confidence in [0, 1]; NaN stands for an invalid model output (stored as NULL).
+    pub score: f64,
+    pub strategy: String,
+    pub threshold: f64,
+    pub reason: String,
+    /// One queued row per distinct group; shared because a model sends all its items to
+    /// the same groups.
+    pub upload_groups: Arc<[String]>,
+}
+
+// By hand: a derived Debug would print every byte of the asset.
+impl fmt::Debug for NewItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewItem")
+            .field("asset", &format_args!("<{} bytes>", self.asset.len()))
+            .field("media_type", &self.media_type)
+            .field("model_name", &self.model_name)
+            .field("model_version", &self.model_version)
+            .field("prediction_json", &self.prediction_json)
+            .field("score", &self.score)
+            .field("strategy", &self.strategy)
+            .field("threshold", &self.threshold)
+            .field("reason", &self.reason)
+            .field("upload_groups", &self.upload_groups)
+            .finish()
+    }
+}
+
+/// The content hash the outbox deduplicates on: lowercase hex SHA-256.
+pub fn content_hash(data: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(data);
+    let mut hex = String::with_capacity(2 * digest.len());
+    for byte in digest {
+        hex.push(char::from(HEX[usize::from(byte >> 4)]));
+        hex.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    hex
+}
+
+const MAX_GROUP_NAME_LEN: usize = 128;
+
+/// An upload-group name: 1-128 of `A-Z a-z 0-9 . _ -`, starting with a letter or digit,
+/// with no `..` (safe as a folder name and a URL path segment). The same rule as the Python
+/// package's `validate_group_name`, matched over the whole name (a trailing newline too).
+pub fn validate_group_name(name: &str) -> Result<(), String> {
+    let allowed = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-');
+    let bytes = name.as_bytes();
+    let valid = matches!(bytes.first(), Some(c) if c.is_ascii_alphanumeric())
+        && bytes.len() <= MAX_GROUP_NAME_LEN
+        && bytes.iter().all(|&c| allowed(c))
+        && !name.contains("..");
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "upload group name '{name}' is not allowed: use 1-128 letters, digits, '.', '_' or '-', \
+             starting with a letter or digit, with no '..' (no paths, no hidden names)"
+        ))
+    }
+}
+
+/// An item ready for the writer thread.
+pub(crate) struct PreparedItem {
+    pub content_hash: String,
+    pub item: NewItem,
+    /// `None` for a NaN score.
+    pub score: Option<f64>,
+}
+
+impl PreparedItem {
+    /// The item's upload groups, each once, in the order given.
+    pub fn distinct_groups(&self) -> impl Iterator<Item = &str> {
+        let groups = &self.item.upload_groups;
+        groups
+            .iter()
+            .enumerate()
+            .filter(move |(i, group)| !groups[..*i].contains(group))
+            .map(|(_, group)| group.as_str())
+    }
+}
+
+fn count_distinct(groups: &[String]) -> u64 {
+    let distinct = groups.iter().enumerate().filter(|(i, group)| !groups[..*i].contains(group)).count();
+    u64::try_from(distinct).unwrap_or(u64::MAX)
+}
+
+/// An append split into what goes to the database and what was refused for its size.
+pub(crate) struct PreparedAppend {
+    pub items: Vec<PreparedItem>,
+    /// Rows (item, distinct group) refused because the asset exceeds `max_asset_bytes`.
+    pub refused_rows: u64,
+    pub asset_bytes: u64,
+}
+
+/// Check every item (any problem refuses the whole append), hash the assets that fit. Done on
+/// the caller's thread so that many model instances hash in parallel, not on the writer.
+pub(crate) fn prepare(items: Vec<NewItem>, max_asset_bytes: u64) -> Result<PreparedAppend, String> {
+    for (index, item) in items.iter().enumerate() {
+        check(item).map_err(|problem| format!("item {index}: {problem}"))?;
+    }
+    let mut prepared = PreparedAppend { items: Vec::with_capacity(items.len()), refused_rows: 0, asset_bytes: 0 };
+    for item in items {
+        let size = u64::try_from(item.asset.len()).unwrap_or(u64::MAX);
+        if size > max_asset_bytes {
+            prepared.refused_rows += count_distinct(&item.upload_groups);
+            continue;
+        }
+        prepared.asset_bytes = prepared.asset_bytes.saturating_add(size);
+        let score = if item.score.is_nan() { None } else { Some(item.score) };
+        prepared.items.push(PreparedItem { content_hash: content_hash(&item.asset), item, score });
+    }
+    Ok(prepared)
+}
+
+fn check(item: &NewItem) -> Result<(), String> {
+    if item.asset.is_empty() {
+        return Err("asset: expected non-empty bytes".into());
+    }
+    if item.upload_groups.is_empty() {
+        return Err("upload_groups: expected at least one group".into());
+    }
+    for group in item.upload_groups.iter() {
+        validate_group_name(group)?;
+    }
+    // The column is NOT NULL and SQLite stores NaN as NULL: refuse it here, clearly.
+    if item.threshold.is_nan() {
+        return Err("threshold: expected a number, got NaN".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_hash_is_lowercase_hex_sha256() {
+        assert_eq!(content_hash(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(content_hash(b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    }
+
+    #[test]
+    fn group_names_follow_the_python_rule_with_a_full_match() {
+        let longest = "a".repeat(128);
+        for good in ["a", "A", "0", "a.b_c-d", "Group-2024.v1", longest.as_str()] {
+            assert_eq!(validate_group_name(good), Ok(()), "{good:?} should be allowed");
+        }
+        let too_long = "a".repeat(129);
+        for bad in ["", "a\n", "\na", ".a", "-a", "_a", "a..b", "a/b", "a b", "é", "a\0", too_long.as_str()] {
+            let error = validate_group_name(bad).expect_err(bad);
+            assert!(error.contains("is not allowed"), "{error}");
+        }
+    }
+
+    #[test]
+    fn distinct_groups_keep_the_first_of_each_in_order() {
+        let item = NewItem {
+            asset: vec![1],
+            media_type: String::new(),
+            model_name: String::new(),
+            model_version: String::new(),
+            prediction_json: String::new(),
+            score: 0.5,
+            strategy: String::new(),
+            threshold: 0.5,
+            reason: String::new(),
+            upload_groups: Arc::from(vec![
+                "b".to_string(),
+                "a".to_string(),
+                "b".to_string(),
+                "c".to_string(),
+                "a".to_string(),
+            ]),
+        };
+        let prepared = PreparedItem { content_hash: content_hash(&item.asset), item, score: Some(0.5) };
+        assert_eq!(prepared.distinct_groups().collect::<Vec<_>>(), ["b", "a", "c"]);
+        assert_eq!(count_distinct(&prepared.item.upload_groups), 3);
+    }
+}

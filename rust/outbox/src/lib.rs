@@ -1,0 +1,56 @@
+//! The outbox's one writer.
+//!
+//! Flagged items wait in an SQLite file (WAL mode) until the uploader delivers them; see the
+//! Python package's `triton_al.outbox` for the reader side and the schema's meaning. In a
+//! process, every append goes through one `Outbox`, whose writer thread commits all appends
+//! waiting at that moment in one transaction and (with `SyncMode::Full`) flushes the WAL once
+//! for all of them, after releasing the write lock. Other processes may write the same file
+//! at the same time; SQLite's write lock orders them.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use triton_al_outbox::{NewItem, Outbox, OutboxConfig};
+//!
+//! let outbox = Outbox::open(OutboxConfig::new("/var/lib/triton-al/outbox.sqlite"))?;
+//! let item = NewItem {
+//!     asset: b"...".to_vec(),
+//!     media_type: "image/png".into(),
+//!     model_name: "resnet".into(),
+//!     model_version: "3".into(),
+//!     prediction_json: r#"{"probabilities":[0.4,0.6]}"#.into(),
+//!     score: 0.12,
+//!     strategy: "entropy".into(),
+//!     threshold: 0.3,
+//!     reason: "uncertain".into(),
+//!     upload_groups: Arc::from(vec!["to-label".to_string()]),
+//! };
+//! let result = outbox.append(vec![item], Duration::from_secs(5))?;
+//! assert_eq!(result.accepted, 1);
+//! # Ok::<(), triton_al_outbox::OutboxError>(())
+//! ```
+
+mod append;
+mod busy;
+mod config;
+mod database;
+mod error;
+mod item;
+mod outbox;
+mod queue;
+mod wal;
+mod writer;
+
+pub use database::NEW_FILE_PAGE_SIZE;
+pub use config::{OutboxConfig, OverflowPolicy, SyncMode};
+pub use error::OutboxError;
+pub use item::{content_hash, validate_group_name, NewItem};
+pub use outbox::{AppendResult, Outbox, Ticket};
+pub use queue::WriterStats;
+
+/// The outbox schema (tables, indexes, triggers); idempotent. After running it on a new file,
+/// record the version: `INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')`.
+pub const SCHEMA: &str = include_str!("schema.sql");
+
+/// The schema version this crate reads and writes (`meta.schema_version`).
+pub const SCHEMA_VERSION: i64 = 1;

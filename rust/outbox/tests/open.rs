@@ -1,0 +1,139 @@
+//! Opening: a new file gets the schema, files the Python package made keep working, and
+//! everything else fails with a message naming the path.
+
+mod common;
+
+use std::fs;
+
+use common::{config, item, outbox_path, queued, reader, WAIT};
+use rusqlite::Connection;
+use tempfile::tempdir;
+use triton_al_outbox::{Outbox, OutboxConfig, OutboxError, SCHEMA, SCHEMA_VERSION};
+
+fn open_error(settings: OutboxConfig) -> OutboxError {
+    match Outbox::open(settings) {
+        Ok(_) => panic!("expected opening to fail"),
+        Err(error) => error,
+    }
+}
+
+/// (type, name, sql) of every schema object, sorted.
+fn schema_objects(conn: &Connection) -> Vec<(String, String, Option<String>)> {
+    let mut statement = conn
+        .prepare("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name")
+        .expect("prepare");
+    statement
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+#[test]
+fn a_new_file_gets_the_schema_in_wal_mode() {
+    let dir = tempdir().expect("temp dir");
+    let path = outbox_path(&dir);
+    let outbox = Outbox::open(config(&dir)).expect("open");
+    let conn = reader(&path);
+    let version: String =
+        conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).expect("version");
+    assert_eq!(version, SCHEMA_VERSION.to_string());
+    let journal: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("journal mode");
+    assert_eq!(journal, "wal");
+    let names: Vec<String> = schema_objects(&conn).into_iter().map(|(_, name, _)| name).collect();
+    for expected in [
+        "meta",
+        "assets",
+        "items",
+        "dead_letters",
+        "delivered",
+        "counters",
+        "paused_groups",
+        "items_added",
+        "assets_removed",
+    ] {
+        assert!(names.iter().any(|name| name == expected), "{expected} missing from {names:?}");
+    }
+    drop(outbox);
+    // Opening again leaves the file as it is.
+    let before = schema_objects(&conn);
+    Outbox::open(config(&dir)).expect("reopen").close();
+    assert_eq!(schema_objects(&conn), before);
+}
+
+/// Files made before this crate existed (by the Python package, with SQLite's default 4 KiB
+/// pages) keep working: same schema, same version.
+#[test]
+fn a_file_made_with_4_kib_pages_keeps_working() {
+    let dir = tempdir().expect("temp dir");
+    let older = dir.path().join("older.sqlite");
+    let conn = Connection::open(&older).expect("open");
+    conn.execute_batch("PRAGMA page_size=4096; PRAGMA journal_mode=WAL").expect("wal");
+    conn.execute_batch(&format!("{SCHEMA}INSERT OR IGNORE INTO meta VALUES ('schema_version', '1');")).expect("schema");
+    let outbox = Outbox::open(OutboxConfig::new(&older)).expect("open an older file");
+    outbox.append(vec![item(b"cat", 0.5, &["a"])], WAIT).expect("append");
+    assert_eq!(queued(&older).len(), 1);
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).expect("page size");
+    assert_eq!(page_size, 4096, "an existing file keeps its page size");
+}
+
+#[test]
+fn a_new_file_gets_small_pages() {
+    let dir = tempdir().expect("temp dir");
+    Outbox::open(config(&dir)).expect("create").close();
+    let conn = Connection::open(outbox_path(&dir)).expect("open");
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).expect("page size");
+    assert_eq!(page_size, i64::from(triton_al_outbox::NEW_FILE_PAGE_SIZE));
+}
+
+#[test]
+fn another_schema_version_is_refused() {
+    let dir = tempdir().expect("temp dir");
+    let path = outbox_path(&dir);
+    Outbox::open(config(&dir)).expect("create").close();
+    reader(&path).execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'", []).expect("bump version");
+    let error = open_error(config(&dir));
+    assert!(matches!(error, OutboxError::Other(_)), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains("schema version 2") && message.contains(&path.display().to_string()), "{message}");
+}
+
+#[test]
+fn a_file_that_is_not_sqlite_is_refused_naming_it() {
+    let dir = tempdir().expect("temp dir");
+    let path = outbox_path(&dir);
+    let text = "this is a text file, not an SQLite database\n".repeat(100);
+    fs::write(&path, &text).expect("write");
+    let error = open_error(config(&dir));
+    let message = error.to_string();
+    assert!(matches!(error, OutboxError::Other(_)), "{error:?}");
+    assert!(message.contains(&format!("outbox {}: cannot open it as an SQLite outbox", path.display())), "{message}");
+    assert!(message.contains("not a database"), "{message}");
+    assert_eq!(fs::read_to_string(&path).expect("read"), text, "the file is left alone");
+}
+
+#[test]
+fn a_missing_directory_is_named() {
+    let dir = tempdir().expect("temp dir");
+    let missing = dir.path().join("no such dir");
+    let error = open_error(OutboxConfig::new(missing.join("outbox.sqlite")));
+    assert!(matches!(error, OutboxError::Invalid(_)), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains(&format!("directory {} does not exist", missing.display())), "{message}");
+    assert!(!missing.exists());
+}
+
+#[test]
+fn zero_caps_are_refused() {
+    let dir = tempdir().expect("temp dir");
+    for settings in [
+        OutboxConfig { max_items: 0, ..config(&dir) },
+        OutboxConfig { max_bytes: 0, ..config(&dir) },
+        OutboxConfig { max_asset_bytes: 0, ..config(&dir) },
+        OutboxConfig { max_pending_items: 0, ..config(&dir) },
+    ] {
+        let error = open_error(settings);
+        assert!(matches!(&error, OutboxError::Invalid(m) if m.contains("must be positive")), "{error:?}");
+    }
+    assert!(!outbox_path(&dir).exists(), "nothing is created for a bad configuration");
+}

@@ -1,0 +1,265 @@
+//! One dynamic batch through the step: score each request's items, flag them, and hand the
+//! flagged ones (asset, prediction, score, reason) to the outbox's writer thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use triton_al_kernels as kernels;
+use triton_al_outbox::{NewItem, Outbox, OutboxConfig, OutboxError, OverflowPolicy, SyncMode, Ticket};
+
+use crate::prediction::prediction_json;
+use crate::settings::{StepSettings, Task};
+
+/// Reason codes, as the kernels write them (index into [`REASONS`]).
+pub const REASONS: [&str; 4] = ["", "uncertain", "invalid_output", "random"];
+
+/// One request's class scores, batch first, as contiguous f32.
+pub struct Scores<'a> {
+    pub values: &'a [f32],
+    pub shape: &'a [usize],
+}
+
+/// One request's assets, read only for flagged items (so that most batches copy nothing).
+pub trait Assets {
+    fn len(&self) -> usize;
+    /// The bytes to store for item `index` and their media type.
+    fn asset(&self, index: usize) -> Result<(Vec<u8>, &'static str), String>;
+}
+
+/// What one inference request brings to the step.
+pub struct StepRequest<'a> {
+    pub scores: Scores<'a>,
+    pub assets: Option<&'a dyn Assets>,
+    /// The version of the model that produced the scores, when the request says.
+    pub model_version: Option<String>,
+}
+
+/// Per item: the score (confidence in [0, 1], NaN for invalid output) and the reason code.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Evaluation {
+    pub scores: Vec<f32>,
+    pub reasons: Vec<u8>,
+}
+
+/// What a batch did, for metrics and logs.
+#[derive(Clone, Debug, Default)]
+pub struct BatchReport {
+    pub scored: u64,
+    /// Flagged items per reason code.
+    pub flagged: [u64; 4],
+    /// Flagged items that could not be handed to the outbox (unreadable asset, outbox refused).
+    pub outbox_errors: u64,
+    /// The first problems met, for the log.
+    pub problems: Vec<String>,
+}
+
+/// The batch's results: one per request, in order, and the outbox append still in flight
+/// (wait for it before answering when the outbox must be durable first).
+pub struct Processed {
+    pub results: Vec<Result<Evaluation, String>>,
+    pub pending: Option<Ticket>,
+    pub items: usize,
+    pub report: BatchReport,
+}
+
+pub struct Step {
+    pub settings: StepSettings,
+    outbox: Option<Arc<Outbox>>,
+    base_seed: u64,
+    batches: AtomicU64,
+    groups: Arc<[String]>,
+}
+
+/// SplitMix64's finaliser: a different, reproducible seed per batch.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn outbox_config(settings: &StepSettings) -> Option<OutboxConfig> {
+    let o = settings.outbox.as_ref()?;
+    Some(OutboxConfig {
+        max_items: o.max_items,
+        max_bytes: o.max_bytes,
+        overflow_policy: if o.overflow_policy == "drop_newest" { OverflowPolicy::DropNewest } else { OverflowPolicy::DropLeastUncertain },
+        sync: if o.sync_full { SyncMode::Full } else { SyncMode::Normal },
+        max_asset_bytes: o.max_asset_bytes,
+        ..OutboxConfig::new(&o.path)
+    })
+}
+
+impl Step {
+    /// The step with its outbox opened (its folder created). An outbox that cannot be
+    /// opened is an Err: the caller decides whether to serve without it.
+    pub fn open(settings: StepSettings) -> Result<Step, String> {
+        let outbox = match outbox_config(&settings) {
+            None => None,
+            Some(config) => {
+                if let Some(parent) = config.path.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| format!("outbox {}: cannot create its folder: {e}", config.path.display()))?;
+                }
+                Some(Arc::new(Outbox::open(config).map_err(|e| e.to_string())?))
+            }
+        };
+        Ok(Step::with_outbox(settings, outbox))
+    }
+
+    /// The step with a given outbox (or none: score and flag only).
+    pub fn with_outbox(settings: StepSettings, outbox: Option<Arc<Outbox>>) -> Step {
+        let base_seed = settings.seed.unwrap_or_else(|| {
+            let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+            mix(nanos ^ ((std::process::id() as u64) << 32))
+        });
+        let groups = settings.upload_groups.clone().into();
+        Step { settings, outbox, base_seed, batches: AtomicU64::new(0), groups }
+    }
+
+    pub fn outbox(&self) -> Option<&Arc<Outbox>> {
+        self.outbox.as_ref()
+    }
+
+    fn next_seed(&self) -> u64 {
+        mix(self.base_seed ^ mix(self.batches.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    /// Check a request's shape against the task: Ok((batch, per-item dims)).
+    fn check_shape<'s>(&self, shape: &'s [usize]) -> Result<(usize, &'s [usize]), String> {
+        let task = self.settings.task;
+        let input = &self.settings.scores_input;
+        let form = match task {
+            Task::Classification => "[B, C]",
+            Task::MultiLabel => "[B, L]",
+            Task::Detection => "[B, N, C]",
+            Task::Segmentation => "[B, C, H, W] or [B, H, W, C]",
+        };
+        if shape.len() != 1 + task.item_rank() {
+            return Err(format!("{input}: task '{}' expects {} dimensions {form}, got shape {shape:?}", task.name(), 1 + task.item_rank()));
+        }
+        Ok((shape[0], &shape[1..]))
+    }
+
+    /// Score and flag one request's items.
+    pub fn evaluate(&self, scores: &Scores<'_>, seed: u64) -> Result<Evaluation, String> {
+        let s = &self.settings;
+        let (batch, dims) = self.check_shape(scores.shape)?;
+        let expected: usize = scores.shape.iter().product();
+        if scores.values.len() != expected {
+            return Err(format!("{}: shape {:?} needs {expected} values, got {}", s.scores_input, scores.shape, scores.values.len()));
+        }
+        let scoring = kernels::Scoring { strategy: s.strategy, from_logits: s.from_logits, sum_tolerance: s.sum_tolerance as f32, seed };
+        let mut out = vec![0f32; batch];
+        let x = scores.values;
+        let result = match (s.task, dims) {
+            (Task::Classification, [c]) => kernels::classification(x, batch, *c, &scoring, &mut out),
+            (Task::MultiLabel, [l]) => kernels::multilabel(x, batch, *l, &scoring, s.aggregate, &mut out),
+            (Task::Detection, [n, c]) => {
+                let det = kernels::Detection {
+                    aggregate: s.aggregate,
+                    valid_counts: None,
+                    box_confidence: None,
+                    confidence_floor: s.confidence_floor,
+                    empty_score: s.empty_score,
+                };
+                kernels::detection(x, batch, *n, *c, &scoring, &det, &mut out)
+            }
+            (Task::Segmentation, [a, b, c]) => {
+                let (classes, h, w) = match s.layout {
+                    kernels::Layout::ChannelsFirst => (*a, *b, *c),
+                    kernels::Layout::ChannelsLast => (*c, *a, *b),
+                };
+                kernels::segmentation(x, batch, classes, h, w, s.layout, &scoring, s.aggregate, &mut out)
+            }
+            _ => unreachable!("check_shape fixed the rank"),
+        };
+        result.map_err(|e| format!("{}: {e}", s.scores_input))?;
+        let mut reasons = vec![0u8; batch];
+        kernels::flag(&out, s.threshold as f32, s.random_fraction as f32, seed, &mut reasons);
+        Ok(Evaluation { scores: out, reasons })
+    }
+
+    /// The outbox items for one request's flagged items (the asset copied only for them).
+    fn flagged_items(&self, request: &StepRequest<'_>, evaluation: &Evaluation, report: &mut BatchReport, items: &mut Vec<NewItem>) {
+        let s = &self.settings;
+        let Some(assets) = request.assets else { return };
+        let dims = &request.scores.shape[1..];
+        let per_item: usize = dims.iter().product();
+        for (j, &reason) in evaluation.reasons.iter().enumerate() {
+            if reason == 0 {
+                continue;
+            }
+            let (asset, media_type) = match assets.asset(j) {
+                Ok(found) => found,
+                Err(e) => {
+                    report.outbox_errors += 1;
+                    if report.problems.len() < 4 {
+                        report.problems.push(format!("flagged item {j}: unusable asset, not stored: {e}"));
+                    }
+                    continue;
+                }
+            };
+            let values = &request.scores.values[j * per_item..(j + 1) * per_item];
+            items.push(NewItem {
+                asset,
+                media_type: media_type.to_string(),
+                model_name: s.model_name.clone(),
+                model_version: request.model_version.clone().unwrap_or_else(|| s.model_version.clone()),
+                prediction_json: prediction_json(s.task, s.layout, values, dims),
+                score: evaluation.scores[j] as f64,
+                strategy: s.strategy_name.clone(),
+                threshold: s.threshold,
+                reason: REASONS[reason as usize].to_string(),
+                upload_groups: self.groups.clone(),
+            });
+        }
+    }
+
+    /// Score every request of a dynamic batch (a bad request fails alone), and submit the
+    /// flagged items to the outbox in one append.
+    pub fn process(&self, requests: &[StepRequest<'_>]) -> Processed {
+        let mut report = BatchReport::default();
+        let mut items = Vec::new();
+        let mut results = Vec::with_capacity(requests.len());
+        for request in requests {
+            let evaluation = self.evaluate(&request.scores, self.next_seed()).and_then(|e| match request.assets {
+                Some(a) if a.len() != e.scores.len() => Err(format!(
+                    "{}: {} assets for {} items of {}",
+                    self.settings.asset_input.as_deref().unwrap_or("asset"),
+                    a.len(),
+                    e.scores.len(),
+                    self.settings.scores_input
+                )),
+                _ => Ok(e),
+            });
+            if let Ok(e) = &evaluation {
+                report.scored += e.scores.len() as u64;
+                for &r in &e.reasons {
+                    report.flagged[r as usize] += 1;
+                }
+                if self.outbox.is_some() {
+                    self.flagged_items(request, e, &mut report, &mut items);
+                }
+            }
+            results.push(evaluation);
+        }
+        let count = items.len();
+        let pending = match (&self.outbox, items.is_empty()) {
+            (Some(outbox), false) => match outbox.submit(items) {
+                Ok(ticket) => Some(ticket),
+                Err(e) => {
+                    report.outbox_errors += count as u64;
+                    report.problems.push(format!("{count} flagged items not stored: {e}"));
+                    None
+                }
+            },
+            _ => None,
+        };
+        Processed { results, pending, items: count, report }
+    }
+}
+
+/// Wait for an append; Err is counted by the caller as outbox errors (the items may be lost).
+pub fn wait(pending: Ticket, timeout: Duration) -> Result<triton_al_outbox::AppendResult, OutboxError> {
+    pending.wait(timeout)
+}
