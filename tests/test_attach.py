@@ -188,3 +188,17 @@ def test_cli(tmp_path):
     assert "already up to date" in runner.invoke(app, args).output
     bad = runner.invoke(app, ["attach", "--model-repository", str(tmp_path), "--model", "ghost"])
     assert bad.exit_code == 2 and "no such file" in bad.output
+
+
+@pytest.mark.parametrize("kwargs", [{"model": "../x"}, {"model": "a/b"}, {"model": ".hidden"}, {"model": "m\n"},
+                                    {"model": "resnet", "preprocess": "../decode"}, {"model": "resnet", "step_name": "/tmp/s"}])
+def test_names_that_are_paths_are_refused_and_nothing_is_written_outside(tmp_path, kwargs):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    model(repo, "resnet", RESNET)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.pbtxt").write_text('name: "x"\n' + RESNET)  # a model outside the repository
+    model_name = kwargs.pop("model")
+    with pytest.raises(AttachError, match="not a model name"):
+        attach(repo, model_name, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "x"] and sorted(p.name for p in repo.iterdir()) == ["resnet"]

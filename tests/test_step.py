@@ -243,3 +243,22 @@ def test_an_unusable_outbox_file_does_not_stop_the_step(tmp_path):
     assert list(result.flagged) == [True, False]
     assert step.counts.outbox_errors == 1 and step.counts.stored == 0
     assert path.read_bytes() == b"this is not SQLite" * 1000  # left as it was
+
+
+def test_a_kernel_failure_fails_only_the_request_at_fault(monkeypatch):
+    """A RuntimeError from the kernels (or anything else) must not fail the other requests
+    of the dynamic batch: the step scores them one by one to find the culprit."""
+    step = ActiveLearningStep(settings())
+    real = step.evaluate
+
+    def flaky(outputs, seed=None):
+        if np.any(outputs == 0.25):  # the poisoned request
+            raise RuntimeError("kernel exploded")
+        return real(outputs, seed=seed)
+
+    monkeypatch.setattr(step, "evaluate", flaky)
+    good = np.array([[0.5, 0.5]], np.float32)
+    bad = np.array([[0.25, 0.75]], np.float32)
+    results = step.process([RequestInputs(good), RequestInputs(bad), RequestInputs(good)])
+    assert isinstance(results[1], RequestError) and "kernel exploded" in str(results[1])
+    assert [type(r).__name__ for r in results] == ["Evaluation", "RequestError", "Evaluation"]

@@ -97,3 +97,27 @@ def test_serve_command_runs_triton_and_the_uploader_and_stops_on_sigterm(tmp_pat
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def test_the_server_sees_no_secrets_of_ours_and_logs_privately(tmp_path, monkeypatch):
+    """Sink credentials and the admin token stay with the uploader: tritonserver and its
+    Python-backend stubs get only what running needs."""
+    from triton_al.serving.server import passed_environment
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "ls-secret")
+    monkeypatch.setenv("TRITON_AL_ADMIN_TOKEN", "admin-secret")
+    monkeypatch.setenv("DATATURE_SECRET_KEY", "nexus-secret")
+    monkeypatch.setenv("TRITON_AL_SIMD", "portable")
+    env = passed_environment(dict(os.environ))
+    assert "TRITON_AL_SIMD" in env and "PATH" in env
+    assert not {k for k, v in env.items() if v.endswith("-secret")}
+    repo = copy_repository(tmp_path)
+    server = TritonServer(repo, env={"TRITON_AL_OUTBOX": str(tmp_path / "o.db")})
+    with server:
+        seen = (Path("/proc") / str(server.pid) / "environ").read_bytes().decode(errors="replace")
+        for stub in server.stub_pids():
+            seen += (Path("/proc") / str(stub) / "environ").read_bytes().decode(errors="replace")
+        assert "-secret" not in seen and "TRITON_AL_OUTBOX=" in seen
+        assert oct(server.log_path.stat().st_mode & 0o777) == "0o600"
+        assert oct(server.log_path.parent.stat().st_mode & 0o777) == "0o700"  # a private folder, not /tmp itself

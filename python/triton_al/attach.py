@@ -23,6 +23,7 @@ those paths that attach did not write is never overwritten.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,18 @@ def _pb():
     from tritonclient.grpc import model_config_pb2  # shipped by tritonclient[grpc]
 
     return model_config_pb2
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def validate_model_name(name: str, what: str = "--model") -> str:
+    """A model name is a folder of the repository: no path separators, no `..`, no hidden
+    names (so attach never writes outside the repository)."""
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name) or ".." in name:
+        raise AttachError(f"{what} {name!r}: not a model name (use letters, digits, '.', '_' or '-', starting with a "
+                          "letter or digit; no paths)")
+    return name
 
 
 def read_config(path: Path):
@@ -286,6 +299,11 @@ def attach(
     repository = Path(repository)
     if not repository.is_dir():
         raise AttachError(f"--model-repository {repository}: not a directory")
+    validate_model_name(model)
+    if preprocess is not None:
+        validate_model_name(preprocess, "--preprocess")
+    if step_name is not None:
+        validate_model_name(step_name, "--step-name")
     base = read_config(repository / model / "config.pbtxt")
     if base.platform == "ensemble":
         raise AttachError(f"{model!r} is an ensemble: attach to the model that produces the class scores")

@@ -19,8 +19,11 @@ Tables:
 - `assets`: the asset bytes, once per content hash, however many groups want them;
 - `items`: one row per (upload group, content hash) still to deliver, with the
   prediction, score and retry state;
-- `dead_letters`: items a sink rejected for good (retryable by command);
-- `delivered`: (group, hash, time) of everything delivered, for dedup and rate limits;
+- `dead_letters`: items a sink rejected for good (retryable by command; purged by age,
+  count and bytes; their assets count in `dead_letter_bytes`, not in the `max_bytes` cap);
+- `delivered`: (group, hash, time) of what was delivered, for dedup and rate limits
+  (trimmed by age and count, never inside the longest rate window);
+- `meta`: the schema version, and the sink the outbox delivers to (dedup is per outbox);
 - `counters`: totals kept by triggers and by each transaction (appended, duplicates,
   dropped, uploaded, retries…), so every process sees the same numbers;
 - `paused_groups`: groups the uploader must not touch (survives restarts).
@@ -59,6 +62,17 @@ _ITEM_COLUMNS = (
     "upload_group, content_hash, model_name, model_version, prediction, score, strategy, "
     "threshold, reason, created_at"
 )
+# Indexes for the uploader's queries, created at its start (IF NOT EXISTS: no schema version
+# change, and nothing on the inference path: the writer never inserts into these tables).
+_UPLOADER_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS delivered_by_age ON delivered (delivered_at)",
+    "CREATE INDEX IF NOT EXISTS dead_by_age ON dead_letters (failed_at)",
+)
+_META_SINK = "sink"
+_META_DEAD_BYTES = "dead_letter_bytes_counted"
+_META_DELIVERED_COUNTS = "delivered_counts"
+# Per-group delivery totals live in `counters` under this prefix ('0' follows '/').
+_DELIVERED_PREFIX, _DELIVERED_END = "delivered/", "delivered0"
 
 
 class OutboxError(RuntimeError):
@@ -71,6 +85,18 @@ class OutboxBusy(OutboxError):
 
 class OutboxFull(OutboxError):
     """The file system holding the outbox is full; nothing of the call was stored."""
+
+
+class SinkChanged(OutboxError):
+    """The outbox delivered to another sink than the one it is now asked to deliver to."""
+
+    def __init__(self, path: Path, recorded: str, wanted: str, delivered: int) -> None:
+        self.recorded, self.wanted, self.delivered = recorded, wanted, delivered
+        super().__init__(
+            f"outbox {path} delivered {delivered} items to {recorded}, not to {wanted}: it remembers those to deduplicate, "
+            f"so images already delivered to {recorded} would never reach {wanted}. Pass --forget-deliveries to clear "
+            f"those records (images flagged from now on all go to {wanted}), or use a new outbox file."
+        )
 
 
 def _checkpoint_when_full(use_reserve: bool):
@@ -191,6 +217,7 @@ class Outbox:
         reserve_bytes: int = 4 * 1024**2,
         autocheckpoint_pages: int = 16384,
         max_asset_bytes: int = 32 * 1024**2,
+        max_invalid_share: float = 0.1,
     ) -> None:
         if overflow_policy not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow_policy: expected one of {OVERFLOW_POLICIES}, got {overflow_policy!r}")
@@ -203,6 +230,7 @@ class Outbox:
         self.busy_timeout_s = busy_timeout_s
         self.durable = durable
         self.max_asset_bytes = int(max_asset_bytes)
+        self.max_invalid_share = float(max_invalid_share)
         self._lock = threading.Lock()
         self._writer: Any = None  # the Rust writer, made at the first append (per process)
         self._writer_pid = -1
@@ -316,6 +344,8 @@ class Outbox:
                 conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             except sqlite3.OperationalError as e:
                 raise self._error(e) from e
+            except sqlite3.DatabaseError as e:
+                raise OutboxError(f"outbox {self.path}: unusable ({e})") from e
             try:
                 yield conn
                 conn.execute("COMMIT")
@@ -324,6 +354,8 @@ class Outbox:
                     conn.execute("ROLLBACK")
                 if isinstance(e, sqlite3.OperationalError):
                     raise self._error(e) from e
+                if isinstance(e, sqlite3.DatabaseError):  # e.g. "database disk image is malformed"
+                    raise OutboxError(f"outbox {self.path}: unusable ({e})") from e
                 raise
             if write and self.durable:  # the write lock is free: others commit meanwhile
                 self._unflushed = True
@@ -359,6 +391,7 @@ class Outbox:
             self._writer = _core.OutboxWriter(
                 str(self.path), max_items=self.max_items, max_bytes=self.max_bytes, overflow_policy=self.overflow_policy,
                 durable=self.durable, busy_timeout_s=self.busy_timeout_s, max_asset_bytes=self.max_asset_bytes,
+                max_invalid_share=self.max_invalid_share,
             )
             self._writer_pid = os.getpid()
         return self._writer
@@ -437,30 +470,119 @@ class Outbox:
             self._overflow_logged_at = now
 
     # The uploader -------------------------------------------------------------------
+    #
+    # Clocks: `next_attempt_at`, `delivered_at` and `failed_at` are wall-clock times (they
+    # outlive the process), so every reader survives a clock step: a retry time further
+    # ahead than `max_delay_s` (the longest backoff) is due now, and a delivery or failure
+    # dated in the future counts as now (`clamp_future`).
+    #
+    # Bytes: `stored_bytes` (what the writer's `max_bytes` cap counts) holds the assets of
+    # queued items only; an asset referenced by a dead letter is counted in
+    # `dead_letter_bytes` instead, bounded by `purge_dead_letters`, so rejected items can
+    # never starve new ones. Both counters move together in the transactions below.
 
-    def due(self, limit: int, *, now: float | None = None, exclude_groups: Iterable[str] = (), ignore_backoff: bool = False) -> list[QueuedItem]:
-        """The oldest items ready for (another) delivery attempt, skipping paused groups."""
-        now = time.time() if now is None else now
+    def prepare_for_uploader(self) -> None:
+        """What the uploader needs beyond the writer's schema, once at its start: indexes for
+        the queries it runs (created if missing; no schema change) and the byte accounting of
+        dead letters (files written before it counted them in `stored_bytes`)."""
+        with self._transaction() as conn:
+            for statement in _UPLOADER_INDEXES:
+                conn.execute(statement)
+            self._account_dead_letters(conn)
+            self._count_deliveries(conn)
+
+    @staticmethod
+    def _meta(conn: sqlite3.Connection, key: str) -> str | None:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    @staticmethod
+    def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+        conn.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def _account_dead_letters(self, conn: sqlite3.Connection) -> None:
+        """Once per file: move the bytes of dead letters' assets from `stored_bytes` to
+        `dead_letter_bytes` (every later change keeps both exact, incrementally)."""
+        if self._meta(conn, _META_DEAD_BYTES) is not None:
+            return
+        queued, dead = conn.execute(
+            "SELECT coalesce(sum(CASE WHEN d IS NULL THEN size END), 0), coalesce(sum(CASE WHEN d IS NOT NULL THEN size END), 0) "
+            "FROM (SELECT a.size, (SELECT 1 FROM dead_letters WHERE content_hash = a.content_hash LIMIT 1) AS d FROM assets a)"
+        ).fetchone()
+        for name, value in (("stored_bytes", queued), ("dead_letter_bytes", dead)):
+            conn.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value", (name, value))
+        self._set_meta(conn, _META_DEAD_BYTES, "1")
+
+    def _count_deliveries(self, conn: sqlite3.Connection) -> None:
+        """Once per file: per-group delivery totals from the `delivered` rows (later kept by
+        `mark_delivered`, so that `status` never counts the rows)."""
+        if self._meta(conn, _META_DELIVERED_COUNTS) is not None:
+            return
+        for group, n in conn.execute("SELECT upload_group, count(*) FROM delivered GROUP BY upload_group").fetchall():
+            conn.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (_DELIVERED_PREFIX + group, n))
+        self._set_meta(conn, _META_DELIVERED_COUNTS, "1")
+
+    def _due_where(self, now: float, exclude_groups: Iterable[str], ignore_backoff: bool, max_delay_s: float | None) -> tuple[str, list[Any]]:
         excluded = list(exclude_groups)
-        marks = ",".join("?" * len(excluded))
         where = "i.upload_group NOT IN (SELECT upload_group FROM paused_groups)"
+        params: list[Any] = []
         if excluded:
-            where += f" AND i.upload_group NOT IN ({marks})"
+            where += f" AND i.upload_group NOT IN ({','.join('?' * len(excluded))})"
+            params += excluded
         if not ignore_backoff:
-            where += " AND i.next_attempt_at <= ?"
-        params: list[Any] = [*excluded] + ([] if ignore_backoff else [now]) + [int(limit)]
+            if max_delay_s is None:
+                where += " AND i.next_attempt_at <= ?"
+                params.append(now)
+            else:  # a retry time beyond the longest backoff comes from a clock that stepped back
+                where += " AND (i.next_attempt_at <= ? OR i.next_attempt_at > ?)"
+                params += [now, now + max_delay_s]
+        return where, params
+
+    def due(self, limit: int, *, now: float | None = None, exclude_groups: Iterable[str] = (), ignore_backoff: bool = False,
+            max_bytes: int | None = None, max_delay_s: float | None = None) -> list[QueuedItem]:
+        """The oldest items ready for (another) delivery attempt, skipping paused groups: at
+        most `limit` items and, when given, `max_bytes` of assets (at least one item, however
+        big). `max_delay_s`: the longest retry delay; a retry time further ahead than that
+        (the wall clock stepped back) is due now."""
+        now = time.time() if now is None else now
+        where, params = self._due_where(now, exclude_groups, ignore_backoff, max_delay_s)
         with self._transaction(write=False) as conn:
+            sized = conn.execute(
+                f"SELECT i.id, a.size FROM items i JOIN assets a USING (content_hash) WHERE {where} ORDER BY i.id LIMIT ?",
+                [*params, int(limit)],
+            ).fetchall()
+            chosen, total = [], 0
+            for item_id, size in sized:
+                if chosen and max_bytes is not None and total + size > max_bytes:
+                    break
+                chosen.append(item_id)
+                total += size
+            if not chosen:
+                return []
             rows = conn.execute(
                 f"SELECT i.id, i.upload_group, i.content_hash, a.media_type, a.data, i.model_name, i.model_version, "
                 f"i.prediction, i.score, i.strategy, i.threshold, i.reason, i.created_at, i.attempts, i.last_error "
-                f"FROM items i JOIN assets a USING (content_hash) WHERE {where} ORDER BY i.id LIMIT ?",
-                params,
+                f"FROM items i JOIN assets a USING (content_hash) WHERE i.id IN ({','.join('?' * len(chosen))}) ORDER BY i.id",
+                chosen,
             ).fetchall()
         return [
             QueuedItem(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6], json.loads(r[7]), _score_out(r[8]),
                        r[9], r[10], r[11], r[12], r[13], r[14])
             for r in rows
         ]
+
+    def next_attempt_at(self, *, now: float | None = None, exclude_groups: Iterable[str] = (), max_delay_s: float | None = None) -> float | None:
+        """When the next queued item (of a group neither paused nor excluded) is due: `now`
+        if one is due already, None when there is none at all."""
+        now = time.time() if now is None else now
+        where, params = self._due_where(now, exclude_groups, True, None)
+        with self._transaction(write=False) as conn:
+            (first,) = conn.execute(f"SELECT min(i.next_attempt_at) FROM items i WHERE {where}", params).fetchone()
+        if first is None:
+            return None
+        if first <= now or (max_delay_s is not None and first > now + max_delay_s):
+            return now
+        return float(first)
 
     def mark_delivered(self, ids: Sequence[int], *, now: float | None = None) -> int:
         """Forget delivered items (remembering their hash for dedup); returns how many.
@@ -503,8 +625,11 @@ class Outbox:
                 f"INSERT OR IGNORE INTO delivered SELECT upload_group, content_hash, ? FROM items WHERE id IN ({marks})",
                 [now, *ids],
             )
+            per_group = conn.execute(f"SELECT upload_group, count(*) FROM items WHERE id IN ({marks}) GROUP BY upload_group", ids).fetchall()
             done = conn.execute(f"DELETE FROM items WHERE id IN ({marks})", ids).rowcount
             self._bump(conn, "uploaded", done)
+            for group, n in per_group:
+                self._bump(conn, _DELIVERED_PREFIX + group, n)
         return done
 
     @_checkpoint_when_full(use_reserve=False)
@@ -519,21 +644,75 @@ class Outbox:
             )
             self._bump(conn, "retries", len(failures))
 
+    @_checkpoint_when_full(use_reserve=False)
+    def note_sink_failure(self, ids: Sequence[int], error: str) -> None:
+        """The whole sink failed while these items were in flight: record the error (and
+        count the retry) without spending an attempt of theirs and without delaying them:
+        the uploader backs off the sink as a whole."""
+        if not ids:
+            return
+        with self._transaction() as conn:
+            conn.execute(f"UPDATE items SET last_error = ? WHERE id IN ({','.join('?' * len(ids))})", [error[:2000], *ids])
+            self._bump(conn, "retries", len(ids))
+
+    @_checkpoint_when_full(use_reserve=False)
+    def retry_now(self, *, now: float | None = None) -> int:
+        """Make every item waiting for a retry due now (one extra attempt, e.g. on a flush)."""
+        now = time.time() if now is None else now
+        with self._transaction() as conn:
+            return conn.execute("UPDATE items SET next_attempt_at = 0 WHERE next_attempt_at > ?", (now,)).rowcount
+
     @_checkpoint_when_full(use_reserve=True)
     def dead_letter(self, failures: Sequence[tuple[int, str]], *, now: float | None = None) -> None:
-        """Move items a sink rejected for good to the dead letters, with the reason."""
+        """Move items a sink rejected for good to the dead letters, with the reason. Their
+        assets stay (for a retry) but leave `stored_bytes` for `dead_letter_bytes`."""
         if not failures:
             return
         now = time.time() if now is None else now
         with self._transaction() as conn:
+            self._account_dead_letters(conn)
+            moved = 0
             for item_id, error in failures:
+                row = conn.execute(
+                    "SELECT i.content_hash, a.size FROM items i JOIN assets a USING (content_hash) WHERE i.id = ?", (item_id,)
+                ).fetchone()
+                if row is None:
+                    continue
+                first = conn.execute("SELECT 1 FROM dead_letters WHERE content_hash = ? LIMIT 1", (row[0],)).fetchone() is None
                 conn.execute(
                     f"INSERT OR REPLACE INTO dead_letters (id, {_ITEM_COLUMNS}, attempts, failed_at, error) "
                     f"SELECT id, {_ITEM_COLUMNS}, attempts + 1, ?, ? FROM items WHERE id = ?",
                     (now, error[:2000], item_id),
                 )
                 conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
-            self._bump(conn, "dead_lettered", len(failures))
+                if first:
+                    self._bump(conn, "stored_bytes", -row[1])
+                    self._bump(conn, "dead_letter_bytes", row[1])
+                moved += 1
+            self._bump(conn, "dead_lettered", moved)
+
+    def _remove_dead_letters(self, conn: sqlite3.Connection, ids: Sequence[int], *, requeue: bool) -> int:
+        """Delete (or queue again) these dead letters, keeping the byte counters exact: an
+        asset no dead letter refers to any more counts in `stored_bytes` again (or, deleted
+        by the trigger, had its bytes taken from it: given back here)."""
+        if not ids:
+            return 0
+        self._account_dead_letters(conn)
+        marks = ",".join("?" * len(ids))
+        sizes = conn.execute(
+            f"SELECT DISTINCT d.content_hash, a.size FROM dead_letters d JOIN assets a USING (content_hash) WHERE d.id IN ({marks})", ids
+        ).fetchall()
+        n = len(ids)
+        if requeue:
+            n = conn.execute(
+                f"INSERT OR IGNORE INTO items (id, {_ITEM_COLUMNS}) SELECT id, {_ITEM_COLUMNS} FROM dead_letters WHERE id IN ({marks})", ids
+            ).rowcount
+        conn.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", ids)
+        for content, size in sizes:
+            if conn.execute("SELECT 1 FROM dead_letters WHERE content_hash = ? LIMIT 1", (content,)).fetchone() is None:
+                self._bump(conn, "stored_bytes", size)
+                self._bump(conn, "dead_letter_bytes", -size)
+        return n
 
     @_checkpoint_when_full(use_reserve=True)
     def drop(self, ids: Sequence[int], counter: str) -> None:
@@ -545,10 +724,146 @@ class Outbox:
             self._bump(conn, counter, len(ids))
 
     def delivered_since(self, group: str, since: float) -> int:
+        """Deliveries to `group` at or after `since` (one dated in the future counts too)."""
         with self._transaction(write=False) as conn:
             return conn.execute(
                 "SELECT count(*) FROM delivered WHERE upload_group = ? AND delivered_at >= ?", (group, since)
             ).fetchone()[0]
+
+    def queued_groups(self) -> list[str]:
+        """Groups with queued items (a skip scan of the (group, hash) index: one probe per group)."""
+        with self._transaction(write=False) as conn:
+            return [r[0] for r in conn.execute(
+                "WITH RECURSIVE g(name) AS (SELECT min(upload_group) FROM items UNION ALL "
+                "SELECT (SELECT min(upload_group) FROM items WHERE upload_group > g.name) FROM g WHERE g.name IS NOT NULL) "
+                "SELECT name FROM g WHERE name IS NOT NULL"
+            )]
+
+    # Bounds ---------------------------------------------------------------------------
+
+    def clamp_future(self, *, now: float | None = None, tolerance_s: float = 1.0) -> int:
+        """Deliveries and failures dated in the future (the wall clock stepped back) are
+        dated now, so that rate windows and age bounds measure from now, not from a time
+        that may be days away; returns how many rows moved."""
+        now = time.time() if now is None else now
+        with self._transaction(write=False) as conn:
+            future = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM delivered WHERE delivered_at > ?1) OR EXISTS (SELECT 1 FROM dead_letters WHERE failed_at > ?1)",
+                (now + tolerance_s,),
+            ).fetchone()[0]
+        if not future:
+            return 0
+        with self._transaction() as conn:
+            n = conn.execute("UPDATE delivered SET delivered_at = ?1 WHERE delivered_at > ?2", (now, now + tolerance_s)).rowcount
+            n += conn.execute("UPDATE dead_letters SET failed_at = ?1 WHERE failed_at > ?2", (now, now + tolerance_s)).rowcount
+        log.warning("outbox %s: %d deliveries or dead letters were dated in the future (the clock stepped back); dated now", self.path, n)
+        return n
+
+    def trim_delivered(self, *, max_age_s: float, max_rows: int, keep_since: float | None = None, now: float | None = None,
+                       chunk: int = 5000) -> int:
+        """Forget old delivery records, the dedup memory: those older than `max_age_s`, and
+        the oldest beyond `max_rows`, but never one at or after `keep_since` (the start of
+        the longest rate window, which must count them). An image flagged again after its
+        record went is delivered again (sinks store it idempotently). Deletes in chunks, each
+        a short transaction; returns how many went."""
+        now = time.time() if now is None else now
+        keep_since = now if keep_since is None else min(keep_since, now)
+        cutoff = min(now - max_age_s, keep_since)
+        removed = self._delete_delivered_before(cutoff, chunk)
+        with self._transaction(write=False) as conn:
+            (rows,) = conn.execute("SELECT count(*) FROM delivered").fetchone()
+        if rows > max_rows:
+            with self._transaction(write=False) as conn:
+                row = conn.execute("SELECT delivered_at FROM delivered ORDER BY delivered_at LIMIT 1 OFFSET ?", (rows - max_rows - 1,)).fetchone()
+            if row is not None:
+                inclusive = row[0] < keep_since  # never a record inside the longest rate window
+                removed += self._delete_delivered_before(row[0] if inclusive else keep_since, chunk, inclusive=inclusive)
+        if removed:
+            with self._transaction() as conn:
+                self._bump(conn, "delivered_forgotten", removed)
+        return removed
+
+    def _delete_delivered_before(self, cutoff: float, chunk: int, *, inclusive: bool = False) -> int:
+        op = "<=" if inclusive else "<"
+        removed = 0
+        while True:
+            with self._transaction() as conn:
+                row = conn.execute(
+                    f"SELECT delivered_at FROM delivered WHERE delivered_at {op} ? ORDER BY delivered_at LIMIT 1 OFFSET ?", (cutoff, chunk - 1)
+                ).fetchone()
+                upto, last = (cutoff, True) if row is None else (row[0], False)
+                removed += conn.execute(f"DELETE FROM delivered WHERE delivered_at {op if last else '<='} ?", (upto,)).rowcount
+            if last:
+                return removed
+
+    def purge_dead_letters(self, *, older_than_s: float | None = None, keep: int | None = None, max_bytes: int | None = None,
+                           group: str | None = None, now: float | None = None, chunk: int = 500) -> int:
+        """Delete dead letters (their assets with them, unless queued): those that failed
+        more than `older_than_s` ago, all but the newest `keep`, and the oldest beyond
+        `max_bytes` of assets; optionally of one group only. Returns how many went."""
+        if older_than_s is None and keep is None and max_bytes is None:
+            raise ValueError("purge_dead_letters: give older_than_s, keep or max_bytes")
+        now = time.time() if now is None else now
+        doomed: set[int] = set()
+        with self._transaction(write=False) as conn:
+            newest_first = conn.execute(
+                "SELECT d.id, d.failed_at, d.content_hash, coalesce(a.size, 0) FROM dead_letters d LEFT JOIN assets a USING (content_hash) "
+                "WHERE ?1 IS NULL OR d.upload_group = ?1 ORDER BY d.failed_at DESC, d.id DESC",
+                (group,),
+            ).fetchall()
+        seen: set[str] = set()
+        total = 0
+        for position, (dead_id, failed_at, content, size) in enumerate(newest_first):
+            if content not in seen:
+                seen.add(content)
+                total += size
+            if ((older_than_s is not None and failed_at < now - older_than_s) or (keep is not None and position >= keep)
+                    or (max_bytes is not None and total > max_bytes)):
+                doomed.add(dead_id)
+        ordered = sorted(doomed)
+        removed = 0
+        for start in range(0, len(ordered), chunk):
+            with self._transaction() as conn:
+                n = self._remove_dead_letters(conn, ordered[start:start + chunk], requeue=False)
+                self._bump(conn, "dead_letters_purged", n)
+                removed += n
+        if removed:
+            self._keep_reserve()
+        return removed
+
+    def dead_letter_bytes(self) -> int:
+        return self.counters().get("dead_letter_bytes", 0)
+
+    # The sink this outbox delivers to ---------------------------------------------
+
+    def delivery_target(self) -> str | None:
+        """The sink (URI without credentials) this outbox delivers to, or None if unknown."""
+        with self._transaction(write=False) as conn:
+            return self._meta(conn, _META_SINK)
+
+    @_checkpoint_when_full(use_reserve=False)
+    def claim_sink(self, sink: str, *, forget_deliveries: bool = False) -> int:
+        """Record that this outbox delivers to `sink`. Dedup remembers what was delivered,
+        not where: when the outbox delivered to another sink, the items it delivered there
+        would never reach this one, so this raises `SinkChanged` unless `forget_deliveries`
+        (then the delivery records are cleared; returns how many). A file that never
+        recorded its sink adopts this one."""
+        with self._transaction() as conn:
+            current = self._meta(conn, _META_SINK)
+            if current == sink:
+                return 0
+            (delivered,) = conn.execute("SELECT count(*) FROM delivered").fetchone()
+            forgotten = 0
+            if current is not None and delivered:
+                if not forget_deliveries:
+                    raise SinkChanged(self.path, current, sink, delivered)
+                forgotten = conn.execute("DELETE FROM delivered").rowcount
+                conn.execute("DELETE FROM counters WHERE name >= ? AND name < ?", (_DELIVERED_PREFIX, _DELIVERED_END))
+                self._bump(conn, "delivered_forgotten", forgotten)
+            self._set_meta(conn, _META_SINK, sink)
+        if current is not None:
+            log.warning("outbox %s now delivers to %s (was %s); %d delivery records forgotten", self.path, sink, current, forgotten)
+        return forgotten
 
     # Administration -----------------------------------------------------------------
 
@@ -562,11 +877,10 @@ class Outbox:
             where += f" AND id IN ({','.join('?' * len(ids))})"
             params += list(ids)
         with self._transaction() as conn:
-            n = conn.execute(
-                f"INSERT OR IGNORE INTO items (id, {_ITEM_COLUMNS}) SELECT id, {_ITEM_COLUMNS} FROM dead_letters WHERE {where}",
-                params,
-            ).rowcount
-            conn.execute(f"DELETE FROM dead_letters WHERE {where}", params)
+            chosen = [r[0] for r in conn.execute(f"SELECT id FROM dead_letters WHERE {where}", params)]
+            n = 0
+            for start in range(0, len(chosen), 500):
+                n += self._remove_dead_letters(conn, chosen[start:start + 500], requeue=True)
             self._bump(conn, "dead_letters_retried", n)
         return n
 
@@ -594,21 +908,28 @@ class Outbox:
             return {r[0] for r in conn.execute("SELECT upload_group FROM paused_groups")}
 
     def status(self) -> list[GroupStatus]:
+        """Per group: queued items (and the oldest one's time), dead letters, deliveries
+        (a total kept by `mark_delivered`: no scan of the delivery records), paused."""
         with self._transaction(write=False) as conn:
             queued = {g: (n, oldest) for g, n, oldest in conn.execute(
                 "SELECT upload_group, count(*), min(created_at) FROM items GROUP BY upload_group")}
             dead = dict(conn.execute("SELECT upload_group, count(*) FROM dead_letters GROUP BY upload_group").fetchall())
-            delivered = dict(conn.execute("SELECT upload_group, count(*) FROM delivered GROUP BY upload_group").fetchall())
+            delivered = {name[len(_DELIVERED_PREFIX):]: n for name, n in conn.execute(
+                "SELECT name, value FROM counters WHERE name >= ? AND name < ?", (_DELIVERED_PREFIX, _DELIVERED_END))}
+            if self._meta(conn, _META_DELIVERED_COUNTS) is None:  # an old file not yet prepared by an uploader
+                delivered = dict(conn.execute("SELECT upload_group, count(*) FROM delivered GROUP BY upload_group").fetchall())
             paused = {r[0] for r in conn.execute("SELECT upload_group FROM paused_groups")}
-        groups = sorted(set(queued) | set(dead) | set(delivered) | paused)
+        groups = sorted(set(queued) | set(dead) | {g for g, n in delivered.items() if n} | paused)
         return [
             GroupStatus(g, queued.get(g, (0, None))[0], dead.get(g, 0), delivered.get(g, 0), queued.get(g, (0, None))[1], g in paused)
             for g in groups
         ]
 
     def counters(self) -> dict[str, int]:
+        """Totals (appended, uploaded, duplicates, retries, stored_bytes, dead_letter_bytes…)."""
         with self._transaction(write=False) as conn:
-            return {name: int(value) for name, value in conn.execute("SELECT name, value FROM counters")}
+            return {name: int(value) for name, value in conn.execute("SELECT name, value FROM counters")
+                    if not name.startswith(_DELIVERED_PREFIX)}
 
     def checkpoint(self, mode: str = "TRUNCATE") -> None:
         """Copy the WAL into the database file (TRUNCATE: and empty it); best effort.

@@ -107,7 +107,7 @@ class ActiveLearningStep:
                 o.path.parent.mkdir(parents=True, exist_ok=True)
                 self.outbox = Outbox(o.path, max_items=o.max_items, max_bytes=o.max_bytes,
                                      overflow_policy=o.overflow_policy, durable=o.sync == "full",
-                                     max_asset_bytes=o.max_asset_bytes)
+                                     max_asset_bytes=o.max_asset_bytes, max_invalid_share=o.max_invalid_share)
             except (OSError, ValueError, RuntimeError) as e:
                 # Inference must go on without the outbox: flagged items are counted as outbox
                 # errors until the step is reloaded with a usable one (the native step does
@@ -148,9 +148,12 @@ class ActiveLearningStep:
             stacked = np.concatenate([requests[i].outputs for i in members]) if len(members) > 1 else requests[members[0]].outputs
             try:
                 evaluation = self.evaluate(stacked, seed=next(self._seeds))
-            except (TypeError, ValueError) as e:
-                for i in members:
-                    results[i] = RequestError(f"{self.settings.scores_input}: {e}")
+            except Exception as e:  # noqa: BLE001 - whatever it is, only the requests at fault may fail
+                if len(members) > 1:  # find them: score each request alone
+                    for i in members:
+                        results[i] = self._evaluate_alone(requests[i])
+                else:
+                    results[members[0]] = self._request_error(e)
                 continue
             start = 0
             for i in members:
@@ -159,6 +162,18 @@ class ActiveLearningStep:
                 start += n
         self._store(requests, results)
         return results
+
+    def _evaluate_alone(self, request: RequestInputs) -> Evaluation | Exception:
+        try:
+            return self.evaluate(request.outputs, seed=next(self._seeds))
+        except Exception as e:  # noqa: BLE001
+            return self._request_error(e)
+
+    def _request_error(self, e: Exception) -> RequestError:
+        if isinstance(e, (TypeError, ValueError)):
+            return RequestError(f"{self.settings.scores_input}: {e}")
+        log.exception("active_learning: scoring failed for a request")
+        return RequestError(f"{self.settings.scores_input}: could not be scored ({type(e).__name__}: {e})")
 
     def _store(self, requests: Sequence[RequestInputs], results: list[Evaluation | Exception]) -> None:
         items = []

@@ -16,6 +16,13 @@ message naming it.
 | `outbox_path` | SQLite outbox file; else `$TRITON_AL_OUTBOX`; empty string: score only | – |
 | `outbox_max_items`, `outbox_max_bytes`, `outbox_overflow_policy` | outbox bounds | 100000, 2 GiB, `drop_least_uncertain` |
 | `outbox_sync` | `full`: each append is fsynced before it returns (survives power loss); `normal`: written to the OS before it returns (survives any process kill, not a power loss or kernel crash), about 2.5x faster | `full` |
+| `outbox_max_asset_bytes` | a flagged item whose asset is bigger is not stored (counted as refused) | 32 MiB |
+| `outbox_max_invalid_share` | share of `outbox_max_items` that invalid-output items (NaN score) may hold | 0.1 |
+
+Both steps (the native backend and the Python-backend model) read these parameters with the
+same rules and messages: the rules are the pydantic models below, flattened into a table
+(`parameter_table()`, committed as `rust/step/src/parameters.json`, regenerated with
+``python -m triton_al.step_settings``) that the Rust step validates against.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class OutboxSettings(BaseModel):
     overflow_policy: Literal["drop_newest", "drop_least_uncertain"] = "drop_least_uncertain"
     sync: Literal["full", "normal"] = "full"
     max_asset_bytes: int = Field(32 * 1024**2, gt=0)
+    max_invalid_share: float = Field(0.1, gt=0.0, le=1.0)
 
 
 class StepSettings(BaseModel):

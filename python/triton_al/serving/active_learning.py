@@ -262,7 +262,11 @@ class TritonPythonModel:
                 parsed.append(e)
                 copies.append([])
         ok = [p for p in parsed if isinstance(p, RequestInputs)]
-        results = iter(self.step.process(ok))
+        try:
+            results = iter(self.step.process(ok))
+        except Exception as e:  # noqa: BLE001 - never escape execute: every request gets its response
+            self.log.log_error(f"active_learning: internal error scoring a batch: {e!r}")
+            results = iter([e] * len(ok))
         responses = []
         for p, passthrough in zip(parsed, copies):
             result = next(results) if isinstance(p, RequestInputs) else p

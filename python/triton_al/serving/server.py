@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import urllib.error
@@ -156,8 +157,28 @@ def backend_dir(server_root: Path | None) -> Path | None:
     return target
 
 
+# What tritonserver and its Python-backend stubs get of our environment: what running needs
+# (paths, locale, temp dirs, threads, GPU selection, this project's step settings) and not
+# the uploader's sink credentials or the admin token. Anything else goes through `env=`.
+_PASSED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
+               "LD_LIBRARY_PATH", "LD_PRELOAD", "VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH")
+_PASSED_PREFIXES = ("LC_", "TRITON_AL_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "XDG_")
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL")
+
+
+def passed_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The part of `environ` a server may see (see `_PASSED_ENV`)."""
+
+    def passed(name: str) -> bool:
+        if any(word in name.upper() for word in _SECRET_WORDS):
+            return False
+        return name in _PASSED_ENV or name.startswith(_PASSED_PREFIXES)
+
+    return {k: v for k, v in environ.items() if passed(k)}
+
+
 def server_environment(server_root: Path | None, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
+    env = passed_environment(dict(os.environ if base is None else base))
     # The stub runs the first python3 on PATH: make it this environment's.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     libs = [sysconfig.get_config_var("LIBDIR") or ""]
@@ -205,7 +226,9 @@ class TritonServer:
         self.model_control_mode = model_control_mode
         self.load_models = list(load_models)
         self.repository_poll_secs = repository_poll_secs
-        self.log_path = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"tritonserver-{self.ports.http}.log"
+        if log_path is None:  # a private folder: a fixed name in /tmp could be someone's symlink
+            log_path = Path(tempfile.mkdtemp(prefix="triton-al-")) / "tritonserver.log"
+        self.log_path = Path(log_path)
         self.log_verbose = log_verbose
         self.console = console
         self.extra_env = env or {}
@@ -259,10 +282,13 @@ class TritonServer:
         env = server_environment(server_root if _pytriton_root() else None)
         env.update(self.extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.log_path, "wb")
+        # Private (the log may name flagged items), and never through a symlink planted there.
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self._log_file = os.fdopen(fd, "wb")
         self.process = subprocess.Popen(
             self.command(), stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,  # its own process group: stop() can clear the stubs too
+            umask=0o077,  # what it creates (an outbox, a store) holds flagged images: owner only
         )
         if self.console:
             self._console_thread = threading.Thread(target=self._follow_log, daemon=True)

@@ -13,6 +13,9 @@ pub(crate) struct Caps {
     pub max_items: u64,
     pub max_bytes: u64,
     pub overflow_policy: OverflowPolicy,
+    /// Rows with an invalid output (NULL score) queued at most: they are never evicted and
+    /// would win every eviction, so without a bound a client sending junk fills the outbox.
+    pub max_invalid_items: u64,
 }
 
 /// Counter names shared with the Python package (the `counters` table).
@@ -20,6 +23,8 @@ pub(crate) mod counter {
     pub const APPENDED: &str = "appended";
     pub const DUPLICATES: &str = "duplicates";
     pub const DROPPED_OVERFLOW: &str = "dropped_overflow";
+    /// Invalid-output rows not queued because they already hold their share of the outbox.
+    pub const DROPPED_INVALID_SHARE: &str = "dropped_invalid_share";
     pub const REFUSED_OVERSIZE: &str = "refused_oversize";
     pub const EVICTED_OVERFLOW: &str = "evicted_overflow";
     pub const QUEUED_ITEMS: &str = "queued_items";
@@ -64,6 +69,14 @@ fn store_row(
     if seen {
         result.duplicates += 1;
         return Ok(());
+    }
+    if item.score.is_none() {
+        let invalid: i64 = conn.prepare_cached("SELECT count(*) FROM items WHERE score IS NULL")?.query_row([], |r| r.get(0))?;
+        if u64::try_from(invalid).unwrap_or(0) >= caps.max_invalid_items {
+            bump(conn, counter::DROPPED_INVALID_SHARE, 1)?;
+            result.dropped += 1;
+            return Ok(());
+        }
     }
     let have_asset = conn.prepare_cached("SELECT 1 FROM assets WHERE content_hash = ?1")?.exists([hash])?;
     let asset_size = u64::try_from(item.item.asset.len()).unwrap_or(u64::MAX);

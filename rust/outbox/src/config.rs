@@ -76,6 +76,9 @@ pub struct OutboxConfig {
     /// Items handed to the writer thread and not yet taken by it; an append that would
     /// exceed this is refused as `Busy` (memory stays bounded when the disk stalls).
     pub max_pending_items: usize,
+    /// Share of `max_items` that rows with an invalid output (NaN score) may hold; more are
+    /// dropped (counted in `dropped_invalid_share`).
+    pub max_invalid_share: f64,
 }
 
 impl OutboxConfig {
@@ -84,6 +87,7 @@ impl OutboxConfig {
     pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(2);
     pub const DEFAULT_MAX_ASSET_BYTES: u64 = 32 * 1024 * 1024;
     pub const DEFAULT_MAX_PENDING_ITEMS: usize = 10_000;
+    pub const DEFAULT_MAX_INVALID_SHARE: f64 = 0.1;
 
     pub fn new(path: impl Into<PathBuf>) -> Self {
         OutboxConfig {
@@ -95,7 +99,13 @@ impl OutboxConfig {
             busy_timeout: Self::DEFAULT_BUSY_TIMEOUT,
             max_asset_bytes: Self::DEFAULT_MAX_ASSET_BYTES,
             max_pending_items: Self::DEFAULT_MAX_PENDING_ITEMS,
+            max_invalid_share: Self::DEFAULT_MAX_INVALID_SHARE,
         }
+    }
+
+    /// Invalid-output rows allowed: the share of `max_items`, at least one.
+    pub(crate) fn max_invalid_items(&self) -> u64 {
+        ((self.max_items as f64 * self.max_invalid_share).ceil() as u64).max(1)
     }
 
     pub(crate) fn validate(&self) -> Result<(), OutboxError> {
@@ -105,6 +115,13 @@ impl OutboxConfig {
             ("max_asset_bytes", self.max_asset_bytes),
             ("max_pending_items", self.max_pending_items as u64),
         ];
+        if !(self.max_invalid_share > 0.0 && self.max_invalid_share <= 1.0) {
+            return Err(OutboxError::Invalid(format!(
+                "outbox {}: max_invalid_share must be in (0, 1], got {}",
+                self.path.display(),
+                self.max_invalid_share
+            )));
+        }
         for (name, value) in positive {
             if value == 0 {
                 return Err(OutboxError::Invalid(format!(

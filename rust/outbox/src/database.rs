@@ -1,5 +1,6 @@
 //! Opening the outbox file: connection settings, the schema on a new file, the version check.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -40,6 +41,13 @@ pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Connection, Ou
             _ => OutboxError::Other(problem),
         }
     };
+    // Flagged images are private: a new file is created readable by its owner only (SQLite
+    // gives the -wal and -shm files the database file's permissions).
+    if let Err(e) = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(OutboxError::Other(format!("outbox {shown}: cannot create it ({e})")));
+        }
+    }
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(cannot_open)?;
     busy::install(&conn, busy_timeout).map_err(cannot_open)?;

@@ -103,6 +103,7 @@ impl Writer {
                 max_items: config.max_items,
                 max_bytes: config.max_bytes,
                 overflow_policy: config.overflow_policy,
+                max_invalid_items: config.max_invalid_items(),
             },
             sync: config.sync,
             busy_timeout: config.busy_timeout,

@@ -178,7 +178,8 @@ fn drop_least_uncertain_evicts_the_most_confident_for_a_less_confident_newcomer(
 fn a_nan_newcomer_is_least_confident_and_nan_items_are_never_evicted() {
     let dir = tempdir().expect("temp dir");
     let path = outbox_path(&dir);
-    let outbox = Outbox::open(OutboxConfig { max_items: 2, ..config(&dir) }).expect("open");
+    // Here invalid outputs may fill the outbox (the share bound is tested below).
+    let outbox = Outbox::open(OutboxConfig { max_items: 2, max_invalid_share: 1.0, ..config(&dir) }).expect("open");
     outbox.append(vec![item(b"low", 0.01, &["a"]), item(b"bad", f64::NAN, &["a"])], WAIT).expect("fill");
     // Even the least confident scored item goes for an invalid output.
     assert_eq!(outbox.append(vec![item(b"bad too", f64::NAN, &["a"])], WAIT).expect("nan"), accepted(1));
@@ -188,6 +189,23 @@ fn a_nan_newcomer_is_least_confident_and_nan_items_are_never_evicted() {
     assert_eq!(result, AppendResult { dropped: 1, ..AppendResult::default() });
     let third_nan = outbox.append(vec![item(b"bad three", f64::NAN, &["a"])], WAIT).expect("nan");
     assert_eq!(third_nan, AppendResult { dropped: 1, ..AppendResult::default() });
+}
+
+#[test]
+fn invalid_outputs_hold_at_most_their_share_of_the_outbox() {
+    let dir = tempdir().expect("temp dir");
+    let path = outbox_path(&dir);
+    let outbox = Outbox::open(OutboxConfig { max_items: 10, max_invalid_share: 0.2, ..config(&dir) }).expect("open");
+    let junk: Vec<_> = (0..5u8).map(|k| item(&[b'j', k], f64::NAN, &["a"])).collect();
+    let result = outbox.append(junk, WAIT).expect("junk");
+    assert_eq!(result, AppendResult { accepted: 2, dropped: 3, ..AppendResult::default() });
+    assert_eq!(counter(&path, "dropped_invalid_share"), 3);
+    // Scored items still find room, and still cannot evict the invalid ones.
+    let scored: Vec<_> = (0..8u8).map(|k| item(&[b's', k], 0.1, &["a"])).collect();
+    assert_eq!(outbox.append(scored, WAIT).expect("scored"), accepted(8));
+    assert_eq!(queued(&path).iter().filter(|(_, _, score)| score.is_none()).count(), 2);
+    let bad = OutboxConfig { max_invalid_share: 0.0, ..config(&dir) };
+    assert!(matches!(Outbox::open(bad), Err(triton_al_outbox::OutboxError::Invalid(m)) if m.contains("max_invalid_share")));
 }
 
 #[test]

@@ -87,6 +87,20 @@ fn a_new_file_gets_small_pages() {
 }
 
 #[test]
+fn a_new_file_and_its_wal_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempdir().expect("temp dir");
+    let outbox = Outbox::open(config(&dir)).expect("create");
+    outbox.append(vec![item(b"cat", 0.5, &["a"])], WAIT).expect("append");
+    let path = outbox_path(&dir);
+    for file in [path.clone(), dir.path().join("outbox.sqlite-wal"), dir.path().join("outbox.sqlite-shm")] {
+        let mode = fs::metadata(&file).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is {mode:o}", file.display());
+    }
+}
+
+#[test]
 fn another_schema_version_is_refused() {
     let dir = tempdir().expect("temp dir");
     let path = outbox_path(&dir);

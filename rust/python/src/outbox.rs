@@ -34,7 +34,7 @@ pub struct OutboxWriter {
 #[pymethods]
 impl OutboxWriter {
     #[new]
-    #[pyo3(signature = (path, *, max_items, max_bytes, overflow_policy, durable, busy_timeout_s, max_asset_bytes))]
+    #[pyo3(signature = (path, *, max_items, max_bytes, overflow_policy, durable, busy_timeout_s, max_asset_bytes, max_invalid_share = 0.1))]
     fn new(
         py: Python<'_>,
         path: std::path::PathBuf,
@@ -44,6 +44,7 @@ impl OutboxWriter {
         durable: bool,
         busy_timeout_s: f64,
         max_asset_bytes: u64,
+        max_invalid_share: f64,
     ) -> PyResult<Self> {
         let overflow_policy: OverflowPolicy = overflow_policy.parse().map_err(PyValueError::new_err)?;
         let config = OutboxConfig {
@@ -53,6 +54,7 @@ impl OutboxWriter {
             sync: if durable { SyncMode::Full } else { SyncMode::Normal },
             busy_timeout: Duration::try_from_secs_f64(busy_timeout_s).map_err(|e| PyValueError::new_err(format!("busy_timeout_s: {e}")))?,
             max_asset_bytes,
+            max_invalid_share,
             ..OutboxConfig::new(path)
         };
         let outbox = py.detach(|| Outbox::open(config)).map_err(|e| to_python(py, e))?;

@@ -282,6 +282,7 @@ pub struct OutboxSettings {
     /// `full`: durable before the response is sent; `normal`: committed (in the OS) only.
     pub sync_full: bool,
     pub max_asset_bytes: u64,
+    pub max_invalid_share: f64,
 }
 
 /// The step's settings, typed.
@@ -355,6 +356,7 @@ impl StepSettings {
                 overflow_policy: text(p, "outbox_overflow_policy"),
                 sync_full: text(p, "outbox_sync") != "normal",
                 max_asset_bytes: int(p, "outbox_max_asset_bytes", 32 << 20),
+                max_invalid_share: number(p, "outbox_max_invalid_share", 0.1),
             }),
             _ => None,
         };

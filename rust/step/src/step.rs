@@ -86,6 +86,7 @@ fn outbox_config(settings: &StepSettings) -> Option<OutboxConfig> {
         overflow_policy: if o.overflow_policy == "drop_newest" { OverflowPolicy::DropNewest } else { OverflowPolicy::DropLeastUncertain },
         sync: if o.sync_full { SyncMode::Full } else { SyncMode::Normal },
         max_asset_bytes: o.max_asset_bytes,
+        max_invalid_share: o.max_invalid_share,
         ..OutboxConfig::new(&o.path)
     })
 }
