@@ -6,6 +6,7 @@ version that fails to load, rollback, the report and calibrate --apply."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -114,6 +115,10 @@ def test_one_full_cycle_with_a_deploy_under_load(loop):
 def test_a_version_that_fails_to_load_leaves_the_old_one_serving_and_rollback_goes_back(loop):
     repo, url = loop.repository, loop.server.grpc_url
     current = served_versions(url, "fashion_cnn")[-1]
+    if current == 1:  # run alone: deploy a second good version, so there is one to roll back to
+        shutil.copytree(repo / "fashion_cnn" / "1", repo / "fashion_cnn" / "2")
+        assert "serving fashion_cnn version 2" in cli("deploy", "--model-repository", str(repo), "--url", url)
+        current = 2
     broken = repo / "fashion_cnn" / str(current + 1)
     broken.mkdir()
     (broken / "model.py").write_text((repo / "fashion_cnn" / "1" / "model.py").read_text())
@@ -125,9 +130,9 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving_and_rollback_go
     assert (repo / "fashion_cnn" / f"failed-{current + 1}").is_dir()
     with grpcclient.InferenceServerClient(url) as c:
         infer_al(c, pool(4, 0))
-    if current >= 2:
-        assert f"serving fashion_cnn version {current - 1}" in cli("rollback", "--model-repository", str(repo), "--url", url)
-        assert served_versions(url, "fashion_cnn") == [current - 1]
+    assert f"serving fashion_cnn version {current - 1}" in cli("rollback", "--model-repository", str(repo), "--url", url)
+    assert served_versions(url, "fashion_cnn") == [current - 1]
+    assert (repo / "fashion_cnn" / f"rolled-back-{current}").is_dir()
 
 
 @pytest.mark.slow
