@@ -332,3 +332,37 @@ def test_sigkill_under_load_loses_no_item_whose_response_said_flagged(served, tm
         assert o.integrity_check() == "ok"
     missing = set(answered) - stored
     assert not missing, f"{len(missing)} of {len(set(answered))} items answered FLAGGED are not in the outbox"
+
+
+def test_the_uploader_drains_rows_written_by_both_steps_alike(tmp_path):
+    """One outbox, one definition of its rows: the native step and the Python step append to
+    the same file, the uploader delivers both, and the same input gives the same record."""
+    from triton_al.sinks.local import LocalStore
+    from triton_al.uploader.worker import Uploader
+
+    repo, outbox = tmp_path / "repo", tmp_path / "outbox.db"
+    for step in ("native", "python"):
+        write_model(repo, step, step, "classification", "margin", outbox)
+    x = scores_for("classification", 3, np.random.default_rng(21))
+    x[1] = np.eye(10, dtype=np.float32)[0]  # certain: not flagged
+    server = TritonServer(repo, model_control_mode="explicit", load_models=["native", "python"], log_path=tmp_path / "t.log")
+    with server:
+        answers = {step: infer(server, step, x, pngs(3, seed=31)) for step in ("native", "python")}
+    for name in ("SCORE", "FLAGGED"):
+        i = {"SCORE": 1, "FLAGGED": 2}[name]
+        np.testing.assert_array_equal(answers["native"][i], answers["python"][i], err_msg=name)
+    store = LocalStore(tmp_path / "store")
+    with Outbox(outbox) as o:
+        assert len(o.due(100)) == 4  # two flagged items, one row per step's group
+        assert Uploader(o, store).flush(30).complete
+        assert o.due(100) == []
+    import json
+
+    def sidecars(group: str) -> dict[str, dict]:
+        hashes = [r["content_hash"] for r in store.index(group)]
+        keep = ("prediction", "score", "reason", "strategy", "threshold", "model_name", "model_version")
+        return {h: {k: json.loads((store.group_dir(group) / f"{h}.json").read_text())[k] for k in keep} for h in hashes}
+
+    native, python = sidecars("native"), sidecars("python")
+    assert len(native) == 2 and native == python
+    assert all(r["prediction"]["label"] is not None and r["reason"] == "uncertain" for r in native.values())
