@@ -187,7 +187,35 @@ def calibrate_command(
     typer.echo(json.dumps(body))
 
 
+dataset_app = typer.Typer(help="Labelled data for your own training code.", no_args_is_help=True)
+
+
+@dataset_app.command("export")
+def dataset_export_command(
+    store: Store,
+    out: Annotated[Path, typer.Option(help="Folder of snapshots: OUT/<snapshot>/ and OUT/latest.")],
+    format: Annotated[str, typer.Option("--format", help="imagefolder | jsonl | coco.")] = "imagefolder",
+    group: Annotated[Optional[list[str]], typer.Option("--group", help="Upload group to export (repeatable; default: all).")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Class names, one per line (Triton's label_filename).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of items in the validation split (decided by content hash).")] = 0.1,
+) -> None:
+    """Write every labelled item as a versioned, content-addressed snapshot (manifest with hashes, class map, split)."""
+    from triton_al.loop.dataset import DatasetError, export_dataset, read_class_names
+    from triton_al.sinks.local import LocalStore
+
+    try:
+        result = export_dataset(LocalStore(store, create=False), out, format, groups=group,
+                                class_names=read_class_names(labels), val_fraction=val_fraction)
+    except (DatasetError, OSError) as e:
+        _fail(f"triton-al dataset export: {e}")
+    for problem in result.skipped:
+        typer.echo(f"not exported: {problem}", err=True)
+    typer.echo(json.dumps({"snapshot": result.snapshot, "path": str(result.path), "items": result.items,
+                           "counts": result.counts, "skipped": len(result.skipped), "reused": result.reused}))
+
+
 def register(app: typer.Typer) -> None:
+    app.add_typer(dataset_app, name="dataset")
     app.command("annotate")(annotate_command)
     app.command("retrain")(retrain_command)
     app.command("evaluate")(evaluate_command)
