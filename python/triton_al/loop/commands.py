@@ -44,32 +44,46 @@ def _step_settings(repository: Path, step: str) -> dict[str, str]:
 def retrain_command(
     model_repository: Repository,
     store: Store,
-    model: Annotated[str, typer.Option(help="The model to retrain (the example CNN).")] = "fashion_cnn",
-    group: Annotated[str, typer.Option(help="Upload group whose labels to use.")] = "active-learning",
-    base_size: Annotated[int, typer.Option(help="Labelled training images the loop started from.")] = 1000,
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
-    min_steps: Annotated[int, typer.Option(min=1, help="Train at least this many batches (small label sets).")] = 300,
-    seed: Annotated[int, typer.Option()] = 0,
+    model: Annotated[str, typer.Option(help="The model to retrain.")] = "fashion_cnn",
+    command: Annotated[Optional[str], typer.Option(help="Your training command, run on a dataset snapshot: placeholders "
+                                                   "{dataset} {version_dir} {model_dir} {version} {python}; it writes the "
+                                                   "model (and optionally metrics.json) into {version_dir}. Default: the "
+                                                   "example CNN's (python -m triton_al.example.train_on_snapshot).")] = None,
+    group: Annotated[Optional[list[str]], typer.Option("--group", help="Upload group(s) whose labels to use (default: all).")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Class names, one per line, for the snapshot's class map.")] = None,
+    datasets: Annotated[Optional[Path], typer.Option(help="Where snapshots are written (default: STORE/datasets).")] = None,
+    smoke: Annotated[bool, typer.Option(help="Check the new version loads in a real tritonserver and answers before placing it.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds the command may take.")] = 3600.0,
+    base_size: Annotated[int, typer.Option(help="Example command: labelled training images the loop started from.")] = 1000,
+    epochs: Annotated[int, typer.Option(min=1, help="Example command: epochs.")] = 10,
+    min_steps: Annotated[int, typer.Option(min=1, help="Example command: train at least this many batches.")] = 300,
+    seed: Annotated[int, typer.Option(help="Example command: seed.")] = 0,
     step: Annotated[str, typer.Option(help="The active_learning step (for the threshold in the record).")] = "active_learning",
     metrics_url: Annotated[Optional[str], typer.Option(help="Triton /metrics URL: records flag counts and the score histogram.")] = None,
 ) -> None:
-    """Train on the base set plus every label in the store; write the next model version and a cycle record."""
+    """Export the labels as a snapshot, run the training command on it, check the new version
+    in a real tritonserver, place it as the next version, and record the cycle."""
     from triton_al.loop.cycles import append_cycle
-    from triton_al.loop.retrain import RetrainError, retrain
+    from triton_al.loop.dataset import DatasetError, read_class_names
+    from triton_al.loop.retrain import EXAMPLE_COMMAND, RetrainError, retrain_with_command
     from triton_al.sinks.local import LocalStore
 
     try:
-        result = retrain(model_repository, LocalStore(store, create=False), model=model, group=group,
-                         base_size=base_size, epochs=epochs, min_steps=min_steps, seed=seed)
-    except (RetrainError, FileNotFoundError, ImportError) as e:
+        result = retrain_with_command(
+            model_repository, LocalStore(store, create=False), command or EXAMPLE_COMMAND, model=model, groups=group,
+            datasets=datasets, class_names=read_class_names(labels), timeout_s=timeout, smoke=smoke,
+            base_size=base_size, epochs=epochs, min_steps=min_steps, seed=seed)
+    except (RetrainError, DatasetError, FileNotFoundError, ImportError) as e:
         _fail(f"triton-al retrain: {e}")
     settings = _step_settings(model_repository, step) if (model_repository / step / "config.pbtxt").exists() else {}
+    m = result.metrics
     record = {
-        "model_name": model, "model_version": result.version, "labels_used": result.labels_used,
-        "annotated": result.annotated, "group": group, "accuracy": result.report["accuracy"],
-        "per_class": result.report["per_class"], "macro": result.report["macro"],
+        "model_name": model, "model_version": result.version, "dataset": result.snapshot,
+        "labels_used": m.get("labels_used"), "annotated": m.get("annotated"), "group": group,
+        "accuracy": m.get("accuracy"), "per_class": m.get("per_class"), "macro": m.get("macro"),
         "threshold": float(settings["threshold"]) if "threshold" in settings else None,
-        "strategy": settings.get("strategy"), "train_seconds": round(result.train_seconds, 1),
+        "strategy": settings.get("strategy"), "train_seconds": round(result.seconds, 1),
+        "command": command or "example", "smoke_outputs": result.outputs,
     }
     if metrics_url:
         from triton_al.calibrate import scrape
@@ -78,7 +92,7 @@ def retrain_command(
         record.update(scored=snapshot.scored, flagged=snapshot.flagged,
                       score_buckets={str(k): v for k, v in snapshot.buckets.items()})
     record = append_cycle(store, record)
-    typer.echo(json.dumps({k: record[k] for k in ("cycle", "model_version", "labels_used", "annotated", "accuracy")}))
+    typer.echo(json.dumps({k: record[k] for k in ("cycle", "model_version", "dataset", "labels_used", "annotated", "accuracy")}))
 
 
 def evaluate_command(
