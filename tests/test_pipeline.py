@@ -165,6 +165,7 @@ def test_flagged_items_arrive_in_the_store_with_their_prediction(pipeline, clien
         h = content_hash(pngs[i, 0])
         assert h in index, "a flagged image did not reach the store"
         assert index[h]["score"] == pytest.approx(float(score[i]), rel=1e-6)
+        assert index[h]["model_version"] == "1"  # from the model's MODEL_VERSION output: the version that served
         sidecar = (store.group_dir("active-learning") / f"{h}.json").read_text()
         assert f'"label":{int(probs[i].argmax())}' in sidecar.replace(" ", "")
     for i in np.flatnonzero(~flagged):

@@ -366,3 +366,42 @@ def test_the_uploader_drains_rows_written_by_both_steps_alike(tmp_path):
     native, python = sidecars("native"), sidecars("python")
     assert len(native) == 2 and native == python
     assert all(r["prediction"]["label"] is not None and r["reason"] == "uncertain" for r in native.values())
+
+
+SCORER = """name: "scorer"
+backend: "python"
+max_batch_size: 4
+version_policy: { specific: { versions: [ 1 ] } }
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 10 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 10 ] } ]
+"""
+
+IDENTITY = """import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
+                for r in requests]
+"""
+
+
+@pytest.mark.parametrize("step", ["native", "python"])
+def test_without_a_version_output_the_version_the_server_serves_is_recorded(tmp_path, step):
+    """Not the newest folder on disk: the scored model has folders 1 and 2, the server serves 1."""
+    repo, outbox = tmp_path / "repo", tmp_path / "outbox.db"
+    for v in ("1", "2"):
+        (repo / "scorer" / v).mkdir(parents=True)
+        (repo / "scorer" / v / "model.py").write_text(IDENTITY)
+    (repo / "scorer" / "config.pbtxt").write_text(SCORER)
+    write_model(repo, "step", step, "classification", "entropy", outbox)
+    config = repo / "step" / "config.pbtxt"
+    config.write_text(config.read_text().replace('parameters { key: "model_version" value { string_value: "7" } }\n', ""))
+    assert "model_version" not in config.read_text()
+    server = TritonServer(repo, model_control_mode="explicit", load_models=["scorer", "step"], log_path=tmp_path / "t.log")
+    with server:
+        images = pngs(1, seed=41)
+        _, _, flagged = infer(server, "step", np.full((1, 10), 0.1, np.float32), images)
+    assert flagged.all()
+    with Outbox(outbox) as o:
+        (row,) = o.due(10)
+    assert (row.model_name, row.model_version) == ("scorer", "1")

@@ -161,13 +161,16 @@ def passthrough_outputs(model_config: dict) -> list[str]:
     return names
 
 
-class LatestVersion:
-    """The newest version directory of the scored model, which is what Triton's default
-    version policy serves; re-read at most once a second, so a deployed version shows up
-    in the records without reloading the step."""
+class ServedVersion:
+    """The version of the scored model the server has ready (the newest, as Triton's default
+    policy serves), asked of the server (`pb_utils.is_model_ready`) for the version folders
+    present, newest first; re-read at most once a second. Used when the model does not say
+    which version computed an item (a `MODEL_VERSION` output does)."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, model_name: str, is_ready=None) -> None:
         self.model_dir = model_dir
+        self.model_name = model_name
+        self.is_ready = is_ready or getattr(pb_utils, "is_model_ready", None)
         self._value, self._read_at = "unknown", -1.0
 
     def __call__(self) -> str:
@@ -175,10 +178,18 @@ class LatestVersion:
         if now - self._read_at >= 1.0:
             self._read_at = now
             try:
-                versions = [int(p.name) for p in self.model_dir.iterdir() if p.name.isdigit() and p.is_dir()]
+                versions = sorted((int(p.name) for p in self.model_dir.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
             except OSError:
                 versions = []
-            self._value = str(max(versions)) if versions else "unknown"
+            self._value = "unknown"
+            for v in versions:
+                try:
+                    ready = self.is_ready is None or self.is_ready(self.model_name, str(v))
+                except Exception:  # noqa: BLE001 - the server could not say: keep looking
+                    ready = False
+                if ready:
+                    self._value = str(v)
+                    break
         return self._value
 
 
@@ -205,10 +216,11 @@ class TritonPythonModel:
         model_config = json.loads(args["model_config"])
         params = parameters(model_config)
         params.setdefault("model_name", args.get("model_name", "model"))
-        # Without a `model_version` parameter, record the scored model's newest version.
-        self.latest_version = None
+        # Without a `model_version` parameter (and no MODEL_VERSION input), record the version
+        # of the scored model the server has ready.
+        self.served_version = None
         if "model_version" not in params:
-            self.latest_version = LatestVersion(Path(args["model_repository"]).parent / params["model_name"])
+            self.served_version = ServedVersion(Path(args["model_repository"]).parent / params["model_name"], params["model_name"])
         # A bad setting fails the load, with the message naming it (Triton logs it).
         self.settings = StepSettings.from_parameters(params)
         self.step = ActiveLearningStep(self.settings)
@@ -247,8 +259,8 @@ class TritonPythonModel:
             if tensor is not None and tensor.as_numpy().size:
                 v = tensor.as_numpy().reshape(-1)[0]
                 version = v.decode() if isinstance(v, bytes) else str(v)
-        if version is None and self.latest_version is not None:
-            version = self.latest_version()
+        if version is None and self.served_version is not None:
+            version = self.served_version()
         return RequestInputs(outputs=scores.as_numpy(), assets=assets, model_version=version)
 
     def execute(self, requests):

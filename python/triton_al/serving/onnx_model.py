@@ -42,7 +42,9 @@ class OnnxRunner:
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = self._map("input", [i["name"] for i in inputs], [i.name for i in self.session.get_inputs()])
-        self.outputs = self._map("output", [o["name"] for o in outputs], [o.name for o in self.session.get_outputs()])
+        # MODEL_VERSION is not the graph's: the serving model answers it (see TritonPythonModel).
+        graph_outputs = [o["name"] for o in outputs if o["name"] != VERSION_OUTPUT]
+        self.outputs = self._map("output", graph_outputs, [o.name for o in self.session.get_outputs()])
         self.dtypes = {i["name"]: TRITON_DTYPES.get(i["data_type"]) for i in inputs}
         self.item_dims = {i["name"]: [int(d) for d in i["dims"]] for i in inputs}
 
@@ -69,9 +71,19 @@ class OnnxRunner:
         return dict(zip(self.outputs.keys(), results))
 
 
+VERSION_OUTPUT = "MODEL_VERSION"
+
+
 class TritonPythonModel:
+    """An ONNX model served by the Python backend. If its config declares an output
+    `MODEL_VERSION` (INT64 [1]), each item carries the version that computed it: the
+    active_learning step records that with a flagged item (the version that served,
+    whatever the repository holds by then)."""
+
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
+        self.version = int(args["model_version"])
+        self.answers_version = any(o["name"] == VERSION_OUTPUT for o in config["output"])
         params = parameters(config)
         version_dir = Path(args["model_repository"]) / args["model_version"]
         filename = config.get("default_model_filename") or "model.onnx"
@@ -108,6 +120,8 @@ class TritonPythonModel:
                 continue
             n = next(good)
             tensors = [pb_utils.Tensor(name, np.ascontiguousarray(value[start : start + n])) for name, value in outputs.items()]
+            if self.answers_version:
+                tensors.append(pb_utils.Tensor(VERSION_OUTPUT, np.full((n, 1), self.version, np.int64)))
             start += n
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses

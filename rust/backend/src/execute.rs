@@ -32,7 +32,7 @@ fn parse<'a>(state: &ModelState, request: &'a Request) -> Result<Parsed<'a>, Str
         model_version = request.input("MODEL_VERSION")?.and_then(|i| tensors::model_version(&i));
     }
     if model_version.is_none() {
-        model_version = state.latest_version.as_ref().map(|v| v.get());
+        model_version = state.served_version.as_ref().map(|v| v.get());
     }
     Ok(Parsed { scores, shape, assets, model_version })
 }

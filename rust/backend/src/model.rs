@@ -2,7 +2,6 @@
 //! (with its outbox writer thread, shared by every instance), and its metrics.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -13,28 +12,41 @@ use crate::metrics::StepMetrics;
 
 pub const STEP_OUTPUTS: [&str; 2] = ["SCORE", "FLAGGED"];
 
-/// The newest version folder of the scored model (what Triton's default policy serves),
-/// re-read at most once a second so a deployed version shows up without a reload.
-pub struct LatestVersion {
-    model_dir: PathBuf,
+/// The version of the scored model that the server has ready (the newest, as Triton's
+/// default policy serves), asked of the server itself and cached for a second. Used when
+/// the model does not say which version computed an item (a `MODEL_VERSION` output does).
+pub struct ServedVersion {
+    server: ServerHandle,
+    model: String,
     cached: Mutex<(String, Option<Instant>)>,
 }
 
-impl LatestVersion {
-    fn new(model_dir: PathBuf) -> Self {
-        LatestVersion { model_dir, cached: Mutex::new(("unknown".into(), None)) }
+/// The server outlives every model, and its model index may be read from any thread.
+struct ServerHandle(*mut crate::triton::sys::TRITONSERVER_Server);
+// SAFETY: see above; the pointer is only passed to TRITONSERVER_ServerModelIndex.
+unsafe impl Send for ServerHandle {}
+// SAFETY: as above.
+unsafe impl Sync for ServerHandle {}
+
+impl ServedVersion {
+    fn new(server: *mut crate::triton::sys::TRITONSERVER_Server, model: String) -> Self {
+        ServedVersion { server: ServerHandle(server), model, cached: Mutex::new(("unknown".into(), None)) }
     }
 
     pub fn get(&self) -> String {
         let Ok(mut cached) = self.cached.lock() else { return "unknown".into() };
         if cached.1.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-            let newest = std::fs::read_dir(&self.model_dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()))
-                .max();
+            let newest = crate::triton::ready_model_index(self.server.0)
+                .ok()
+                .and_then(|json| serde_json::from_str::<Json>(&json).ok())
+                .and_then(|index| {
+                    index
+                        .as_array()?
+                        .iter()
+                        .filter(|m| m.get("name").and_then(Json::as_str) == Some(self.model.as_str()))
+                        .filter_map(|m| m.get("version").and_then(Json::as_str)?.parse::<u64>().ok())
+                        .max()
+                });
             *cached = (newest.map_or("unknown".into(), |v| v.to_string()), Some(Instant::now()));
         }
         cached.0.clone()
@@ -49,7 +61,7 @@ pub struct ModelState {
     /// prunes the step from an ensemble).
     pub passthrough: Vec<String>,
     pub version_input: bool,
-    pub latest_version: Option<LatestVersion>,
+    pub served_version: Option<ServedVersion>,
     /// How long a response may wait for its flagged items to be stored.
     pub outbox_timeout: Duration,
 }
@@ -87,7 +99,7 @@ fn passthrough_outputs(config: &Json) -> Result<Vec<String>, String> {
 impl ModelState {
     /// Read and check the model's configuration; any bad setting is an Err naming it (and the
     /// load fails with that message).
-    pub fn new(name: &str, config_json: &str, repository: &str) -> Result<ModelState, String> {
+    pub fn new(name: &str, config_json: &str, server: *mut crate::triton::sys::TRITONSERVER_Server) -> Result<ModelState, String> {
         let config: Json = serde_json::from_str(config_json).map_err(|e| format!("active_learning step: unreadable model config ({e})"))?;
         let mut params: BTreeMap<String, String> = config
             .get("parameters")
@@ -107,10 +119,7 @@ impl ModelState {
             ));
         }
         let passthrough = passthrough_outputs(&config)?;
-        let latest_version = (!explicit_version).then(|| {
-            // The repository path is this model's folder; the scored model is its sibling.
-            LatestVersion::new(PathBuf::from(repository).parent().unwrap_or(std::path::Path::new("/")).join(&settings.model_name))
-        });
+        let served_version = (!explicit_version).then(|| ServedVersion::new(server, settings.model_name.clone()));
         let step = match Step::open(settings.clone()) {
             Ok(step) => step,
             Err(e) => {
@@ -129,7 +138,7 @@ impl ModelState {
             metrics,
             passthrough,
             version_input: inputs.contains(&"MODEL_VERSION"),
-            latest_version,
+            served_version,
             outbox_timeout: Duration::from_secs(2),
         })
     }

@@ -267,6 +267,27 @@ unsafe fn message_json(message: *mut sys::TRITONSERVER_Message) -> Result<String
     Ok(String::from_utf8_lossy(bytes).into_owned())
 }
 
+/// The ready models of the server as JSON (`[{"name", "version", "state"}, ...]`).
+pub fn ready_model_index(server: *mut sys::TRITONSERVER_Server) -> Result<String, String> {
+    let mut message: *mut sys::TRITONSERVER_Message = ptr::null_mut();
+    // SAFETY: `server` came from TRITONBACKEND_ModelServer and outlives every model; the
+    // out-pointer is valid for writes.
+    unsafe {
+        call(
+            "TRITONSERVER_ServerModelIndex",
+            sys::TRITONSERVER_ServerModelIndex(server, sys::TRITONSERVER_INDEX_FLAG_READY, &mut message),
+        )
+    }?;
+    if message.is_null() {
+        return Err("TRITONSERVER_ServerModelIndex returned no message".into());
+    }
+    // SAFETY: we own `message`; it is read, then deleted once.
+    let json = unsafe { message_json(message) };
+    // SAFETY: as above.
+    let _ = unsafe { check(sys::TRITONSERVER_MessageDelete(message)) };
+    json
+}
+
 // ---- Backend -------------------------------------------------------------------------------
 
 /// The backend (`TRITONBACKEND_Backend*`), lent by Triton.

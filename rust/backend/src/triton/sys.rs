@@ -114,6 +114,8 @@ pub const TRITONSERVER_METRIC_KIND_HISTOGRAM: TRITONSERVER_MetricKind = 2;
 
 /// `TRITONSERVER_RequestReleaseFlag` (passed as a `uint32_t` bit set).
 pub type TRITONSERVER_RequestReleaseFlag = u32;
+/// `TRITONSERVER_ModelIndexFlag`: only the models loaded and ready.
+pub const TRITONSERVER_INDEX_FLAG_READY: u32 = 1;
 pub const TRITONSERVER_REQUEST_RELEASE_ALL: TRITONSERVER_RequestReleaseFlag = 1;
 pub const TRITONSERVER_REQUEST_RELEASE_RESCHEDULE: TRITONSERVER_RequestReleaseFlag = 2;
 
@@ -156,6 +158,12 @@ unsafe extern "C" {
     /// one from `TRITONBACKEND_BackendConfig`, which Triton owns.
     pub fn TRITONSERVER_MessageDelete(
         message: *mut TRITONSERVER_Message,
+    ) -> *mut TRITONSERVER_Error;
+    /// The server's model index as a message the caller owns (delete it).
+    pub fn TRITONSERVER_ServerModelIndex(
+        server: *mut TRITONSERVER_Server,
+        flags: u32,
+        model_index: *mut *mut TRITONSERVER_Message,
     ) -> *mut TRITONSERVER_Error;
 
     // ---- Logging ---------------------------------------------------------------------------
