@@ -228,8 +228,38 @@ def dataset_export_command(
                            "counts": result.counts, "skipped": len(result.skipped), "reused": result.reused}))
 
 
+labels_app = typer.Typer(help="Annotations made in the sink, brought back into the project store.", no_args_is_help=True)
+
+
+@labels_app.command("pull")
+def labels_pull_command(
+    store: Store,
+    sink: Annotated[str, typer.Option(help="Where annotators label: s3://…, labelstudio+http://…, nexus://… (see README).")],
+    group: Annotated[Optional[list[str]], typer.Option("--group", help="Upload group (repeatable; default: every group of the store).")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Class names, one per line: a label outside them is reported.")] = None,
+) -> None:
+    """Bring the sink's annotations into the store's label files (incremental, idempotent; relabels keep history)."""
+    from triton_al.loop.dataset import DatasetError, read_class_names
+    from triton_al.loop.labels import pull_labels
+    from triton_al.sinks import open_sink
+    from triton_al.sinks.base import SinkError
+    from triton_al.sinks.local import LocalStore
+
+    local = LocalStore(store, create=False)
+    try:
+        with open_sink(sink) as source:
+            result = pull_labels(source, local, group or local.groups(), class_names=read_class_names(labels))
+    except (SinkError, DatasetError, ValueError, OSError) as e:
+        _fail(f"triton-al labels pull: {e}")
+    for problem in result.problems:
+        typer.echo(f"not taken: {problem}", err=True)
+    typer.echo(json.dumps({"new": result.new, "relabelled": result.relabelled, "unchanged": result.unchanged,
+                           "problems": len(result.problems)}))
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(dataset_app, name="dataset")
+    app.add_typer(labels_app, name="labels")
     app.command("annotate")(annotate_command)
     app.command("retrain")(retrain_command)
     app.command("evaluate")(evaluate_command)
