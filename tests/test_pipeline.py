@@ -6,6 +6,7 @@ custom metrics and a live settings reload."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import threading
@@ -168,6 +169,9 @@ def test_flagged_items_arrive_in_the_store_with_their_prediction(pipeline, clien
         assert index[h]["model_version"] == "1"  # from the model's MODEL_VERSION output: the version that served
         sidecar = (store.group_dir("active-learning") / f"{h}.json").read_text()
         assert f'"label":{int(probs[i].argmax())}' in sidecar.replace(" ", "")
+        from triton_al.example.data import CLASS_NAMES  # the model's label_filename names it
+
+        assert json.loads(sidecar)["prediction"]["label_name"] == CLASS_NAMES[int(probs[i].argmax())]
     for i in np.flatnonzero(~flagged):
         assert content_hash(pngs[i, 0]) not in index
 

@@ -262,3 +262,18 @@ def test_a_kernel_failure_fails_only_the_request_at_fault(monkeypatch):
     results = step.process([RequestInputs(good), RequestInputs(bad), RequestInputs(good)])
     assert isinstance(results[1], RequestError) and "kernel exploded" in str(results[1])
     assert [type(r).__name__ for r in results] == ["Evaluation", "RequestError", "Evaluation"]
+
+
+def test_class_names_from_the_label_file_name_the_stored_labels(tmp_path):
+    from triton_al.outbox import Outbox
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "labels.txt").write_text("cat\ndog\n")
+    s = settings(outbox_path=str(tmp_path / "o.db"), label_file="m/labels.txt")
+    step = ActiveLearningStep(s, repository=tmp_path)
+    step.process([RequestInputs(np.array([[0.45, 0.55]], np.float32), np.array([png(3)], dtype=object))])
+    with Outbox(tmp_path / "o.db") as o:
+        (row,) = o.due(10)
+    assert row.prediction["label"] == 1 and row.prediction["label_name"] == "dog"
+    with pytest.raises(ValueError, match="label_file 'm/nope.txt': cannot read"):
+        ActiveLearningStep(settings(label_file="m/nope.txt"), repository=tmp_path)

@@ -209,6 +209,9 @@ def step_config(name: str, model, front, scores: ScoresOutput, al: ActiveLearnin
         **{k: str(v) for k, v in al.task_options.model_dump().items()},
         **extra_params,
     }
+    scored = next(o for o in model.output if o.name == scores.name)
+    if scored.label_filename:  # the model names its classes: stored predictions will too
+        params.setdefault("label_file", f"{model.name}/{scored.label_filename}")
     for key in sorted(params):
         c.parameters[key].string_value = params[key]
     return c

@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -80,22 +81,37 @@ def asset_bytes(asset: Any) -> tuple[bytes, str]:
     raise RequestError(f"asset: expected bytes or a numeric array per item, got {type(asset).__name__}")
 
 
-def prediction_json(outputs: np.ndarray, task: str, layout: str = "nchw") -> str:
+def prediction_json(outputs: np.ndarray, task: str, layout: str = "nchw", class_names: list[str] | None = None) -> str:
     """The JSON summary of one item's prediction, for annotators and pre-labels: the Rust
     step's own (`triton_al._core.prediction_json`), so both steps store the same text."""
-    return _core.prediction_json(task, np.asarray(outputs, np.float32), layout=layout)
+    return _core.prediction_json(task, np.asarray(outputs, np.float32), layout=layout, class_names=class_names)
 
 
-def prediction_of(outputs: np.ndarray, task: str, layout: str = "nchw") -> dict[str, Any]:
+def prediction_of(outputs: np.ndarray, task: str, layout: str = "nchw", class_names: list[str] | None = None) -> dict[str, Any]:
     """`prediction_json`, parsed."""
-    return json.loads(prediction_json(outputs, task, layout))
+    return json.loads(prediction_json(outputs, task, layout, class_names))
+
+
+def read_class_names(label_file: str | None, repository: Path | None) -> list[str] | None:
+    """The step's `label_file` (relative to the model repository), one class name per line."""
+    if label_file is None:
+        return None
+    path = (repository or Path(".")) / label_file
+    try:
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise ValueError(f"active_learning step: label_file {label_file!r}: cannot read {path} ({e})") from None
+    if not names:
+        raise ValueError(f"active_learning step: label_file {label_file!r}: no class names in {path}")
+    return names
 
 
 class ActiveLearningStep:
     """Scores batches with an `ActiveLearningConfig` and stores flagged items in an outbox."""
 
-    def __init__(self, settings: StepSettings, outbox: Any | None = None) -> None:
+    def __init__(self, settings: StepSettings, outbox: Any | None = None, repository: Path | None = None) -> None:
         self.settings = settings
+        self.class_names = read_class_names(settings.label_file, repository)
         self.config = settings.active_learning
         self.evaluate = Evaluator(self.config)
         self.outbox = outbox
@@ -207,7 +223,7 @@ class ActiveLearningStep:
                         media_type=media_type,
                         model_name=self.settings.model_name,
                         model_version=request.model_version or self.settings.model_version,
-                        prediction=prediction_json(request.outputs[j], cfg.task, layout),
+                        prediction=prediction_json(request.outputs[j], cfg.task, layout, self.class_names),
                         score=float(result.scores[j]),
                         strategy=cfg.strategy,
                         threshold=cfg.threshold,

@@ -12,7 +12,8 @@ message naming it.
 | `scores_input` | the step input holding the model's class scores | `PROBS` |
 | `asset_input` | the step input holding the original asset (image bytes); empty: none | `IMAGE` |
 | `model_name` | model whose predictions are scored (recorded with each item) | required |
-| `model_version` | recorded with each item, unless a `MODEL_VERSION` input carries it | `unknown` |
+| `model_version` | recorded with each item, unless a `MODEL_VERSION` input carries it | the version the server serves |
+| `label_file` | class names, one per line, relative to the model repository (attach sets it from the scored output's `label_filename`) | – |
 | `outbox_path` | SQLite outbox file; else `$TRITON_AL_OUTBOX`; empty string: score only | – |
 | `outbox_max_items`, `outbox_max_bytes`, `outbox_overflow_policy` | outbox bounds | 100000, 2 GiB, `drop_least_uncertain` |
 | `outbox_sync` | `full`: each append is fsynced before it returns (survives power loss); `normal`: written to the OS before it returns (survives any process kill, not a power loss or kernel crash), about 2.5x faster | `full` |
@@ -61,6 +62,8 @@ class StepSettings(BaseModel):
     asset_input: str | None = "IMAGE"
     model_name: str = Field(min_length=1)
     model_version: str = "unknown"
+    label_file: str | None = Field(None, description="Class names, one per line (Triton's label_filename), relative to "
+                                   "the model repository: stored predictions name their labels.")
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], env: dict[str, str] | None = None) -> StepSettings:
@@ -79,7 +82,7 @@ class StepSettings(BaseModel):
         outbox = None
         if parsed["outbox_path"] is not None:
             outbox = {name: parsed[f"outbox_{name}"] for name in OutboxSettings.model_fields}
-        step = {key: parsed[key] for key in ("scores_input", "asset_input", "model_name", "model_version")}
+        step = {key: parsed[key] for key in ("scores_input", "asset_input", "model_name", "model_version", "label_file")}
         try:
             return cls(active_learning=ActiveLearningConfig.model_validate(config),
                        outbox=OutboxSettings(**outbox) if outbox else None, **step)
@@ -121,7 +124,7 @@ def parameter_table() -> dict[str, Any]:
     for name, prop in outbox.items():
         parameters[f"outbox_{name}"] = {"type": "path"} if name == "path" else _rule(prop)
     step = StepSettings.model_json_schema()["properties"]
-    for key in ("scores_input", "asset_input", "model_name", "model_version"):
+    for key in ("scores_input", "asset_input", "model_name", "model_version", "label_file"):
         parameters[key] = _rule(step[key])
     parameters["model_name"]["required"] = True
     task_options = {

@@ -223,7 +223,7 @@ class TritonPythonModel:
             self.served_version = ServedVersion(Path(args["model_repository"]).parent / params["model_name"], params["model_name"])
         # A bad setting fails the load, with the message naming it (Triton logs it).
         self.settings = StepSettings.from_parameters(params)
-        self.step = ActiveLearningStep(self.settings)
+        self.step = ActiveLearningStep(self.settings, repository=Path(args["model_repository"]).parent)
         self.inputs = {i["name"] for i in model_config.get("input", [])}
         self.passthrough = passthrough_outputs(model_config)
         self.metrics = _Metrics(args.get("model_name", "active_learning"))

@@ -58,7 +58,7 @@ pub extern "C" fn TRITONBACKEND_ModelInitialize(model: *mut sys::TRITONBACKEND_M
         // SAFETY: Triton passes a live model to this entry point.
         let model = unsafe { Model::from_raw(model) };
         let name = model.name()?;
-        let state = ModelState::new(&name, &model.config_json()?, model.server()?)?;
+        let state = ModelState::new(&name, &model.config_json()?, model.server()?, &model.repository_path()?)?;
         let s = &state.step.settings;
         log_info!(
             "active_learning {name} ready (native): strategy={} threshold={} groups={:?} task={} outbox={}",

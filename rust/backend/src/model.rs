@@ -99,7 +99,7 @@ fn passthrough_outputs(config: &Json) -> Result<Vec<String>, String> {
 impl ModelState {
     /// Read and check the model's configuration; any bad setting is an Err naming it (and the
     /// load fails with that message).
-    pub fn new(name: &str, config_json: &str, server: *mut crate::triton::sys::TRITONSERVER_Server) -> Result<ModelState, String> {
+    pub fn new(name: &str, config_json: &str, server: *mut crate::triton::sys::TRITONSERVER_Server, model_dir: &str) -> Result<ModelState, String> {
         let config: Json = serde_json::from_str(config_json).map_err(|e| format!("active_learning step: unreadable model config ({e})"))?;
         let mut params: BTreeMap<String, String> = config
             .get("parameters")
@@ -120,7 +120,10 @@ impl ModelState {
         }
         let passthrough = passthrough_outputs(&config)?;
         let served_version = (!explicit_version).then(|| ServedVersion::new(server, settings.model_name.clone()));
-        let step = match Step::open(settings.clone()) {
+        // The model's folder is in the repository; label_file is relative to the repository.
+        let repository = std::path::Path::new(model_dir).parent().unwrap_or(std::path::Path::new("/"));
+        let class_names = Step::read_class_names(&settings, repository)?;
+        let mut step = match Step::open(settings.clone()) {
             Ok(step) => step,
             Err(e) => {
                 // Inference must go on without the outbox: every flagged item is counted as
@@ -129,6 +132,7 @@ impl ModelState {
                 Step::with_outbox(settings.clone(), None)
             }
         };
+        step.class_names = class_names;
         let metrics = StepMetrics::start(name)
             .map_err(|e| crate::triton::log_error!("active_learning {name}: metrics disabled: {e}"))
             .ok();

@@ -32,8 +32,8 @@ pub fn parse_step_parameters<'py>(py: Python<'py>, params: BTreeMap<String, Stri
 
 /// The JSON summary of one item's outputs (what annotators see of the prediction).
 #[pyfunction]
-#[pyo3(signature = (task, item, *, layout = "nchw"))]
-pub fn prediction_json(task: &str, item: PyReadonlyArrayDyn<'_, f32>, layout: &str) -> PyResult<String> {
+#[pyo3(signature = (task, item, *, layout = "nchw", class_names = None))]
+pub fn prediction_json(task: &str, item: PyReadonlyArrayDyn<'_, f32>, layout: &str, class_names: Option<Vec<String>>) -> PyResult<String> {
     let task = match task {
         "classification" => Task::Classification,
         "multilabel" => Task::MultiLabel,
@@ -44,5 +44,5 @@ pub fn prediction_json(task: &str, item: PyReadonlyArrayDyn<'_, f32>, layout: &s
     let layout = if layout == "nhwc" { Layout::ChannelsLast } else { Layout::ChannelsFirst };
     let dims = item.shape().to_vec();
     let values = item.as_array().iter().copied().collect::<Vec<f32>>();
-    Ok(summary(task, layout, &values, &dims))
+    Ok(summary(task, layout, &values, &dims, class_names.as_deref()))
 }

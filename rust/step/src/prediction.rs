@@ -34,17 +34,27 @@ fn argmax(values: impl Iterator<Item = f32>) -> Option<usize> {
     best.map(|(i, _)| i)
 }
 
+/// A class name as JSON: the model's name for class `index`, when it has names.
+fn name_of(index: Option<usize>, names: Option<&[String]>) -> String {
+    match (index, names) {
+        (Some(i), Some(names)) if i < names.len() => serde_json::Value::from(names[i].as_str()).to_string(),
+        _ => "null".into(),
+    }
+}
+
 /// The JSON summary of one item's outputs (`item` holds its values, `dims` its shape
-/// without the batch axis).
-pub fn prediction_json(task: Task, layout: Layout, item: &[f32], dims: &[usize]) -> String {
+/// without the batch axis). With the model's class names, labels are named too.
+pub fn prediction_json(task: Task, layout: Layout, item: &[f32], dims: &[usize], names: Option<&[String]>) -> String {
     match task {
         Task::Classification => {
-            let label = if item.iter().any(|v| v.is_finite()) {
-                argmax(item.iter().map(|&v| if v.is_finite() { v } else { f32::NEG_INFINITY })).map_or("null".into(), |i| i.to_string())
+            let index = if item.iter().any(|v| v.is_finite()) {
+                argmax(item.iter().map(|&v| if v.is_finite() { v } else { f32::NEG_INFINITY }))
             } else {
-                "null".into()
+                None
             };
-            format!("{{\"probs\":{},\"label\":{label}}}", numbers(item.iter().copied()))
+            let label = index.map_or("null".into(), |i| i.to_string());
+            let named = if names.is_some() { format!(",\"label_name\":{}", name_of(index, names)) } else { String::new() };
+            format!("{{\"probs\":{},\"label\":{label}{named}}}", numbers(item.iter().copied()))
         }
         Task::MultiLabel => format!("{{\"probs\":{}}}", numbers(item.iter().copied())),
         Task::Detection => {
@@ -55,7 +65,8 @@ pub fn prediction_json(task: Task, layout: Layout, item: &[f32], dims: &[usize])
                     let finite = || b.iter().map(|&v| if v.is_finite() { v } else { f32::NEG_INFINITY });
                     let label = argmax(finite()).unwrap_or(0);
                     let top = finite().fold(f32::NEG_INFINITY, f32::max);
-                    format!("{{\"label\":{label},\"confidence\":{}}}", number(top))
+                    let named = if names.is_some() { format!(",\"label_name\":{}", name_of(Some(label), names)) } else { String::new() };
+                    format!("{{\"label\":{label},\"confidence\":{}{named}}}", number(top))
                 })
                 .collect();
             format!("{{\"boxes\":[{}]}}", boxes.join(","))
@@ -85,15 +96,24 @@ mod tests {
 
     #[test]
     fn classification_rounds_and_nulls_invalid_values() {
-        let json = prediction_json(Task::Classification, Layout::ChannelsFirst, &[0.1234567, f32::NAN, 0.5], &[3]);
+        let json = prediction_json(Task::Classification, Layout::ChannelsFirst, &[0.1234567, f32::NAN, 0.5], &[3], None);
         assert_eq!(json, r#"{"probs":[0.123457,null,0.5],"label":2}"#);
-        let none = prediction_json(Task::Classification, Layout::ChannelsFirst, &[f32::NAN, f32::INFINITY], &[2]);
+        let none = prediction_json(Task::Classification, Layout::ChannelsFirst, &[f32::NAN, f32::INFINITY], &[2], None);
         assert_eq!(none, r#"{"probs":[null,null],"label":null}"#);
     }
 
     #[test]
+    fn class_names_name_the_labels() {
+        let names = ["cat".to_string(), "dog \"rex\"".to_string()];
+        let json = prediction_json(Task::Classification, Layout::ChannelsFirst, &[0.2, 0.8], &[2], Some(&names));
+        assert_eq!(json, r#"{"probs":[0.2,0.8],"label":1,"label_name":"dog \"rex\""}"#);
+        let boxes = prediction_json(Task::Detection, Layout::ChannelsFirst, &[0.9, 0.1], &[1, 2], Some(&names));
+        assert_eq!(boxes, r#"{"boxes":[{"label":0,"confidence":0.9,"label_name":"cat"}]}"#);
+    }
+
+    #[test]
     fn detection_reports_every_box() {
-        let json = prediction_json(Task::Detection, Layout::ChannelsFirst, &[0.1, 0.9, 0.7, 0.3], &[2, 2]);
+        let json = prediction_json(Task::Detection, Layout::ChannelsFirst, &[0.1, 0.9, 0.7, 0.3], &[2, 2], None);
         assert_eq!(json, r#"{"boxes":[{"label":1,"confidence":0.9},{"label":0,"confidence":0.7}]}"#);
     }
 
@@ -101,8 +121,8 @@ mod tests {
     fn segmentation_counts_pixels_per_class_in_either_layout() {
         // 2 classes, 1x3 pixels: class 1 wins pixels 0 and 2.
         let nchw = [0.2, 0.6, 0.1, 0.8, 0.4, 0.9];
-        assert_eq!(prediction_json(Task::Segmentation, Layout::ChannelsFirst, &nchw, &[2, 1, 3]), r#"{"class_pixels":[1,2]}"#);
+        assert_eq!(prediction_json(Task::Segmentation, Layout::ChannelsFirst, &nchw, &[2, 1, 3], None), r#"{"class_pixels":[1,2]}"#);
         let nhwc = [0.2, 0.8, 0.6, 0.4, 0.1, 0.9];
-        assert_eq!(prediction_json(Task::Segmentation, Layout::ChannelsLast, &nhwc, &[1, 3, 2]), r#"{"class_pixels":[1,2]}"#);
+        assert_eq!(prediction_json(Task::Segmentation, Layout::ChannelsLast, &nhwc, &[1, 3, 2], None), r#"{"class_pixels":[1,2]}"#);
     }
 }

@@ -306,6 +306,8 @@ pub struct StepSettings {
     pub asset_input: Option<String>,
     pub model_name: String,
     pub model_version: String,
+    /// Class names, one per line, relative to the model repository.
+    pub label_file: Option<String>,
 }
 
 fn text(p: &Parsed, key: &str) -> String {
@@ -389,6 +391,10 @@ impl StepSettings {
             },
             model_name: text(p, "model_name"),
             model_version: text(p, "model_version"),
+            label_file: match p.get("label_file") {
+                Some(Value::Text(s)) => Some(s.clone()),
+                _ => None,
+            },
         }
     }
 }

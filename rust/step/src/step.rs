@@ -65,6 +65,8 @@ pub struct Processed {
 
 pub struct Step {
     pub settings: StepSettings,
+    /// The model's class names (from `label_file`), to name labels in stored predictions.
+    pub class_names: Option<Vec<String>>,
     outbox: Option<Arc<Outbox>>,
     base_seed: u64,
     batches: AtomicU64,
@@ -92,6 +94,19 @@ fn outbox_config(settings: &StepSettings) -> Option<OutboxConfig> {
 }
 
 impl Step {
+    /// Read `label_file` (relative to the model repository): one class name per line.
+    pub fn read_class_names(settings: &StepSettings, repository: &std::path::Path) -> Result<Option<Vec<String>>, String> {
+        let Some(file) = &settings.label_file else { return Ok(None) };
+        let path = repository.join(file);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("active_learning step: label_file '{file}': cannot read {} ({e})", path.display()))?;
+        let names: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+        if names.is_empty() {
+            return Err(format!("active_learning step: label_file '{file}': no class names in {}", path.display()));
+        }
+        Ok(Some(names))
+    }
+
     /// The step with its outbox opened (its folder created). An outbox that cannot be
     /// opened is an Err: the caller decides whether to serve without it.
     pub fn open(settings: StepSettings) -> Result<Step, String> {
@@ -114,7 +129,7 @@ impl Step {
             mix(nanos ^ ((std::process::id() as u64) << 32))
         });
         let groups = settings.upload_groups.clone().into();
-        Step { settings, outbox, base_seed, batches: AtomicU64::new(0), groups }
+        Step { settings, class_names: None, outbox, base_seed, batches: AtomicU64::new(0), groups }
     }
 
     pub fn outbox(&self) -> Option<&Arc<Outbox>> {
@@ -206,7 +221,7 @@ impl Step {
                 media_type: media_type.to_string(),
                 model_name: s.model_name.clone(),
                 model_version: request.model_version.clone().unwrap_or_else(|| s.model_version.clone()),
-                prediction_json: prediction_json(s.task, s.layout, values, dims),
+                prediction_json: prediction_json(s.task, s.layout, values, dims, self.class_names.as_deref()),
                 score: evaluation.scores[j] as f64,
                 strategy: s.strategy_name.clone(),
                 threshold: s.threshold,
