@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sqlite3
 
 import pytest
@@ -97,10 +98,14 @@ def test_dead_letters_keep_their_asset_and_can_be_retried(outbox):
     outbox.mark_delivered([second.id])
     (dead,) = outbox.dead_letters()
     assert dead["error"] == "rejected: corrupt image" and dead["attempts"] == 1
-    assert outbox.counters()["stored_bytes"] == len(png(1))  # the dead letter's asset is kept
+    # The dead letter's asset is kept, counted apart from the queue's bytes (the writer's cap).
+    c = outbox.counters()
+    assert c["stored_bytes"] == 0 and c["dead_letter_bytes"] == len(png(1))
     assert outbox.retry_dead_letters() == 1
     (again,) = outbox.due(10)
     assert again.asset == png(1) and outbox.dead_letters() == []
+    c = outbox.counters()
+    assert c["stored_bytes"] == len(png(1)) and c["dead_letter_bytes"] == 0
 
 
 def test_failed_attempts_back_off_and_paused_groups_wait(outbox):
@@ -229,3 +234,125 @@ def test_a_full_disk_refuses_appends_cleanly_and_keeps_what_was_accepted(tmp_pat
             assert o.integrity_check() == "ok"
 
 
+
+
+def test_dead_letters_do_not_count_against_the_queue_byte_cap(tmp_path):
+    size = len(png(0))
+    with Outbox(tmp_path / "o.db", max_bytes=int(size * 3.5), overflow_policy="drop_newest") as o:
+        assert o.append_many([item(i) for i in range(3)]).accepted == 3
+        o.dead_letter([(i.id, "rejected") for i in o.due(10)])  # three rejected items keep their assets ...
+        assert o.append_many([item(i) for i in range(10, 13)]).accepted == 3  # ... and starve nobody
+        c = o.counters()
+        assert c["stored_bytes"] == sum(len(png(i)) for i in range(10, 13))
+        assert c["dead_letter_bytes"] == sum(len(png(i)) for i in range(3))
+
+
+def test_an_asset_shared_by_a_dead_letter_and_a_queued_item_is_counted_once(tmp_path):
+    with Outbox(tmp_path / "o.db") as o:
+        o.append_many([item(1, groups=["a"])])
+        o.dead_letter([(o.due(1)[0].id, "rejected by a")])
+        o.append_many([item(1, groups=["b"])])  # same image, another group: the asset is already stored
+        c = o.counters()
+        assert c["stored_bytes"] + c["dead_letter_bytes"] == len(png(1))
+        o.mark_delivered([o.due(1)[0].id])
+        assert o.purge_dead_letters(keep=0) == 1
+        c = o.counters()
+        assert c["stored_bytes"] == 0 and c["dead_letter_bytes"] == 0
+        assert o._connect().execute("SELECT count(*) FROM assets").fetchone()[0] == 0
+
+
+def test_dead_letters_are_purged_by_age_count_and_bytes(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "o.db"
+    now = 1_000_000_000.0
+    with Outbox(path) as o:
+        o.append_many([item(i, groups=["a" if i % 2 else "b"]) for i in range(8)])
+        for n, queued in enumerate(o.due(10)):  # failed one day apart: item 0 eight days ago ... item 7 one day ago
+            o.dead_letter([(queued.id, "rejected")], now=now - (8 - n) * 86400)
+        assert o.purge_dead_letters(older_than_s=6.5 * 86400, now=now) == 2
+        assert o.purge_dead_letters(keep=4) == 2
+        left = sorted(d["content_hash"] for d in o.dead_letters())
+        assert left == sorted(content_hash(png(i)) for i in range(4, 8))
+        assert o.purge_dead_letters(max_bytes=len(png(7)) + len(png(6)) + 1) == 2
+        assert sorted(d["content_hash"] for d in o.dead_letters()) == sorted(content_hash(png(i)) for i in (6, 7))
+        assert o.counters()["dead_letter_bytes"] == len(png(6)) + len(png(7))
+        assert o.counters()["dead_letters_purged"] == 6
+        with pytest.raises(ValueError, match="give older_than_s, keep or max_bytes"):
+            o.purge_dead_letters()
+    cli = [sys.executable, "-m", "triton_al.cli", "outbox", "purge-dead-letters", "--outbox", str(path)]
+    r = subprocess.run([*cli, "--keep", "1", "--group", "a"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "purged 0 dead letters; 1 left" in r.stdout, r.stderr  # group a holds item 7 only
+    r = subprocess.run([*cli, "--older-than", "1h"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "purged 2 dead letters; 0 left" in r.stdout, r.stderr
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--older-than, --keep or --max-bytes" in " ".join(re.sub("[│╭╮╰╯─]", " ", r.stderr).split())
+
+
+def test_delivery_records_are_bounded_but_kept_inside_the_rate_window(tmp_path):
+    now = 2_000_000_000.0
+    with Outbox(tmp_path / "o.db") as o:
+        o.prepare_for_uploader()
+        o.append_many([item(i) for i in range(10)])
+        for n, queued in enumerate(o.due(10)):  # delivered one hour apart: item 0 ten hours ago ... item 9 one hour ago
+            o.mark_delivered([queued.id], now=now - (10 - n) * 3600)
+        # by age: older than 7.5 hours go (items 0-2)
+        assert o.trim_delivered(max_age_s=7.5 * 3600, max_rows=100, now=now) == 3
+        # by count: 2 rows at most, but the 5-hour rate window keeps items 5-9
+        assert o.trim_delivered(max_age_s=1e9, max_rows=2, keep_since=now - 5 * 3600, now=now) == 2
+        rows = o._connect().execute("SELECT content_hash FROM delivered").fetchall()
+        assert sorted(r[0] for r in rows) == sorted(content_hash(png(i)) for i in range(5, 10))
+        assert o.append_many([item(0)]).accepted == 1  # forgotten: queued (and re-sent idempotently)
+        assert o.append_many([item(9)]).duplicates == 1  # remembered
+        # status counts deliveries without reading the records
+        (group,) = o.status()
+        assert group.delivered == 10 and group.queued == 1
+        plans = " ".join(str(r) for r in o._connect().execute(
+            "EXPLAIN QUERY PLAN SELECT delivered_at FROM delivered WHERE delivered_at < ? ORDER BY delivered_at", (now,)))
+        assert "delivered_by_age" in plans
+
+
+def test_deliveries_dated_in_the_future_are_dated_now(tmp_path):
+    with Outbox(tmp_path / "o.db") as o:
+        o.append_many([item(i) for i in range(3)])
+        future = time_now() + 86400
+        o.mark_delivered([i.id for i in o.due(10)], now=future)
+        assert o.clamp_future() == 3
+        assert o.delivered_since("active-learning", time_now() - 10) == 3
+        assert o._connect().execute("SELECT max(delivered_at) FROM delivered").fetchone()[0] < time_now() + 1
+
+
+def time_now() -> float:
+    import time
+
+    return time.time()
+
+
+def test_batches_are_bounded_by_bytes_and_retry_times_beyond_the_longest_backoff_are_due(tmp_path):
+    with Outbox(tmp_path / "o.db") as o:
+        o.append_many([item(i) for i in range(5)])
+        size = max(len(png(i)) for i in range(5))
+        assert len(o.due(10, max_bytes=2 * size)) == 2
+        assert len(o.due(10, max_bytes=1)) == 1  # at least one item, however big
+        first = o.due(1)[0]
+        o.mark_failed([(first.id, "timeout", time_now() + 3600)])  # a retry time from before the clock stepped back
+        assert first.id not in [i.id for i in o.due(10)]
+        assert first.id in [i.id for i in o.due(10, max_delay_s=60)]
+        assert o.next_attempt_at(max_delay_s=60) is not None
+
+
+def test_an_outbox_remembers_its_sink(tmp_path):
+    from triton_al.outbox import SinkChanged
+
+    with Outbox(tmp_path / "o.db") as o:
+        assert o.delivery_target() is None
+        assert o.claim_sink("local:/a") == 0
+        o.claim_sink("local:/b")  # nothing delivered yet: switching loses nothing
+        o.append_many([item(1)])
+        o.mark_delivered([o.due(1)[0].id])
+        with pytest.raises(SinkChanged, match="delivered 1 items to local:/b, not to s3://x/y.*--forget-deliveries"):
+            o.claim_sink("s3://x/y")
+        assert o.sink_conflict("s3://x/y") is not None and o.sink_conflict("local:/b") is None
+        assert o.claim_sink("s3://x/y", forget_deliveries=True) == 1
+        assert o.delivery_target() == "s3://x/y" and o.append_many([item(1)]).accepted == 1

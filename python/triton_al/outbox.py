@@ -841,6 +841,15 @@ class Outbox:
         with self._transaction(write=False) as conn:
             return self._meta(conn, _META_SINK)
 
+    def sink_conflict(self, sink: str) -> SinkChanged | None:
+        """The refusal `claim_sink(sink)` would raise, or None (reads only)."""
+        with self._transaction(write=False) as conn:
+            current = self._meta(conn, _META_SINK)
+            if current is None or current == sink:
+                return None
+            (delivered,) = conn.execute("SELECT count(*) FROM delivered").fetchone()
+        return SinkChanged(self.path, current, sink, delivered) if delivered else None
+
     @_checkpoint_when_full(use_reserve=False)
     def claim_sink(self, sink: str, *, forget_deliveries: bool = False) -> int:
         """Record that this outbox delivers to `sink`. Dedup remembers what was delivered,

@@ -57,6 +57,9 @@ def serve_command(
     uploader: Annotated[bool, typer.Option(help="Start the uploader sidecar.")] = True,
     tritonserver: Annotated[Optional[str], typer.Option(help="Path of the tritonserver binary (default: the nvidia-pytriton wheel's, or PATH).")] = None,
     quiet: Annotated[bool, typer.Option(help="Do not stream Triton's log to the console.")] = False,
+    forget_deliveries: Annotated[bool, typer.Option(help="The outbox delivered to another sink: clear its delivery records so that this sink gets every image flagged from now on (see `triton-al uploader --forget-deliveries`).")] = False,
+    uploader_restart_delay: Annotated[float, typer.Option(min=0.01, help="First delay before restarting a dead uploader (seconds); doubles per quick death.")] = 1.0,
+    uploader_restart_max_delay: Annotated[float, typer.Option(min=0.01, help="Longest delay before restarting a dead uploader (seconds).")] = 60.0,
 ) -> None:
     """Serve a model repository with Triton and the uploader sidecar until Ctrl-C / SIGTERM."""
     import json
@@ -75,7 +78,16 @@ def serve_command(
         model_repository, data_dir, sink=sink or (f"local:{store.absolute()}" if store else None), outbox=outbox,
         uploader=uploader, model_control_mode=model_control_mode, load_models=models, grpc_port=grpc_port,
         http_port=http_port, metrics_port=metrics_port, tritonserver=tritonserver, console=not quiet,
+        uploader_args=["--forget-deliveries"] if forget_deliveries else [], uploader_required=False,
+        uploader_restart_delay_s=uploader_restart_delay, uploader_restart_max_delay_s=max(uploader_restart_max_delay, uploader_restart_delay),
     )
+    if uploader:
+        # Mistakes the uploader would die of on every restart are refused here, before Triton
+        # starts: an unknown sink, or an outbox that delivered to another sink.
+        problem = _check_uploader_target(pipeline.outbox, pipeline.sink, forget_deliveries)
+        if problem:
+            typer.echo(f"triton-al serve: {problem}", err=True)
+            raise typer.Exit(2)
     # A flag, not an Event: a signal handler must not take a lock the interrupted main
     # thread may hold (Event.set inside Event.wait can deadlock).
     stop: list[int] = []
@@ -90,8 +102,11 @@ def serve_command(
         "grpc": pipeline.server.grpc_url, "http": pipeline.server.http_url, "metrics": pipeline.server.metrics_url,
         "outbox": str(pipeline.outbox), "sink": pipeline.sink, "tritonserver_pid": pipeline.server.pid,
     }
-    if pipeline.uploader is not None:
-        info.update(uploader_admin=pipeline.uploader.admin_address, uploader_metrics=pipeline.uploader.metrics_url)
+    if pipeline.uploader is not None and pipeline.uploader.ports:
+        info.update(uploader_admin=pipeline.uploader.admin_address, uploader_metrics=pipeline.uploader.metrics_url,
+                    uploader_pid=pipeline.uploader.pid)
+    for line in pipeline.supervise():
+        typer.echo(line, err=True)
     typer.echo("serving: " + json.dumps(info))
     try:
         while not stop:
@@ -99,11 +114,37 @@ def serve_command(
             if pipeline.server.process.poll() is not None:
                 typer.echo(f"tritonserver exited with code {pipeline.server.process.returncode}", err=True)
                 raise typer.Exit(1)
-            if pipeline.uploader is not None and not pipeline.uploader.alive():
-                typer.echo("the uploader exited; restarting it (queued items are safe in the outbox)", err=True)
-                pipeline.uploader.start()
+            # Whatever happens to the uploader, Triton keeps serving: a dead uploader is
+            # restarted with exponential backoff, and a failed restart is only reported.
+            try:
+                lines = pipeline.supervise()
+            except Exception as e:  # noqa: BLE001 - never let the sidecar take the server down
+                lines = [f"supervising the uploader failed: {type(e).__name__}: {e}"]
+            for line in lines:
+                typer.echo(line, err=True)
     finally:
         pipeline.stop()
+
+
+def _check_uploader_target(outbox: Path, sink: str, forget_deliveries: bool) -> str | None:
+    """Why the uploader would refuse this sink for this outbox, or None."""
+    from triton_al.outbox import Outbox, OutboxError
+    from triton_al.uploader.commands import sink_identity
+
+    try:
+        target = sink_identity(sink)
+    except ValueError as e:
+        return str(e)
+    if not outbox.exists():
+        return None
+    if forget_deliveries or not outbox.exists():
+        return None
+    try:
+        with Outbox(outbox) as box:
+            conflict = box.sink_conflict(target)
+    except OutboxError:
+        return None  # an unusable outbox: the uploader reports it and keeps trying; Triton serves
+    return None if conflict is None else str(conflict)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,21 +10,26 @@ Layout (documented in the README; tools may read it directly)::
         index.jsonl           one JSON object per stored asset, appended atomically
         labels/<sha256>.json  annotation coming back: {"label": ..., "annotator": ..., "labelled_at": ...}
 
-Writes are idempotent per (group, hash): a repeated upload rewrites identical files and
-adds no second index line. Files are written to a temporary name, flushed to disk and
-renamed; the index line is appended last with one `write` on an O_APPEND descriptor, so
-a reader never sees half an asset, and a crash leaves at most a torn last index line,
-which the next writer repairs.
+Writes are idempotent per (group, hash), also across processes: uploads hold the store's
+lock (`.lock`), and under it a writer reads the index lines other processes appended since
+its last look before appending, so a repeated upload rewrites identical files and adds no
+second index line. Files are written to a temporary name (`.<name>.<pid>.tmp`), flushed to
+disk and renamed; the index line is appended last with one `write` on an O_APPEND
+descriptor, so a reader never sees half an asset, and a crash leaves at most a torn last
+index line, which the next writer repairs, and temporary files, which the next writer
+deletes (those of dead processes, and any older than `STALE_TMP_S`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,6 +40,9 @@ from triton_al.sinks.base import Annotation, PermanentSinkError, Sink, SinkError
 
 INDEX = "index.jsonl"
 LABELS = "labels"
+STALE_TMP_S = 3600.0
+"""A temporary file this old is deleted even if its writer's PID is alive (a reused PID)."""
+_TMP_NAME = re.compile(r"^\..+\.(\d+)\.tmp$")
 # Errors that concern the whole store (full, read-only, unmounted), not one asset: the
 # uploader then backs off the store as a whole and keeps the order of the work.
 STORE_WIDE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
@@ -53,8 +61,14 @@ def check_asset(up: Upload) -> None:
         try:
             with Image.open(io.BytesIO(up.asset)) as image:
                 image.verify()
+        except Image.DecompressionBombError as e:  # more pixels than Pillow will ever decode
+            raise PermanentSinkError(f"{up.group}/{up.content_hash}: {up.media_type} asset too large to decode ({e})") from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise PermanentSinkError(f"{up.group}/{up.content_hash}: corrupt {up.media_type} asset ({e})") from e
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a decoder bug on crafted bytes is this asset's problem, not the store's
+            raise PermanentSinkError(f"{up.group}/{up.content_hash}: {up.media_type} asset does not decode ({type(e).__name__}: {e})") from e
 
 
 def _utc_now() -> str:
@@ -96,18 +110,66 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if durable:
-            os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_temporaries(folder: Path, *, now: float | None = None, max_age_s: float = STALE_TMP_S) -> int:
+    """Delete the `.<name>.<pid>.tmp` files a killed writer left in `folder`: those whose
+    process is gone, and any older than `max_age_s` (its PID may have been reused). Never one
+    of this process. Returns how many went. (PIDs are of this host: a store shared across
+    hosts relies on the age rule for the others' leftovers.)"""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        m = _TMP_NAME.match(entry.name)
+        if not m or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid():
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if _pid_alive(pid) and age < max_age_s:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed += 1
+    return removed
 
 
 class _Group:
-    """One group's folder, its index, and the hashes already indexed."""
+    """One group's folder, its index, and the hashes already indexed. Created under the
+    store's lock, which every index append holds, so `refresh` sees every complete line."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -115,21 +177,39 @@ class _Group:
         (self.root / LABELS).mkdir(exist_ok=True)
         self.index_path = root / INDEX
         self.indexed: set[str] = set()
-        self._load_index()
+        self._read_upto = 0
+        self._identity: tuple[int, int] | None = None
+        remove_stale_temporaries(self.root)
+        remove_stale_temporaries(self.root / LABELS)
+        self.refresh()
 
-    def _load_index(self) -> None:
-        if not self.index_path.exists():
+    def refresh(self) -> None:
+        """Take in the index lines appended since the last look (by any process), repairing
+        a torn last line (a crash mid-append); start over if the file was replaced."""
+        try:
+            f = open(self.index_path, "rb+")
+        except FileNotFoundError:
+            self.indexed.clear()
+            self._read_upto, self._identity = 0, None
             return
-        with open(self.index_path, "rb+") as f:
+        with f:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) != self._identity or st.st_size < self._read_upto:
+                self.indexed.clear()
+                self._read_upto, self._identity = 0, (st.st_dev, st.st_ino)
+            if st.st_size == self._read_upto:
+                return
+            f.seek(self._read_upto)
             data = f.read()
             good_end = data.rfind(b"\n") + 1
             if good_end != len(data):  # a torn last line from a crash mid-append: drop it
-                f.truncate(good_end)
+                f.truncate(self._read_upto + good_end)
         for line in data[:good_end].splitlines():
             try:
                 self.indexed.add(json.loads(line)["content_hash"])
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, TypeError):
                 continue  # a line someone edited by hand; not ours to judge
+        self._read_upto += good_end
 
     def append_index(self, records: list[dict[str, Any]], *, durable: bool) -> None:
         payload = b"".join(json.dumps(r, separators=(",", ":"), sort_keys=True).encode() + b"\n" for r in records)
@@ -147,6 +227,7 @@ class _Group:
         finally:
             os.close(fd)
         self.indexed.update(r["content_hash"] for r in records)
+        self.refresh()  # moves past our own lines
 
 
 class LocalStore(Sink):
@@ -165,6 +246,7 @@ class LocalStore(Sink):
         if not self.root.is_dir():
             raise NotADirectoryError(f"project store {self.root} is not a directory")
         self._groups: dict[str, _Group] = {}
+        self._fresh: set[str] = set()  # groups whose index was re-read under the current lock
         self._lock_fd: int | None = None
 
     @classmethod
@@ -183,9 +265,14 @@ class LocalStore(Sink):
         return self.root / validate_group_name(group)
 
     def _group(self, group: str) -> _Group:
+        """The group's folder and index, up to date with other processes' appends (call
+        under the store's lock)."""
         g = self._groups.get(group)
         if g is None:
             g = self._groups[group] = _Group(self.group_dir(group))
+        elif group not in self._fresh:
+            g.refresh()
+        self._fresh.add(group)
         return g
 
     def _lock(self) -> None:
@@ -195,6 +282,7 @@ class LocalStore(Sink):
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
 
     def _unlock(self) -> None:
+        self._fresh.clear()
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
@@ -273,8 +361,8 @@ class LocalStore(Sink):
                 sort_keys=True,
                 allow_nan=True,
             ).encode()
-        except (TypeError, ValueError) as e:
-            raise PermanentSinkError(f"{up.group}/{up.content_hash}: metadata is not JSON-serialisable: {e}") from e
+        except (TypeError, ValueError, RecursionError) as e:
+            raise PermanentSinkError(f"{up.group}/{up.content_hash}: metadata is not JSON-serialisable: {type(e).__name__}: {e}") from e
         # Not fsynced one by one: `upload` syncs the whole batch at once before indexing.
         write_atomic(asset_path, bytes(up.asset), durable=False)
         write_atomic(sidecar_path, sidecar, durable=False)

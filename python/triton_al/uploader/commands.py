@@ -46,41 +46,97 @@ def setup_logging(fmt: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
 
 
+def sink_identity(uri: str) -> str:
+    """The sink an outbox records it delivers to: the URI (never with credentials: those are
+    refused in URIs), a local store by its absolute, resolved path."""
+    from triton_al.sinks import sink_scheme
+
+    scheme = sink_scheme(uri)
+    if scheme == "local":
+        path = uri.split(":", 1)[1] if uri.lower().startswith("local:") else uri
+        if path.startswith("//"):
+            path = path[2:]
+        return f"local:{Path(path).expanduser().resolve()}"
+    return uri.strip().rstrip("/")
+
+
+def lock_path(outbox: Path) -> Path:
+    """The `.uploader.lock` of an outbox, beside the real file: a symlink, a relative path
+    or `..` in the path name the same lock."""
+    real = Path(os.path.realpath(outbox))
+    return real.with_name(real.name + ".uploader.lock")
+
+
 def _single_instance(outbox: Path) -> int:
     """Hold a lock so that two uploaders never drain one outbox (the lock dies with us)."""
-    fd = os.open(f"{outbox}.uploader.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock_path(outbox), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise typer.BadParameter(f"cannot create the lock {lock_path(outbox)} ({e.strerror})", param_hint="--outbox") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise typer.BadParameter(f"another uploader is already draining {outbox}", param_hint="--outbox") from None
+        os.close(fd)
+        raise typer.BadParameter(f"another uploader is already draining {outbox} (lock {lock_path(outbox)})", param_hint="--outbox") from None
     return fd
+
+
+def _maintain(worker) -> None:
+    """Apply the bounds once (a `--once` run does not live long enough for the timer)."""
+    from triton_al.outbox import OutboxError
+
+    if worker.outbox is None or worker.outbox_error:
+        return
+    try:
+        worker.maintain(force=True)
+    except OutboxError as e:
+        log.warning("could not apply the outbox bounds: %s", e)
+
+
+def _parsed(parse, value: str, flag: str):
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=flag) from None
 
 
 def uploader_command(
     outbox: Annotated[Path, typer.Option(help="The outbox file (SQLite) the Triton step appends to.")],
     sink: Annotated[Optional[str], typer.Option(help="Where to upload: local:DIR, s3://bucket/prefix, labelstudio+http://host:port, nexus://project.")] = None,
     store: Annotated[Optional[Path], typer.Option(help="Shorthand for --sink local:DIR (the embedded project store).")] = None,
+    forget_deliveries: Annotated[bool, typer.Option(help="When this outbox delivered to another sink: clear its delivery records (the dedup memory) so that this sink gets every image flagged from now on. Without it the uploader refuses to switch sinks.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, max=10_000, help="Items per upload batch.")] = 64,
+    batch_max_bytes: Annotated[str, typer.Option(help="Asset bytes per upload batch (e.g. 32MiB); a batch holds at least one item.")] = "32MiB",
     rate_limit: Annotated[Optional[list[str]], typer.Option("--rate-limit", help="GROUP=N/minute (or /hour, /day; comma-separated; '*' for every group). Repeatable.")] = None,
     rate_overflow: Annotated[str, typer.Option(help="Items over a limit or budget: 'keep' them queued or 'drop' them.")] = "keep",
     max_attempts: Annotated[int, typer.Option(min=1, help="Per-item failures before an item is dead-lettered.")] = 20,
     backoff_base: Annotated[float, typer.Option(min=0.001, help="First retry delay (seconds); doubles per failure, with jitter.")] = 0.5,
     backoff_cap: Annotated[float, typer.Option(min=0.001, help="Longest retry delay (seconds).")] = 60.0,
+    dead_letter_max_age: Annotated[str, typer.Option(help="Dead letters older than this are deleted (e.g. 14d, 12h).")] = "14d",
+    dead_letter_max_count: Annotated[int, typer.Option(min=0, help="Dead letters kept at most (the newest).")] = 10_000,
+    dead_letter_max_bytes: Annotated[str, typer.Option(help="Asset bytes dead letters may hold at most (the newest kept); they do not count against the outbox's max_bytes.")] = "256MiB",
+    delivered_max_age: Annotated[str, typer.Option(help="How long a delivery is remembered for dedup (never less than the longest rate window).")] = "30d",
+    delivered_max_rows: Annotated[int, typer.Option(min=0, help="Delivery records kept at most for dedup (never fewer than the longest rate window needs).")] = 500_000,
     metrics_address: Annotated[str, typer.Option(help="Address for /metrics.")] = "127.0.0.1",
     metrics_port: Annotated[Optional[int], typer.Option(help="Port for /metrics (0: any free port; omit: no metrics server).")] = None,
     admin_address: Annotated[str, typer.Option(help="Address of the gRPC admin API (beyond loopback needs TRITON_AL_ADMIN_TOKEN).")] = "127.0.0.1",
     admin_port: Annotated[Optional[int], typer.Option(help="Port of the gRPC admin API (0: any free port; omit: no admin API).")] = None,
+    admin_tls_cert: Annotated[Optional[Path], typer.Option(help="Serve the admin API over TLS with this certificate (PEM; with --admin-tls-key).")] = None,
+    admin_tls_key: Annotated[Optional[Path], typer.Option(help="The private key (PEM) of --admin-tls-cert.")] = None,
+    admin_require_token: Annotated[bool, typer.Option(help="Require TRITON_AL_ADMIN_TOKEN on every admin call, loopback included (refuse to start without one).")] = False,
+    admin_max_flush_seconds: Annotated[float, typer.Option(min=0.001, help="Longest Flush the admin API accepts (seconds); longer ones are refused.")] = 300.0,
     ports_file: Annotated[Optional[Path], typer.Option(help="Write the bound ports as JSON here once listening.")] = None,
-    once: Annotated[bool, typer.Option(help="Upload what is due now, then exit (a cron-style run).")] = False,
+    once: Annotated[bool, typer.Option(help="Upload what is queued now, then exit (a cron-style run); exits 1 if --deadline passes first.")] = False,
+    deadline: Annotated[float, typer.Option(min=0.001, help="With --once: seconds to wait for a backing-off item or sink before giving up.")] = 60.0,
     log_format: Annotated[str, typer.Option(help="'json' (structured) or 'text'.")] = "json",
 ) -> None:
     """Drain the outbox into a sink: retries with backoff, dead letters, rate limits, /metrics, admin API."""
-    from triton_al.outbox import Outbox, OutboxError
+    from triton_al.outbox import Outbox, OutboxError, SinkChanged
     from triton_al.sinks import SinkError, open_sink
     from triton_al.uploader.admin import serve_admin
-    from triton_al.uploader.limits import parse_limits
+    from triton_al.uploader.limits import parse_duration, parse_limits, parse_size
     from triton_al.uploader.metrics import UploaderMetrics, serve_metrics
-    from triton_al.uploader.worker import Backoff, Uploader
+    from triton_al.uploader.worker import Backoff, Bounds, Uploader
 
     setup_logging(log_format)
     if (sink is None) == (store is None):
@@ -91,16 +147,57 @@ def uploader_command(
         limits = parse_limits(rate_limit or [])
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--rate-limit") from None
-    lock_fd = _single_instance(outbox)
+    bounds = Bounds(
+        dead_letter_max_age_s=_parsed(parse_duration, dead_letter_max_age, "--dead-letter-max-age"),
+        dead_letter_max_count=dead_letter_max_count,
+        dead_letter_max_bytes=_parsed(parse_size, dead_letter_max_bytes, "--dead-letter-max-bytes"),
+        delivered_max_age_s=_parsed(parse_duration, delivered_max_age, "--delivered-max-age"),
+        delivered_max_rows=delivered_max_rows,
+    )
+    if (admin_tls_cert is None) != (admin_tls_key is None):
+        typer.echo("triton-al uploader: admin API: TLS needs both --admin-tls-cert and --admin-tls-key", err=True)
+        raise typer.Exit(2)
+    max_batch_bytes = _parsed(parse_size, batch_max_bytes, "--batch-max-bytes")
+    if max_batch_bytes <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--batch-max-bytes")
+    uri = sink if sink is not None else f"local:{store}"
     try:
-        box = Outbox(outbox)
-        target = open_sink(sink if sink is not None else f"local:{store}")
-    except (OutboxError, SinkError, ValueError, OSError) as e:
+        target_id = sink_identity(uri)
+    except ValueError as e:
         typer.echo(f"triton-al uploader: {e}", err=True)
         raise typer.Exit(2) from None
-    metrics = UploaderMetrics(box)
-    worker = Uploader(box, target, batch_size=batch_size, limits=limits, rate_overflow=rate_overflow,
-                      max_attempts=max_attempts, backoff=Backoff(base_s=backoff_base, cap_s=backoff_cap), metrics=metrics)
+    lock_fd = _single_instance(outbox)
+    try:
+        target = open_sink(uri)
+    except (SinkError, ValueError, OSError) as e:
+        typer.echo(f"triton-al uploader: {e}", err=True)
+        raise typer.Exit(2) from None
+
+    def open_outbox() -> Outbox:
+        box = Outbox(outbox)
+        try:
+            box.claim_sink(target_id, forget_deliveries=forget_deliveries)
+            box.prepare_for_uploader()
+        except BaseException:
+            box.close()
+            raise
+        return box
+
+    first_error: OutboxError | None = None
+    try:
+        box: Outbox | None = open_outbox()
+    except SinkChanged as e:
+        typer.echo(f"triton-al uploader: {e}", err=True)
+        raise typer.Exit(2) from None
+    except OutboxError as e:  # reported, then opened again with backoff: the sidecar stays up
+        box, first_error = None, e
+    worker: Uploader | None = None
+    metrics = UploaderMetrics(lambda: worker.outbox if worker is not None and not worker.outbox_error else None)
+    worker = Uploader(box, target, batch_size=batch_size, batch_max_bytes=max_batch_bytes, limits=limits, rate_overflow=rate_overflow,
+                      max_attempts=max_attempts, backoff=Backoff(base_s=backoff_base, cap_s=backoff_cap), metrics=metrics,
+                      bounds=bounds, open_outbox=open_outbox)
+    if first_error is not None:
+        worker._outbox_failed(first_error)
     ports: dict[str, int] = {}
     servers = []
     try:
@@ -108,16 +205,19 @@ def uploader_command(
             server, ports["metrics"] = serve_metrics(metrics.registry, metrics_address, metrics_port)
             servers.append(server.shutdown)
         if admin_port is not None:
-            grpc_server, ports["admin"] = serve_admin(worker, admin_address, admin_port)
+            grpc_server, ports["admin"] = serve_admin(worker, admin_address, admin_port, tls_cert=admin_tls_cert, tls_key=admin_tls_key,
+                                                      require_token=admin_require_token, max_flush_s=admin_max_flush_seconds)
             servers.append(lambda: grpc_server.stop(grace=1).wait())
     except (ValueError, OSError) as e:
+        for stop in servers:
+            stop()
         typer.echo(f"triton-al uploader: {e}", err=True)
         raise typer.Exit(2) from None
     if ports_file is not None:
         tmp = ports_file.with_name(ports_file.name + ".tmp")
         tmp.write_text(json.dumps(ports))
         tmp.replace(ports_file)
-    log.info("uploader ready: outbox=%s sink=%s ports=%s", box.path, target.describe(), json.dumps(ports))
+    log.info("uploader ready: outbox=%s sink=%s ports=%s", outbox, target.describe(), json.dumps(ports))
 
     def on_signal(signum, _frame):
         # No logging or locks in here (the interrupted thread may hold them): a flag only.
@@ -125,19 +225,35 @@ def uploader_command(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    code = 0
     try:
         if once:
-            worker.flush(timeout_s=float("inf"))
+            _maintain(worker)
+            result = worker.flush(timeout_s=deadline)
+            _maintain(worker)
+            if result.timed_out and not worker.stopping:
+                queued = "an unknown number of" if result.still_queued < 0 else str(result.still_queued)
+                message = (f"triton-al uploader --once: the deadline ({deadline:g} s, --deadline) passed with {queued} items "
+                           f"still queued; delivered {result.uploaded}. Last error: {result.last_error or 'none'}")
+                log.error("%s", message)
+                typer.echo(message, err=True)
+                code = 1
         else:
             worker.run()
         if worker.stopping:
             log.info("stopped by a signal after finishing the batch in flight")
+    except SinkChanged as e:
+        typer.echo(f"triton-al uploader: {e}", err=True)
+        code = 2
     finally:
         for stop in servers:
             stop()
         target.close()
-        box.close()
+        if worker.outbox is not None:
+            worker.outbox.close()
         os.close(lock_fd)
+    if code:
+        raise typer.Exit(code)
 
 
 outbox_app = typer.Typer(help="Inspect and repair an outbox file (works without a running uploader).", no_args_is_help=True)
@@ -184,14 +300,51 @@ def outbox_retry(
     typer.echo(f"requeued {n} dead letters")
 
 
+@outbox_app.command("purge-dead-letters")
+def outbox_purge_dead_letters(
+    outbox: Annotated[Path, typer.Option(help="The outbox file.")],
+    older_than: Annotated[Optional[str], typer.Option(help="Delete dead letters that failed longer ago than this (e.g. 7d, 12h).")] = None,
+    keep: Annotated[Optional[int], typer.Option(min=0, help="Keep only the newest N dead letters.")] = None,
+    max_bytes: Annotated[Optional[str], typer.Option(help="Keep only the newest dead letters within this many asset bytes (e.g. 100MiB).")] = None,
+    group: Annotated[Optional[str], typer.Option(help="Only this upload group.")] = None,
+) -> None:
+    """Delete dead letters (and their assets) by age, count or bytes."""
+    from triton_al.uploader.limits import parse_duration, parse_size
+
+    if older_than is None and keep is None and max_bytes is None:
+        raise typer.BadParameter("give --older-than, --keep or --max-bytes (or several)", param_hint="--older-than/--keep/--max-bytes")
+    age = None if older_than is None else _parsed(parse_duration, older_than, "--older-than")
+    size = None if max_bytes is None else _parsed(parse_size, max_bytes, "--max-bytes")
+    box = _open(outbox)
+    n = box.purge_dead_letters(older_than_s=age, keep=keep, max_bytes=size, group=group)
+    typer.echo(f"purged {n} dead letters; {len(box.dead_letters(group=group, limit=10**9))} left")
+
+
 admin_app = typer.Typer(help="Talk to a running uploader's gRPC admin API (token from TRITON_AL_ADMIN_TOKEN).", no_args_is_help=True)
 Target = Annotated[str, typer.Option("--address", help="host:port of the admin API.")]
 
 
-def _client(address: str):
+TlsCa = Annotated[Optional[Path], typer.Option("--tls-ca", envvar="TRITON_AL_ADMIN_TLS_CA", help="Talk TLS, trusting this CA certificate (PEM).")]
+
+
+def _client(address: str, tls_ca: Path | None = None):
     from triton_al.uploader.admin import AdminClient
 
-    return AdminClient(address)
+    try:
+        return AdminClient(address, tls_ca=tls_ca)
+    except ValueError as e:
+        typer.echo(f"triton-al admin: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _rpc(call):
+    import grpc
+
+    try:
+        return call()
+    except grpc.RpcError as e:
+        typer.echo(f"triton-al admin: {e.code().name}: {e.details()}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _print(message) -> None:
@@ -206,33 +359,34 @@ def _print(message) -> None:
 
 
 @admin_app.command("status")
-def admin_status(address: Target) -> None:
-    with _client(address) as c:
-        _print(c.status())
+def admin_status(address: Target, tls_ca: TlsCa = None) -> None:
+    with _client(address, tls_ca) as c:
+        _print(_rpc(c.status))
 
 
 @admin_app.command("pause")
-def admin_pause(address: Target, group: Annotated[Optional[list[str]], typer.Option("--group")] = None) -> None:
-    with _client(address) as c:
-        _print(c.pause(group or []))
+def admin_pause(address: Target, group: Annotated[Optional[list[str]], typer.Option("--group")] = None, tls_ca: TlsCa = None) -> None:
+    with _client(address, tls_ca) as c:
+        _print(_rpc(lambda: c.pause(group or [])))
 
 
 @admin_app.command("resume")
-def admin_resume(address: Target, group: Annotated[Optional[list[str]], typer.Option("--group")] = None) -> None:
-    with _client(address) as c:
-        _print(c.resume(group or []))
+def admin_resume(address: Target, group: Annotated[Optional[list[str]], typer.Option("--group")] = None, tls_ca: TlsCa = None) -> None:
+    with _client(address, tls_ca) as c:
+        _print(_rpc(lambda: c.resume(group or [])))
 
 
 @admin_app.command("retry")
-def admin_retry(address: Target, group: Annotated[str, typer.Option("--group")] = "") -> None:
-    with _client(address) as c:
-        _print(c.retry_dead_letters(group))
+def admin_retry(address: Target, group: Annotated[str, typer.Option("--group")] = "", tls_ca: TlsCa = None) -> None:
+    with _client(address, tls_ca) as c:
+        _print(_rpc(lambda: c.retry_dead_letters(group)))
 
 
 @admin_app.command("flush")
-def admin_flush(address: Target, timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 30.0) -> None:
-    with _client(address) as c:
-        _print(c.flush(timeout))
+def admin_flush(address: Target, timeout: Annotated[float, typer.Option(help="Seconds to wait (the uploader caps it).")] = 30.0,
+                tls_ca: TlsCa = None) -> None:
+    with _client(address, tls_ca) as c:
+        _print(_rpc(lambda: c.flush(timeout)))
 
 
 def register(app: typer.Typer) -> None:

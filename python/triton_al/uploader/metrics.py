@@ -7,13 +7,15 @@ too); batch latency and sink failures are measured in this process.
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from triton_al.outbox import Outbox
+from triton_al.outbox import Outbox, OutboxError
 
 # outbox counter name -> (metric name, help, labels)
 OUTBOX_COUNTERS = {
@@ -26,15 +28,27 @@ OUTBOX_COUNTERS = {
     "dropped_overflow": ("triton_al_outbox_dropped", "Items dropped, by reason", {"reason": "overflow"}),
     "evicted_overflow": ("triton_al_outbox_dropped", "Items dropped, by reason", {"reason": "evicted"}),
     "dropped_rate_limit": ("triton_al_outbox_dropped", "Items dropped, by reason", {"reason": "rate_limit"}),
+    "dead_letters_purged": ("triton_al_uploader_dead_letters_purged", "Dead letters deleted by their bounds or by command", {}),
+    "delivered_forgotten": ("triton_al_uploader_delivered_forgotten", "Delivery records forgotten (dedup memory bounded, or --forget-deliveries)", {}),
 }
 
 
 class OutboxCollector(Collector):
-    def __init__(self, outbox: Outbox) -> None:
-        self.outbox = outbox
+    """Reads the outbox at scrape time; yields nothing from it while it is unusable (the
+    `triton_al_uploader_outbox_usable` gauge says so) rather than failing the scrape."""
+
+    def __init__(self, outbox: Outbox | Callable[[], Outbox | None]) -> None:
+        self._outbox = outbox if callable(outbox) and not isinstance(outbox, Outbox) else (lambda: outbox)
 
     def collect(self):
-        counters = self.outbox.counters()
+        outbox = self._outbox()
+        if outbox is None:
+            return
+        try:
+            counters = outbox.counters()
+            status = outbox.status()
+        except (OutboxError, sqlite3.Error):
+            return
         families: dict[str, CounterMetricFamily] = {}
         for key, (name, help_text, labels) in OUTBOX_COUNTERS.items():
             family = families.get(name)
@@ -42,22 +56,23 @@ class OutboxCollector(Collector):
                 family = families[name] = CounterMetricFamily(name, help_text, labels=list(labels))
             family.add_metric(list(labels.values()), counters.get(key, 0))
         yield from families.values()
-        yield GaugeMetricFamily("triton_al_outbox_bytes", "Asset bytes stored in the outbox", value=counters.get("stored_bytes", 0))
+        yield GaugeMetricFamily("triton_al_outbox_bytes", "Asset bytes of queued items (what the outbox's max_bytes bounds)", value=counters.get("stored_bytes", 0))
+        yield GaugeMetricFamily("triton_al_uploader_dead_letter_bytes", "Asset bytes held by dead letters only", value=counters.get("dead_letter_bytes", 0))
         queued = GaugeMetricFamily("triton_al_uploader_queued", "Items waiting for upload", labels=["group"])
         dead = GaugeMetricFamily("triton_al_uploader_dead_letters", "Items in the dead letters", labels=["group"])
         age = GaugeMetricFamily("triton_al_uploader_oldest_item_age_seconds", "Age of the oldest queued item", labels=["group"])
         paused = GaugeMetricFamily("triton_al_uploader_paused", "1 when the group is paused", labels=["group"])
         now = time.time()
-        for s in self.outbox.status():
+        for s in status:
             queued.add_metric([s.upload_group], s.queued)
             dead.add_metric([s.upload_group], s.dead_letters)
-            age.add_metric([s.upload_group], now - s.oldest_created_at if s.oldest_created_at else 0.0)
+            age.add_metric([s.upload_group], max(0.0, now - s.oldest_created_at) if s.oldest_created_at else 0.0)
             paused.add_metric([s.upload_group], 1.0 if s.paused else 0.0)
         yield from (queued, dead, age, paused)
 
 
 class UploaderMetrics:
-    def __init__(self, outbox: Outbox, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, outbox: Outbox | Callable[[], Outbox | None], registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.registry.register(OutboxCollector(outbox))
         self.upload_seconds = Histogram(
@@ -74,11 +89,25 @@ class UploaderMetrics:
         )
         self.backoff = Gauge("triton_al_uploader_backoff_seconds", "Current wait before retrying the sink", registry=self.registry)
         self.backoff_total = Counter("triton_al_uploader_backoff_waited_seconds", "Seconds spent backing off an unavailable sink", registry=self.registry)
+        self.isolations = Counter("triton_al_uploader_isolations", "Batches that failed as a whole and were split to find the items failing alone", registry=self.registry)
+        self.isolated_items = Counter("triton_al_uploader_isolated_items", "Items the sink failed on alone while accepting others", registry=self.registry)
+        self.outbox_usable = Gauge("triton_al_uploader_outbox_usable", "1 when the outbox file can be used, 0 while it cannot (corrupt, unreadable); see the log", registry=self.registry)
+        self.outbox_usable.set(1)
+        self.outbox_errors = Counter("triton_al_uploader_outbox_errors", "Failed attempts to use the outbox file", registry=self.registry)
 
     def observe_batch(self, seconds: float, outcome) -> None:
         self.upload_seconds.observe(seconds)
         self.batch_items.observe(outcome.uploaded + outcome.failed + outcome.dead_lettered)
         self.backoff.set(0)
+
+    def observe_isolation(self, items: int) -> None:
+        self.isolations.inc()
+        self.isolated_items.inc(items)
+
+    def observe_outbox(self, *, usable: bool) -> None:
+        self.outbox_usable.set(1 if usable else 0)
+        if not usable:
+            self.outbox_errors.inc()
 
     def observe_sink_failure(self, kind: str, items: int, delay: float) -> None:
         self.sink_failures.labels(kind).inc()

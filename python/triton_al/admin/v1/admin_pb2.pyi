@@ -26,7 +26,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("groups", "sink", "counters", "sink_backoff_seconds", "last_error", "outbox")
+    __slots__ = ("groups", "sink", "counters", "sink_backoff_seconds", "last_error", "outbox", "outbox_error")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,13 +40,15 @@ class GetStatusResponse(_message.Message):
     SINK_BACKOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     OUTBOX_FIELD_NUMBER: _ClassVar[int]
+    OUTBOX_ERROR_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
     sink: str
     counters: _containers.ScalarMap[str, int]
     sink_backoff_seconds: float
     last_error: str
     outbox: str
-    def __init__(self, groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., sink: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ..., sink_backoff_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., outbox: _Optional[str] = ...) -> None: ...
+    outbox_error: str
+    def __init__(self, groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., sink: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ..., sink_backoff_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., outbox: _Optional[str] = ..., outbox_error: _Optional[str] = ...) -> None: ...
 
 class PauseRequest(_message.Message):
     __slots__ = ("upload_groups",)
@@ -91,11 +93,15 @@ class FlushRequest(_message.Message):
     def __init__(self, timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class FlushResponse(_message.Message):
-    __slots__ = ("uploaded", "still_queued", "complete")
+    __slots__ = ("uploaded", "still_queued", "complete", "timed_out", "last_error")
     UPLOADED_FIELD_NUMBER: _ClassVar[int]
     STILL_QUEUED_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     uploaded: int
     still_queued: int
     complete: bool
-    def __init__(self, uploaded: _Optional[int] = ..., still_queued: _Optional[int] = ..., complete: bool = ...) -> None: ...
+    timed_out: bool
+    last_error: str
+    def __init__(self, uploaded: _Optional[int] = ..., still_queued: _Optional[int] = ..., complete: bool = ..., timed_out: bool = ..., last_error: _Optional[str] = ...) -> None: ...

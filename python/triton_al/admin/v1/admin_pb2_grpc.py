@@ -72,8 +72,11 @@ class UploaderAdminServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Flush(self, request, context):
-        """Upload everything queued now, ignoring retry backoff (rate limits and pauses still
-        apply), and wait until the queue is empty or the timeout passes.
+        """Upload everything queued now and wait until nothing deliverable is left or the timeout
+        passes. Items waiting for a retry (and the sink) get one immediate try; after that
+        every backoff applies. Rate limits and pauses still apply. A timeout over the
+        uploader's cap is refused (INVALID_ARGUMENT), and so is a second concurrent Flush
+        (RESOURCE_EXHAUSTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
