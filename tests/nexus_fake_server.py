@@ -8,7 +8,15 @@ reached from here); it follows the requests and responses the SDK sends and deco
                                                           -> {"id", "opId", "assets": [{"metadata", "upload": signed URL}]}
     PUT  /upload/{token}                                  the signed URL: the asset bytes
     GET  /projects/{id}/operations/{op}                   the session's operation (Finished once all bytes arrived)
-    PUT  /projects/{id}/assets/{filename}/customMetadatas custom metadata of an asset
+    PATCH /projects/{id}/assets/{filename}                {"status"?, "groups"?}: the SDK's `assets.update`;
+                                                          `groups` REPLACES the asset's groups (as the SDK documents)
+    PUT  /projects/{id}/assets/{filename}/customMetadatas {"parent"?, "customMetadata": {str: str|int|float|bool}}:
+                                                          the SDK's `assets.add_custom_metadata`; keys are merged
+
+Request bodies are checked the way a typed API checks them: a field the real API does not
+take (say `custom_metadata` where the SDK sends `customMetadata`, as its
+`AssetCustomMetadata.to_json` does) is a 400 `{"message": ...}`, which the SDK raises as
+`BadRequestError`, so a wrong field name fails a test instead of passing unnoticed.
 
 Every API call needs the header `Secret-Key`. State lives in a folder (assets as files plus
 a JSON state file), so the server can be stopped and started again on the same port.
@@ -42,6 +50,17 @@ class State:
         tmp = self.file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state))
         tmp.replace(self.file)
+
+
+def _check_fields(body: dict, *, required: set[str], optional: set[str]) -> str | None:
+    """What a typed API says about a body with unknown or missing fields (None when fine)."""
+    unknown = sorted(set(body) - required - optional)
+    if unknown:
+        return f"unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(required | optional))}"
+    missing = sorted(required - set(body))
+    if missing:
+        return f"missing field(s) {', '.join(missing)}"
+    return None
 
 
 def make_handler(state: State, secret: str, base_url: str):
@@ -109,7 +128,13 @@ def make_handler(state: State, secret: str, base_url: str):
             m = re.fullmatch(r"/projects/([^/]+)/assetuploadsessions", self.path)
             if not m:
                 return self._json(404, {"message": f"no route {self.path}"})
-            body = json.loads(self._body())
+            body = self._json_body()
+            if body is None:
+                return None
+            problem = _check_fields(body, required={"assets"}, optional={"groups"})
+            if problem is not None:
+                return self._json(400, {"message": problem})
+            body.setdefault("groups", ["main"])
             for asset in body["assets"]:
                 if not asset["mime"].startswith("image/"):
                     return self._json(400, {"message": f"unsupported file type {asset['mime']} for {asset['filename']}"})
@@ -154,14 +179,64 @@ def make_handler(state: State, secret: str, base_url: str):
             m = re.fullmatch(r"/projects/([^/]+)/assets/([^/]+)/customMetadatas", self.path)
             if not m:
                 return self._json(404, {"message": f"no route {self.path}"})
-            body = json.loads(self._body())
+            body = self._json_body()
+            if body is None:
+                return None
+            problem = _check_fields(body, required={"customMetadata"}, optional={"parent"})
+            custom = body.get("customMetadata")
+            if problem is None and (not isinstance(custom, dict) or not all(
+                    isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in custom.items())):
+                problem = "customMetadata: expected an object of string keys to string, number or boolean values"
+            if problem is None and "parent" in body and (not isinstance(body["parent"], dict) or body["parent"].get("kind") not in (
+                    "customMetadata#assetParent", "customMetadata#assetFrameParent")):
+                problem = "parent: expected {kind: customMetadata#assetParent | customMetadata#assetFrameParent, ...}"
+            if problem is not None:
+                return self._json(400, {"message": problem})
             with state.lock:
                 asset = state.state["assets"].get(m.group(2))
                 if asset is None:
                     return self._json(404, {"message": "asset not found"})
-                asset["custom"] = {**asset.get("custom", {}), **body.get("customMetadata", body.get("custom_metadata", {}))}
+                asset["custom"] = {**asset.get("custom", {}), **custom}
                 state.save()
             self._json(200, {"parent": {"filename": m.group(2)}, "customMetadata": asset["custom"]})
+
+        def do_PATCH(self) -> None:  # noqa: N802
+            if not self._authorised():
+                return
+            m = re.fullmatch(r"/projects/([^/]+)/assets/([^/?]+)", self.path)
+            if not m:
+                return self._json(404, {"message": f"no route {self.path}"})
+            body = self._json_body()
+            if body is None:
+                return None
+            problem = _check_fields(body, required=set(), optional={"status", "groups"})
+            groups = body.get("groups")
+            if problem is None and groups is not None and (not isinstance(groups, list) or not groups or not all(
+                    isinstance(g, str) and g.strip() for g in groups)):
+                problem = "groups: expected a non-empty list of non-empty strings"
+            if problem is not None:
+                return self._json(400, {"message": problem})
+            with state.lock:
+                asset = state.state["assets"].get(m.group(2))
+                if asset is None:
+                    return self._json(404, {"message": "asset not found"})
+                if groups is not None:
+                    asset["groups"] = list(dict.fromkeys(groups))  # replaces, as the SDK documents
+                state.state.setdefault("updates", []).append({"filename": m.group(2), **body})
+                state.save()
+                answer = self._asset(m.group(2))
+            self._json(200, answer)
+
+        def _json_body(self):
+            try:
+                body = json.loads(self._body())
+            except ValueError:
+                self._json(400, {"message": "the body is not JSON"})
+                return None
+            if not isinstance(body, dict):
+                self._json(400, {"message": "expected a JSON object"})
+                return None
+            return body
 
     return Handler
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import signal
 import socket
@@ -112,7 +113,7 @@ def stored(server):
             custom = asset.get("custom", {})
             out[name.split(".")[0]] = {"score": custom.get("triton_al_score"),
                                       "model_version": str(custom.get("triton_al_model", ":")).split(":")[1],
-                                      "prediction": {"label": custom.get("triton_al_label")}}
+                                      "prediction": {"label": custom.get("triton_al_label")}, "custom": custom}
         return out
 
     return read
@@ -143,7 +144,28 @@ def secret():
 
 
 class TestNexusSink(SinkConformance):
-    pass
+    fuzz_examples = 10  # each batch is a subprocess running the SDK: about a second
+
+    @pytest.fixture
+    def metadata_view(self):
+        """Nexus custom metadata holds strings, booleans, 64-bit integers and finite numbers:
+        those of our fields arrive as sent, the others (NaN, None, objects) are left out."""
+        def fits(v):
+            if isinstance(v, (str, bool)):
+                return True
+            if isinstance(v, int):
+                return -(2**63) <= v < 2**63
+            return isinstance(v, float) and math.isfinite(v)
+
+        def view(meta):
+            prediction = meta.get("prediction") if isinstance(meta.get("prediction"), dict) else {}
+            fields = {"triton_al_score": meta.get("score"), "triton_al_strategy": meta.get("strategy"),
+                      "triton_al_reason": meta.get("reason"), "triton_al_label": prediction.get("label"),
+                      "triton_al_model": f"{meta.get('model_name')}:{meta.get('model_version')}",
+                      "triton_al_flagged_at": meta.get("flagged_at")}
+            return {"custom": {k: v for k, v in fields.items() if fits(v)}}
+
+        return view
 
 
 def test_groups_reach_the_upload_session_and_files_are_named_by_hash(sink, server):
@@ -180,3 +202,70 @@ def test_without_the_sdk_the_error_says_how_to_install_it(monkeypatch, tmp_path)
     monkeypatch.setattr(nexus.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="pip install datature"):
         NexusSink("proj_x")
+
+
+def test_an_image_flagged_for_two_groups_ends_in_both(sink, server, stored):
+    """Across batches (the asset is already there for A when B comes) and inside one batch:
+    an existing asset joins the group through the asset update (`PATCH .../assets/{name}`,
+    which replaces the groups: the sink sends the old ones plus the new), and its bytes are
+    uploaded once."""
+    a, b, c = upload(5, group="group-a"), upload(5, group="group-b"), upload(5, group="group-c")
+    assert sink.upload([a]) == [None]
+    assert sink.upload([b]) == [None]
+    assert sink.upload([upload(6, group="group-a"), upload(6, group="group-b"), c]) == [None, None, None]
+    assets = server.state()["assets"]
+    assert assets[a.filename]["groups"] == ["group-a", "group-b", "group-c"]
+    assert sorted(assets[upload(6).filename]["groups"]) == ["group-a", "group-b"]
+    for group in ("group-a", "group-b"):
+        assert set(stored(group)) == {a.content_hash, upload(6).content_hash}
+    uploaded = [f for s in server.state()["sessions"] for f in s["files"]]
+    assert sorted(uploaded) == sorted([a.filename, upload(6).filename])  # bytes sent once per asset
+    assert sink.upload([b, c]) == [None, None]  # a retry changes nothing
+    assert server.state()["assets"][a.filename]["groups"] == ["group-a", "group-b", "group-c"]
+
+
+def test_the_fake_takes_only_the_field_names_the_real_api_takes(server):
+    """The SDK sends `customMetadata` (`AssetCustomMetadata.to_json`) and `{"groups"}` for an
+    asset update; a typed API refuses other names with 400, and so does the fake."""
+    import urllib.error
+    import urllib.request
+
+    sdk_up = upload(7)
+
+    def call(method, path, body):
+        request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method=method,
+                                         headers={"Secret-Key": SECRET, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    path = f"/projects/{PROJECT}/assets/{sdk_up.filename}"
+    state = server.state()
+    state["assets"][sdk_up.filename] = {"id": "asset_x", "size": 1, "mime": "image/png", "groups": ["main"], "created": 0}
+    server.stop()
+    (server.data / "state.json").write_text(json.dumps(state))
+    server.start()
+    parent = {"kind": "customMetadata#assetParent"}
+    assert call("PUT", path + "/customMetadatas", {"parent": parent, "custom_metadata": {"k": 1}})[0] == 400
+    assert call("PUT", path + "/customMetadatas", {"parent": parent, "customMetadata": {"k": [1]}})[0] == 400
+    assert call("PUT", path + "/customMetadatas", {"parent": parent, "customMetadata": {"k": 1}}) == (
+        200, {"parent": {"filename": sdk_up.filename}, "customMetadata": {"k": 1}})
+    assert call("PATCH", path, {"group": ["x"]})[0] == 400
+    assert call("PATCH", path, {"groups": []})[0] == 400
+    code, body = call("PATCH", path, {"groups": ["main", "x"]})
+    assert code == 200 and body["metadata"]["groups"] == ["main", "x"]
+
+
+def test_a_wrong_custom_metadata_field_name_fails(sink, server, monkeypatch, tmp_path):
+    """Were the worker to send `custom_metadata` (the SDK's Python name, not the wire name),
+    the fake refuses it, so the metadata round trip cannot pass by accident."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "from datature.nexus.api import types\n"
+        "types.AssetCustomMetadata.to_json = lambda self: {'parent': self.parent.to_json(), 'custom_metadata': self.custom_metadata}\n")
+    monkeypatch.setenv("PYTHONPATH", str(shim))
+    (result,) = sink.upload([upload(8)])
+    assert isinstance(result, PermanentSinkError) and "custom_metadata" in str(result)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,6 +52,37 @@ def find_python() -> str:
         "sink nexus: the datature SDK is not installed; it needs an environment of its own "
         f"(python3.11 -m venv .venv/nexus && .venv/nexus/bin/pip install datature==1.12.2) or set {PYTHON_ENV}"
     )
+
+
+INT64 = 2**63
+
+
+def _scalar(value) -> bool:
+    """What Nexus custom metadata holds: a string, a boolean, a 64-bit integer or a finite number."""
+    if isinstance(value, (str, bool)):
+        return True
+    if isinstance(value, int):
+        return -INT64 <= value < INT64
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def custom_metadata(metadata) -> dict:
+    """The asset's custom metadata in Nexus. Metadata that is not JSON at all is refused
+    (ValueError/TypeError/RecursionError); a value Nexus cannot hold (NaN, an object) is
+    left out, so an item flagged for invalid model output (score NaN) still arrives."""
+    meta = dict(metadata)
+    json.dumps(meta)  # objects, non-string keys of mixed types, nesting beyond reason: refused, per item
+    prediction = meta.get("prediction") if isinstance(meta.get("prediction"), dict) else {}
+    custom = {k: v for k, v in {
+        "triton_al_score": meta.get("score"), "triton_al_strategy": meta.get("strategy"),
+        "triton_al_reason": meta.get("reason"), "triton_al_model": f"{meta.get('model_name')}:{meta.get('model_version')}",
+        "triton_al_label": prediction.get("label"), "triton_al_flagged_at": meta.get("flagged_at"),
+    }.items() if _scalar(v)}
+    try:
+        json.dumps(custom, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"metadata holds text that is not valid Unicode ({e.reason})") from None
+    return custom
 
 
 class NexusSink(Sink):
@@ -84,20 +116,12 @@ class NexusSink(Sink):
             try:
                 validate_group_name(up.group)
                 check_asset(up)
-                meta = dict(up.metadata)
-                json.dumps(meta, allow_nan=False)  # what cannot be serialised is refused, per item
-                prediction = meta.get("prediction") if isinstance(meta.get("prediction"), dict) else {}
-                custom = {k: v for k, v in {
-                    "triton_al_score": meta.get("score"), "triton_al_strategy": meta.get("strategy"),
-                    "triton_al_reason": meta.get("reason"), "triton_al_model": f"{meta.get('model_name')}:{meta.get('model_version')}",
-                    "triton_al_label": prediction.get("label"), "triton_al_flagged_at": meta.get("flagged_at"),
-                }.items() if isinstance(v, (str, int, float, bool))}
-                json.dumps(custom, allow_nan=False)
+                custom = custom_metadata(up.metadata)
             except PermanentSinkError as e:
                 results[i] = e
                 continue
-            except (ValueError, TypeError) as e:
-                results[i] = PermanentSinkError(f"{up.group}/{up.content_hash}: {e}")
+            except (ValueError, TypeError, RecursionError) as e:
+                results[i] = PermanentSinkError(f"{up.group}/{up.content_hash}: metadata refused: {e}")
                 continue
             request.append({"group": up.group, "filename": up.filename, "asset_b64": base64.b64encode(up.asset).decode(),
                             "custom_metadata": custom})

@@ -57,24 +57,72 @@ def run(request: dict) -> dict:
     results: list[dict | None] = [None] * len(uploads)
     try:
         project = Client(secret, endpoint=request["endpoint"]).get_project(request["project"])
-        by_group: dict[str, list[int]] = {}
+        # Idempotency: an asset named by its content hash is in the project or not. One
+        # name is uploaded at most once (in the session of the first group that asks for
+        # it); every other group it was flagged for is joined through the asset's groups.
+        present: dict[str, list[str]] = {}  # filename -> its groups, for assets already there
+        carrier: dict[str, int] = {}  # filename -> the upload that sends the bytes of a new asset
+        new_by_group: dict[str, list[int]] = {}
         for i, up in enumerate(uploads):
-            try:  # idempotency: an asset named by its content hash is there or not
-                project.assets.get(up["filename"])
+            name = up["filename"]
+            if name in present or name in carrier:
                 continue
+            try:
+                present[name] = list(project.assets.get(name).metadata.groups or [])
             except error.NotFoundError:
-                by_group.setdefault(up["group"], []).append(i)
-        for group, indices in by_group.items():
+                carrier[name] = i
+                new_by_group.setdefault(up["group"], []).append(i)
+        for group, indices in new_by_group.items():
             _upload_group(project, group, [uploads[i] for i in indices], indices, results)
+        for i, up in enumerate(uploads):  # the same bytes for another group share the carrier's fate
+            j = carrier.get(up["filename"], i)
+            if j != i and results[j] is not None:
+                results[i] = results[j]
+        _join_groups(project, uploads, results, present)
         for i, up in enumerate(uploads):
-            if results[i] is None:
-                project.assets.add_custom_metadata(up["filename"], up["custom_metadata"])
+            if results[i] is None and up["custom_metadata"]:
+                try:
+                    project.assets.add_custom_metadata(up["filename"], up["custom_metadata"])
+                except (error.BadRequestError, ValueError) as e:  # this item's metadata, not the batch
+                    results[i] = {"kind": "permanent", "message": f"custom metadata refused: {_message(e)}"}
     except Exception as e:  # noqa: BLE001 - reported to the sink, classified
         kind = _kind(e)
         if kind == "permanent" and len(uploads) == 1:
             return {"results": [{"kind": "permanent", "message": _message(e)}]}
         return {"batch_error": {"kind": kind, "message": _message(e)}}
     return {"results": results}
+
+
+def _join_groups(project, uploads: list[dict], results: list, present: dict[str, list[str]]) -> None:
+    """Make every stored asset a member of each group it was flagged for. Nexus's asset
+    update (`PATCH /projects/{id}/assets/{asset}`, the SDK's `assets.update`) replaces the
+    asset's groups, so send what it has plus what is missing, read just before."""
+    from datature.nexus import error
+
+    wanted: dict[str, set[str]] = {}
+    for i, up in enumerate(uploads):
+        if results[i] is None:
+            wanted.setdefault(up["filename"], set()).add(up["group"])
+    for name, groups in wanted.items():
+        have = present.get(name)
+        if have is None or not groups <= set(have):  # uploaded just now, or missing a group: read it again
+            try:
+                have = list(project.assets.get(name).metadata.groups or [])
+            except error.NotFoundError:
+                have = None
+        if have is None:  # the session said done but the asset is not there: try again later
+            for i, up in enumerate(uploads):
+                if up["filename"] == name and results[i] is None:
+                    results[i] = {"kind": "transient", "message": "uploaded, but not yet visible in the project"}
+            continue
+        missing = groups - set(have)
+        if missing:
+            try:
+                project.assets.update(name, {"groups": have + sorted(missing)})
+            except (error.BadRequestError, ValueError) as e:  # e.g. a group name Nexus refuses: these items only
+                for i, up in enumerate(uploads):
+                    if up["filename"] == name and results[i] is None and up["group"] in missing:
+                        results[i] = {"kind": "permanent", "message": f"joining group(s) refused: {_message(e)}"}
 
 
 def _upload_group(project, group: str, items: list[dict], indices: list[int], results: list) -> None:

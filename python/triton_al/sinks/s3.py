@@ -126,8 +126,8 @@ class S3Sink(Sink):
                                       "file": up.filename, "media_type": up.media_type,
                                       "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                                      sort_keys=True).encode()
-            except (ValueError, TypeError) as e:
-                results.append(PermanentSinkError(f"{up.group}/{up.content_hash}: {e}"))
+            except (ValueError, TypeError, RecursionError) as e:  # not JSON, or nested beyond reason: this item only
+                results.append(PermanentSinkError(f"{up.group}/{up.content_hash}: metadata refused: {e}"))
                 continue
             except PermanentSinkError as e:
                 results.append(e)
