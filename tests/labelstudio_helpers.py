@@ -1,17 +1,17 @@
-"""A real Label Studio server for the tests: installed from PyPI into its own virtual
-environment inside `.venv/` (its Django pins stay out of the serving environment), started
-on a free 127.0.0.1 port, stopped by PID."""
+"""A real Label Studio server for the tests: from PyPI, in its own virtual environment
+`.venv/label-studio/` made by scripts/test.sh (its Django pins stay out of the serving
+environment), started on a free 127.0.0.1 port, stopped by PID."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv" / "label-studio"
@@ -20,12 +20,12 @@ TOKEN = "0123456789abcdef0123456789abcdef0badc0de"  # a test-only token: 40 hex 
 
 
 def ensure_installed() -> Path:
+    """Label Studio's own environment, made by scripts/test.sh before pytest starts (the
+    tests install nothing)."""
     binary = VENV / "bin" / "label-studio"
-    with open(ROOT / ".venv" / ".label-studio.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one installer at a time
-        if not binary.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-            subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", f"label-studio=={VERSION}"], check=True, timeout=900)
+    if not binary.exists():
+        pytest.fail(f"Label Studio {VERSION} is not installed in {VENV}: run the tests with `bash scripts/test.sh`, "
+                    "which installs it first")
     return binary
 
 

@@ -2,12 +2,11 @@
 Nexus API (tests/nexus_fake_server.py): the real service cannot be reached from here.
 
 The SDK needs protobuf 5 and tritonclient protobuf < 5, so the SDK runs in its own
-environment, `.venv/nexus/`, created here on first use (about 50 s)."""
+environment, `.venv/nexus/`, made by scripts/test.sh before pytest starts."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -34,13 +33,13 @@ PROJECT = "proj_triton_al_test"
 
 
 def ensure_sdk() -> str:
+    """The datature SDK's own environment, made by scripts/test.sh before pytest starts
+    (the tests install nothing)."""
     python = VENV / "bin" / "python"
-    with open(ROOT / ".venv" / ".nexus.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (VENV / ".installed").exists():
-            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-            subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", "datature==1.12.2"], check=True, timeout=900)
-            (VENV / ".installed").touch()
+    check = subprocess.run([str(python), "-c", "import datature.nexus"], capture_output=True) if python.exists() else None
+    if check is None or check.returncode != 0:
+        pytest.fail(f"the datature SDK is not installed in {VENV}: run the tests with `bash scripts/test.sh`, "
+                    "which installs it first")
     return str(python)
 
 
