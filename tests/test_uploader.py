@@ -398,3 +398,17 @@ def test_an_outbox_held_by_another_process_delays_the_uploader_but_does_not_stop
         uploader.outbox.close()
     assert not runner.is_alive()
     assert len(store_index(tmp_path / "store", GROUP)) == 5
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(None, 0o600, 0o700), ("027", 0o640, 0o750)])
+def test_what_the_uploader_writes_is_private_unless_configured(tmp_path, uploaders, umask, file_mode, dir_mode):
+    """The store holds flagged images: owner only by default, TRITON_AL_UMASK to share."""
+    outbox, store = tmp_path / "outbox.db", tmp_path / "store"
+    fill(outbox, range(2))
+    up = uploaders(outbox, store, "--once", env={} if umask is None else {"TRITON_AL_UMASK": umask})
+    assert up.proc.wait(60) == 0, up.log()
+    written = [p for p in store.rglob("*") if not p.name.startswith(".")]
+    assert any(p.suffix == ".png" for p in written)
+    for p in written:
+        mode = p.stat().st_mode & 0o777
+        assert mode == (dir_mode if p.is_dir() else file_mode), f"{p.relative_to(tmp_path)} is {mode:o}"

@@ -62,6 +62,9 @@ def serve_command(
     uploader_restart_max_delay: Annotated[float, typer.Option(min=0.01, help="Longest delay before restarting a dead uploader (seconds).")] = 60.0,
 ) -> None:
     """Serve a model repository with Triton and the uploader sidecar until Ctrl-C / SIGTERM."""
+    from triton_al.private import keep_files_private
+
+    keep_files_private()  # the outbox, store and logs it creates hold flagged images
     import json
     import signal
     import time

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from triton_al.private import umask_setting
+
 ControlMode = Literal["none", "poll", "explicit"]
 BINARY_ENV = "TRITON_AL_TRITONSERVER"
 NATIVE_BACKEND_ENV = "TRITON_AL_NATIVE_BACKEND"
@@ -288,7 +290,7 @@ class TritonServer:
         self.process = subprocess.Popen(
             self.command(), stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,  # its own process group: stop() can clear the stubs too
-            umask=0o077,  # what it creates (an outbox, a store) holds flagged images: owner only
+            umask=umask_setting(),  # what it creates (an outbox) holds flagged images: owner only
         )
         if self.console:
             self._console_thread = threading.Thread(target=self._follow_log, daemon=True)

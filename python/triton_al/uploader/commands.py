@@ -131,6 +131,9 @@ def uploader_command(
     log_format: Annotated[str, typer.Option(help="'json' (structured) or 'text'.")] = "json",
 ) -> None:
     """Drain the outbox into a sink: retries with backoff, dead letters, rate limits, /metrics, admin API."""
+    from triton_al.private import keep_files_private
+
+    keep_files_private()  # the store and logs it writes hold flagged images
     from triton_al.outbox import Outbox, OutboxError, SinkChanged
     from triton_al.sinks import SinkError, open_sink
     from triton_al.uploader.admin import serve_admin
