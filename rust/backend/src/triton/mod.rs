@@ -13,7 +13,6 @@
 //!   hands the requests back to Triton, so releasing them on drop would be wrong there).
 //! - `Response` is owned until [`Response::send`]; dropping an unsent response deletes it.
 
-#![allow(dead_code, unused_macros)]
 
 pub mod sys;
 
@@ -101,6 +100,18 @@ pub unsafe fn check(err: Error) -> Result<(), String> {
     // SAFETY: we own `err` and never touch it again.
     unsafe { sys::TRITONSERVER_ErrorDelete(err) };
     Err(msg)
+}
+
+/// A Triton getter's result: `f` gets a pointer to `init` to write through; its error, if
+/// any, is read and deleted.
+///
+/// # Safety
+/// `f` is a Triton call that, when it succeeds, has written a valid `T` through the pointer.
+unsafe fn out<T>(what: &str, init: T, f: impl FnOnce(*mut T) -> Error) -> Result<T, String> {
+    let mut value = init;
+    // SAFETY: forwarded contract; `value` lives across the call.
+    unsafe { call(what, f(&mut value)) }?;
+    Ok(value)
 }
 
 /// [`check`] with the name of the call that produced `err` in the message.
@@ -230,14 +241,8 @@ macro_rules! log_error {
         $crate::triton::log_fmt($crate::triton::sys::TRITONSERVER_LOG_ERROR, line!(), format_args!($($arg)*))
     };
 }
-/// `log_verbose!("format", args...)`: printed only with `--log-verbose=1` or more.
-macro_rules! log_verbose {
-    ($($arg:tt)*) => {
-        $crate::triton::log_fmt($crate::triton::sys::TRITONSERVER_LOG_VERBOSE, line!(), format_args!($($arg)*))
-    };
-}
 #[allow(unused_imports)]
-pub(crate) use {log_error, log_info, log_verbose, log_warn};
+pub(crate) use {log_error, log_info, log_warn};
 
 // ---- Messages ------------------------------------------------------------------------------
 
@@ -309,10 +314,6 @@ impl Backend {
         Backend(ptr)
     }
 
-    pub fn as_ptr(self) -> *mut sys::TRITONBACKEND_Backend {
-        self.0
-    }
-
     pub fn name(&self) -> Result<String, String> {
         let mut name: *const c_char = ptr::null();
         // SAFETY: `self.0` is a live backend (from_raw contract); out-pointer valid.
@@ -326,49 +327,6 @@ impl Backend {
         Ok(unsafe { string_from(name) })
     }
 
-    /// `{"cmdline": {"<setting>": "<value>", ...}}` from `--backend-config=<name>,k=v`.
-    pub fn config_json(&self) -> Result<String, String> {
-        let mut message: *mut sys::TRITONSERVER_Message = ptr::null_mut();
-        // SAFETY: live backend; out-pointer valid.
-        unsafe {
-            call(
-                "TRITONBACKEND_BackendConfig",
-                sys::TRITONBACKEND_BackendConfig(self.0, &mut message),
-            )
-        }?;
-        if message.is_null() {
-            return Err("TRITONBACKEND_BackendConfig returned no message".into());
-        }
-        // SAFETY: `message` is live and owned by Triton: read it, do not delete it.
-        unsafe { message_json(message) }
-    }
-
-    /// Stores an opaque pointer the backend owns (Triton never frees it).
-    ///
-    /// # Safety
-    /// No other thread reads or sets the backend state at the same time (Triton keeps a plain
-    /// field): call it from TRITONBACKEND_Initialize/Finalize only.
-    pub unsafe fn set_state(&self, state: *mut c_void) -> Result<(), String> {
-        // SAFETY: live backend; no concurrent state access (contract); Triton only stores it.
-        unsafe {
-            call(
-                "TRITONBACKEND_BackendSetState",
-                sys::TRITONBACKEND_BackendSetState(self.0, state),
-            )
-        }
-    }
-
-    pub fn state(&self) -> Result<*mut c_void, String> {
-        let mut state: *mut c_void = ptr::null_mut();
-        // SAFETY: live backend; out-pointer valid.
-        unsafe {
-            call(
-                "TRITONBACKEND_BackendState",
-                sys::TRITONBACKEND_BackendState(self.0, &mut state),
-            )
-        }?;
-        Ok(state)
-    }
 }
 
 // ---- Model ---------------------------------------------------------------------------------
@@ -392,10 +350,6 @@ impl Model {
         Model(ptr)
     }
 
-    pub fn as_ptr(self) -> *mut sys::TRITONBACKEND_Model {
-        self.0
-    }
-
     pub fn name(&self) -> Result<String, String> {
         let mut name: *const c_char = ptr::null();
         // SAFETY: `self.0` is a live model (from_raw contract); out-pointer valid.
@@ -407,18 +361,6 @@ impl Model {
         }?;
         // SAFETY: the name is owned by the model and copied now.
         Ok(unsafe { string_from(name) })
-    }
-
-    pub fn version(&self) -> Result<u64, String> {
-        let mut version = 0u64;
-        // SAFETY: live model; out-pointer valid.
-        unsafe {
-            call(
-                "TRITONBACKEND_ModelVersion",
-                sys::TRITONBACKEND_ModelVersion(self.0, &mut version),
-            )
-        }?;
-        Ok(version)
     }
 
     /// The model's directory in the repository (`<repo>/<model>`, not the version folder).
@@ -473,29 +415,10 @@ impl Model {
         Ok(json)
     }
 
-    pub fn backend(&self) -> Result<Backend, String> {
-        let mut backend: *mut sys::TRITONBACKEND_Backend = ptr::null_mut();
-        // SAFETY: live model; out-pointer valid.
-        unsafe {
-            call(
-                "TRITONBACKEND_ModelBackend",
-                sys::TRITONBACKEND_ModelBackend(self.0, &mut backend),
-            )
-        }?;
-        Ok(Backend(backend))
-    }
-
     /// The server serving this model (raw: we wrap no server calls).
     pub fn server(&self) -> Result<*mut sys::TRITONSERVER_Server, String> {
-        let mut server: *mut sys::TRITONSERVER_Server = ptr::null_mut();
         // SAFETY: live model; out-pointer valid.
-        unsafe {
-            call(
-                "TRITONBACKEND_ModelServer",
-                sys::TRITONBACKEND_ModelServer(self.0, &mut server),
-            )
-        }?;
-        Ok(server)
+        unsafe { out::<*mut sys::TRITONSERVER_Server>("TRITONBACKEND_ModelServer", ptr::null_mut(), |server| sys::TRITONBACKEND_ModelServer(self.0, server)) }
     }
 
     /// Stores an opaque pointer the backend owns (free it in ModelFinalize).
@@ -514,15 +437,8 @@ impl Model {
     }
 
     pub fn state(&self) -> Result<*mut c_void, String> {
-        let mut state: *mut c_void = ptr::null_mut();
         // SAFETY: live model; out-pointer valid.
-        unsafe {
-            call(
-                "TRITONBACKEND_ModelState",
-                sys::TRITONBACKEND_ModelState(self.0, &mut state),
-            )
-        }?;
-        Ok(state)
+        unsafe { out::<*mut c_void>("TRITONBACKEND_ModelState", ptr::null_mut(), |state| sys::TRITONBACKEND_ModelState(self.0, state)) }
     }
 }
 
@@ -546,10 +462,6 @@ impl Instance {
     /// `ptr` is an instance Triton passed to an entry point, used only while it exists.
     pub unsafe fn from_raw(ptr: *mut sys::TRITONBACKEND_ModelInstance) -> Self {
         Instance(ptr)
-    }
-
-    pub fn as_ptr(self) -> *mut sys::TRITONBACKEND_ModelInstance {
-        self.0
     }
 
     pub fn model(&self) -> Result<Model, String> {
@@ -593,45 +505,6 @@ impl Instance {
             )
         }?;
         Ok(kind)
-    }
-
-    pub fn device_id(&self) -> Result<i32, String> {
-        let mut id = 0i32;
-        // SAFETY: live instance; out-pointer valid.
-        unsafe {
-            call(
-                "TRITONBACKEND_ModelInstanceDeviceId",
-                sys::TRITONBACKEND_ModelInstanceDeviceId(self.0, &mut id),
-            )
-        }?;
-        Ok(id)
-    }
-
-    /// Stores an opaque pointer the backend owns (free it in ModelInstanceFinalize).
-    ///
-    /// # Safety
-    /// No other thread reads or sets the instance state at the same time (Triton keeps a plain
-    /// field): call it from ModelInstanceInitialize/ModelInstanceFinalize only.
-    pub unsafe fn set_state(&self, state: *mut c_void) -> Result<(), String> {
-        // SAFETY: live instance; no concurrent state access (contract); Triton only stores it.
-        unsafe {
-            call(
-                "TRITONBACKEND_ModelInstanceSetState",
-                sys::TRITONBACKEND_ModelInstanceSetState(self.0, state),
-            )
-        }
-    }
-
-    pub fn state(&self) -> Result<*mut c_void, String> {
-        let mut state: *mut c_void = ptr::null_mut();
-        // SAFETY: live instance; out-pointer valid.
-        unsafe {
-            call(
-                "TRITONBACKEND_ModelInstanceState",
-                sys::TRITONBACKEND_ModelInstanceState(self.0, &mut state),
-            )
-        }?;
-        Ok(state)
     }
 
     /// Per-request statistics; call before releasing `request`. Timestamps from [`now_ns`]
@@ -703,12 +576,6 @@ pub struct Request(*mut sys::TRITONBACKEND_Request);
 unsafe impl Send for Request {}
 
 impl Request {
-    /// # Safety
-    /// `ptr` is a request handed to ModelInstanceExecute, and ModelInstanceExecute will return
-    /// success (so the backend owns it); no other `Request` wraps the same pointer.
-    pub unsafe fn from_raw(ptr: *mut sys::TRITONBACKEND_Request) -> Self {
-        Request(ptr)
-    }
 
     /// Copies the request pointers out of ModelInstanceExecute's array (the array itself goes
     /// back to Triton when ModelInstanceExecute returns). Null entries are skipped.
@@ -734,34 +601,9 @@ impl Request {
             .collect()
     }
 
-    pub fn as_ptr(&self) -> *mut sys::TRITONBACKEND_Request {
-        self.0
-    }
-
-    /// The client's request id ("" when none was given).
-    pub fn id(&self) -> Result<String, String> {
-        let mut id: *const c_char = ptr::null();
-        // SAFETY: `self.0` is a live request we own; out-pointer valid.
-        unsafe {
-            call(
-                "TRITONBACKEND_RequestId",
-                sys::TRITONBACKEND_RequestId(self.0, &mut id),
-            )
-        }?;
-        // SAFETY: the id is owned by the request and copied now.
-        Ok(unsafe { string_from(id) })
-    }
-
     pub fn input_count(&self) -> Result<u32, String> {
-        let mut count = 0u32;
         // SAFETY: live request; out-pointer valid.
-        unsafe {
-            call(
-                "TRITONBACKEND_RequestInputCount",
-                sys::TRITONBACKEND_RequestInputCount(self.0, &mut count),
-            )
-        }?;
-        Ok(count)
+        unsafe { out("TRITONBACKEND_RequestInputCount", 0u32, |count| sys::TRITONBACKEND_RequestInputCount(self.0, count)) }
     }
 
     /// The name of input `index` (0 <= index < input_count), borrowed from the request.
@@ -781,15 +623,6 @@ impl Request {
         }
         // SAFETY: non-null, NUL-terminated, owned by the request, which `&self` keeps unreleased.
         Ok(unsafe { CStr::from_ptr(name) })
-    }
-
-    pub fn input_names(&self) -> Result<Vec<String>, String> {
-        (0..self.input_count()?)
-            .map(|i| {
-                self.input_name_at(i)
-                    .map(|n| n.to_string_lossy().into_owned())
-            })
-            .collect()
     }
 
     /// The input called `name`, or `None` when the request does not carry it.
@@ -944,15 +777,6 @@ impl<'a> Input<'a> {
     /// The shape, batch dimension included.
     pub fn shape(&self) -> Vec<i64> {
         self.shape.clone()
-    }
-
-    /// Bytes of data the request carries for this input (may disagree with the shape: check).
-    pub fn byte_size(&self) -> u64 {
-        self.byte_size
-    }
-
-    pub fn buffer_count(&self) -> u32 {
-        self.buffer_count
     }
 
     /// Buffer `index` as bytes in host memory (CPU or pinned CPU). Triton never copies here:
@@ -1275,11 +1099,6 @@ impl MetricFamily {
         Self::new(sys::TRITONSERVER_METRIC_KIND_COUNTER, name, description)
     }
 
-    /// A gauge family.
-    pub fn gauge(name: &str, description: &str) -> Result<MetricFamily, String> {
-        Self::new(sys::TRITONSERVER_METRIC_KIND_GAUGE, name, description)
-    }
-
     fn new(
         kind: sys::TRITONSERVER_MetricKind,
         name: &str,
@@ -1394,28 +1213,6 @@ impl Metric {
         }
     }
 
-    /// Sets the value (gauges only).
-    pub fn set(&self, value: f64) -> Result<(), String> {
-        // SAFETY: `self.ptr` is a live metric we own.
-        unsafe {
-            call(
-                "TRITONSERVER_MetricSet",
-                sys::TRITONSERVER_MetricSet(self.ptr, value),
-            )
-        }
-    }
-
-    pub fn value(&self) -> Result<f64, String> {
-        let mut value = 0f64;
-        // SAFETY: `self.ptr` is a live metric we own; out-pointer valid.
-        unsafe {
-            call(
-                "TRITONSERVER_MetricValue",
-                sys::TRITONSERVER_MetricValue(self.ptr, &mut value),
-            )
-        }?;
-        Ok(value)
-    }
 }
 
 impl Drop for Metric {

@@ -12,6 +12,8 @@
 //! buffers are owned by the object they came from and live as long as that object.
 
 #![allow(non_camel_case_types)]
+// A faithful declaration of the enumerations: not every constant is used.
+#![allow(dead_code)]
 
 use std::ffi::{c_char, c_int, c_void};
 use std::marker::{PhantomData, PhantomPinned};
