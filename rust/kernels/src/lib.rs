@@ -22,7 +22,7 @@ pub mod vmath;
 
 pub use dispatch::{level, Level};
 pub use flagging::{flag, Reason};
-pub use options::{Aggregate, Detection, Layout, Scoring, Strategy};
+pub use options::{Aggregate, Detection, Layout, Scoring, Strategy, Task};
 pub use parallel::{configured_threads, PARALLEL_MIN_ELEMENTS};
 pub use tasks::{classification, detection, multilabel, segmentation};
 

@@ -80,3 +80,42 @@ pub enum Layout {
     /// `[B, H, W, C]`: classes contiguous per pixel.
     ChannelsLast,
 }
+
+/// The task a model output serves: which kernel scores it, and the item's rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// `[B, C]`: one class distribution per item.
+    Classification,
+    /// `[B, L]`: independent per-label probabilities.
+    MultiLabel,
+    /// `[B, N, C]`: a class distribution per box.
+    Detection,
+    /// `[B, C, H, W]` or `[B, H, W, C]`: a class distribution per pixel.
+    Segmentation,
+}
+
+impl Task {
+    pub const ALL: [(&'static str, Task); 4] = [
+        ("classification", Task::Classification),
+        ("multilabel", Task::MultiLabel),
+        ("detection", Task::Detection),
+        ("segmentation", Task::Segmentation),
+    ];
+
+    pub fn parse(name: &str) -> Option<Task> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(_, t)| *t == self).map_or("classification", |(n, _)| *n)
+    }
+
+    /// Dimensions per item: [C], [L], [N, C], [C, H, W] or [H, W, C].
+    pub fn item_rank(self) -> usize {
+        match self {
+            Task::Classification | Task::MultiLabel => 1,
+            Task::Detection => 2,
+            Task::Segmentation => 3,
+        }
+    }
+}

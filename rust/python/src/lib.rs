@@ -17,7 +17,7 @@ use pyo3::types::PyDict;
 use triton_al_kernels as kernels;
 
 use crate::convert::Floats;
-use crate::options::{Task, TaskOptions};
+use crate::options::{parse_task, Task, TaskOptions, TaskShape};
 
 /// Inputs smaller than this are scored without releasing the GIL: releasing and re-taking
 /// it costs more than the work (the 1x10 call is about a microsecond).
@@ -77,7 +77,7 @@ fn score<'py>(
     from_logits: bool,
     task_options: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    let task = Task::parse(task)?;
+    let task = parse_task(task)?;
     let strategy = kernels::Strategy::parse(strategy).ok_or_else(|| {
         let names: Vec<_> = kernels::Strategy::ALL.iter().map(|(n, _)| *n).collect();
         PyValueError::new_err(format!("strategy: expected one of {names:?}, got {strategy:?}"))

@@ -9,41 +9,31 @@ use triton_al_kernels::{Aggregate, Layout};
 
 use crate::convert;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Task {
-    Classification,
-    MultiLabel,
-    Detection,
-    Segmentation,
+pub use triton_al_kernels::Task;
+
+/// The task named by `task=`; "multi_label" and "multi-label" are common spellings of multilabel.
+pub fn parse_task(name: &str) -> PyResult<Task> {
+    Task::parse(&name.replace(['_', '-'], "")).ok_or_else(|| {
+        let names: Vec<_> = Task::ALL.iter().map(|(n, _)| *n).collect();
+        PyValueError::new_err(format!("task: expected one of {names:?}, got {name:?}"))
+    })
 }
 
-const TASKS: [(&str, Task); 4] = [
-    ("classification", Task::Classification),
-    ("multilabel", Task::MultiLabel),
-    ("detection", Task::Detection),
-    ("segmentation", Task::Segmentation),
-];
+/// What the Python face needs to know of a task beyond the kernels.
+pub trait TaskShape {
+    fn is_softmax(self) -> bool;
+    fn class_axis(self, opts: &TaskOptions) -> usize;
+    fn check_ndim(self, shape: &[usize]) -> PyResult<()>;
+    fn allowed_options(self) -> &'static [&'static str];
+}
 
-impl Task {
-    pub fn parse(name: &str) -> PyResult<Task> {
-        // "multi_label" and "multi-label" are common spellings; accept them.
-        let canonical = name.replace(['_', '-'], "");
-        TASKS.iter().find(|(n, _)| *n == canonical).map(|(_, t)| *t).ok_or_else(|| {
-            let names: Vec<_> = TASKS.iter().map(|(n, _)| *n).collect();
-            PyValueError::new_err(format!("task: expected one of {names:?}, got {name:?}"))
-        })
-    }
-
-    fn name(self) -> &'static str {
-        TASKS.iter().find(|(_, t)| *t == self).map(|(n, _)| *n).unwrap()
-    }
-
+impl TaskShape for Task {
     /// Softmax over a class axis (multi-label uses per-label sigmoids instead).
-    pub fn is_softmax(self) -> bool {
+    fn is_softmax(self) -> bool {
         self != Task::MultiLabel
     }
 
-    pub fn class_axis(self, opts: &TaskOptions) -> usize {
+    fn class_axis(self, opts: &TaskOptions) -> usize {
         match (self, opts.layout) {
             (Task::Segmentation, Layout::ChannelsFirst) => 1,
             (Task::Segmentation, Layout::ChannelsLast) => 3,
@@ -52,7 +42,7 @@ impl Task {
         }
     }
 
-    pub fn check_ndim(self, shape: &[usize]) -> PyResult<()> {
+    fn check_ndim(self, shape: &[usize]) -> PyResult<()> {
         let (ndim, form) = match self {
             Task::Classification => (2, "[B, C]"),
             Task::MultiLabel => (2, "[B, L]"),

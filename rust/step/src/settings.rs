@@ -234,43 +234,7 @@ pub fn parse_parameters(params: &BTreeMap<String, String>, outbox_env: Option<&s
     Ok(parsed)
 }
 
-/// The task a model's output serves (fixes the expected shape and the kernel).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Task {
-    Classification,
-    MultiLabel,
-    Detection,
-    Segmentation,
-}
-
-impl Task {
-    fn parse(name: &str) -> Task {
-        match name {
-            "multilabel" => Task::MultiLabel,
-            "detection" => Task::Detection,
-            "segmentation" => Task::Segmentation,
-            _ => Task::Classification,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Task::Classification => "classification",
-            Task::MultiLabel => "multilabel",
-            Task::Detection => "detection",
-            Task::Segmentation => "segmentation",
-        }
-    }
-
-    /// Dimensions per item: [C], [L], [N, C], [C, H, W] or [H, W, C].
-    pub fn item_rank(self) -> usize {
-        match self {
-            Task::Classification | Task::MultiLabel => 1,
-            Task::Detection => 2,
-            Task::Segmentation => 3,
-        }
-    }
-}
+pub use triton_al_kernels::Task;
 
 /// Where flagged items go, and how the outbox is bounded.
 #[derive(Clone, Debug, PartialEq)]
@@ -341,7 +305,7 @@ impl StepSettings {
     /// Type an already-validated parameter map.
     pub fn from_parsed(p: &Parsed) -> StepSettings {
         use triton_al_kernels::{Aggregate, Layout, Strategy};
-        let task = Task::parse(&text(p, "task"));
+        let task = Task::parse(&text(p, "task")).unwrap_or(Task::Classification);
         let aggregate = match text(p, "aggregate").as_str() {
             "mean" => Aggregate::Mean,
             "least_confident_mean" => Aggregate::LeastConfidentMean(int(p, "k", 3) as usize),
