@@ -38,6 +38,7 @@ PYTHON_ENV = "TRITON_AL_NEXUS_PYTHON"
 ENDPOINT_ENV = "DATATURE_API_ENDPOINT"
 DEFAULT_ENDPOINT = "https://api.datature.io"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds triton_al/
+WORKER = Path(__file__).with_name("nexus_worker.py")
 
 
 def find_python() -> str:
@@ -147,10 +148,12 @@ class NexusSink(Sink):
         return results
 
     def _run(self, request: dict) -> dict:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])}
+        # The worker is one self-contained file run by path: putting the folder that holds
+        # triton_al on its path would, after a pip install, put all of site-packages there
+        # (our protobuf 4 ahead of the SDK's protobuf 5).
         try:
-            done = subprocess.run([self.python, "-m", "triton_al.sinks.nexus_worker"], input=json.dumps(request),
-                                  capture_output=True, text=True, timeout=self.timeout_s, env=env)
+            done = subprocess.run([self.python, str(WORKER)], input=json.dumps(request),
+                                  capture_output=True, text=True, timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
             raise TransientSinkError(f"{self.describe()}: no answer within {self.timeout_s} s") from None
         if done.returncode != 0 or not done.stdout.strip():
