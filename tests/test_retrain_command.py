@@ -21,7 +21,7 @@ CONFIG = """name: "tiny"
 backend: "python"
 max_batch_size: 4
 input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
-output [ { name: "y" data_type: TYPE_FP32 dims: [ 3 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 3 ] label_filename: "labels.txt" } ]
 """
 
 MODEL = """import numpy as np
@@ -45,6 +45,7 @@ def setup(tmp_path):
     repo = tmp_path / "repo"
     (repo / "tiny" / "1").mkdir(parents=True)
     (repo / "tiny" / "config.pbtxt").write_text(CONFIG)
+    (repo / "tiny" / "labels.txt").write_text("a\nb\nc\n")  # a file the config names beside it
     (repo / "tiny" / "1" / "model.py").write_text(MODEL.replace("WIDTH", "3"))
     template = tmp_path / "model_template.py"
     template.write_text(MODEL)

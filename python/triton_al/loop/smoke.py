@@ -1,8 +1,8 @@
 """Before a new model version goes into the repository: does it load in a real tritonserver,
 and does it answer a request with the outputs its configuration promises?
 
-The version is served alone from a scratch repository (the model's own config.pbtxt, the
-new version folder linked in), sent one request of zeros shaped from the config (or the
+The version is served alone from a scratch repository (the model's own config.pbtxt and the
+files beside it, the new version folder linked in), sent one request of zeros shaped from the config (or the
 inputs given), and every declared output is checked for its data type and shape.
 """
 
@@ -44,6 +44,11 @@ def smoke_test(model_dir: Path, version_dir: Path, version: int, *, inputs: dict
     try:
         (scratch / name).mkdir()
         shutil.copy2(model_dir / "config.pbtxt", scratch / name / "config.pbtxt")
+        # Files the config names beside it (label_filename, a tokenizer...) come along; other
+        # versions and earlier failed attempts do not.
+        for entry in model_dir.iterdir():
+            if entry.name != "config.pbtxt" and not entry.name.isdigit() and not entry.name.startswith("failed-"):
+                (scratch / name / entry.name).symlink_to(entry.resolve())
         (scratch / name / str(version)).symlink_to(Path(version_dir).resolve())
         server = TritonServer(scratch, model_control_mode="explicit", log_path=scratch / "tritonserver.log",
                               startup_timeout_s=timeout_s)
