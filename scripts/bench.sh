@@ -9,6 +9,10 @@ cd "$ROOT"
 mkdir -p benchmarks/results
 what="${1:-scoring}"
 shift || true
+if [ "$what" = pipeline ] || [ "$what" = all ]; then
+    # perf_analyzer (from the tritonclient wheel) needs libb64; see benchmarks/perf_analyzer.py.
+    ensure_debian_package libb64-0d "/usr/lib/$(uname -m)-linux-gnu/libb64.so.0d"
+fi
 if [ "$what" = scoring ] || [ "$what" = all ]; then
     "$VENV/bin/python" -m pytest benchmarks/bench_scoring.py -q -p no:cacheprovider \
         --benchmark-json=benchmarks/results/scoring.json --benchmark-columns=median,iqr,rounds "$@"
