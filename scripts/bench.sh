@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Benchmarks (not part of the test suite): `scripts/bench.sh scoring|outbox|pipeline|all`.
+# Benchmarks (not part of the test suite): `scripts/bench.sh scoring|outbox|pipeline|loop|fleet|all`.
 # Installs the baselines (scipy, torch CPU) into .venv on first use.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export TRITON_AL_EXTRAS="test,triton,train,s3,bench"
+export TRITON_AL_EXTRAS="test,triton,train,s3,fleet,bench"
 source "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 mkdir -p benchmarks/results
@@ -18,7 +18,7 @@ if [ "$what" = scoring ] || [ "$what" = all ]; then
         --benchmark-json=benchmarks/results/scoring.json --benchmark-columns=median,iqr,rounds "$@"
     "$VENV/bin/python" benchmarks/report.py benchmarks/results/scoring.json
 fi
-for name in outbox pipeline loop; do
+for name in outbox pipeline loop fleet; do
     if { [ "$what" = "$name" ] || [ "$what" = all ]; } && [ -f "benchmarks/bench_$name.py" ]; then
         "$VENV/bin/python" -m pytest "benchmarks/bench_$name.py" -q -p no:cacheprovider \
             --benchmark-json="benchmarks/results/$name.json" "$@"

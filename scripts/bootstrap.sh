@@ -55,6 +55,7 @@ ensure_debian_package() {
 }
 ensure_debian_package dataset-fashion-mnist /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 ensure_debian_package libsqlite3-dev /usr/include/sqlite3.h
+ensure_debian_package redis-server /usr/bin/redis-server  # the fleet ledger in tests/test_fleet.py
 
 # The Rust parts: the Python extension (triton_al._core) and the native Triton backend
 # (libtriton_active_learning.so, copied into the package so `serve` finds it).

@@ -4,7 +4,7 @@
 # Everything the tests use is installed here, before pytest starts: the tests install nothing.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export TRITON_AL_EXTRAS="${TRITON_AL_EXTRAS:-test,triton,train,s3}"
+export TRITON_AL_EXTRAS="${TRITON_AL_EXTRAS:-test,triton,train,s3,fleet}"
 source "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 

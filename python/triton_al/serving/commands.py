@@ -60,6 +60,8 @@ def serve_command(
     forget_deliveries: Annotated[bool, typer.Option(help="The outbox delivered to another sink: clear its delivery records so that this sink gets every image flagged from now on (see `triton-al uploader --forget-deliveries`).")] = False,
     uploader_restart_delay: Annotated[float, typer.Option(min=0.01, help="First delay before restarting a dead uploader (seconds); doubles per quick death.")] = 1.0,
     uploader_restart_max_delay: Annotated[float, typer.Option(min=0.01, help="Longest delay before restarting a dead uploader (seconds).")] = 60.0,
+    rate_limit: Annotated[Optional[list[str]], typer.Option("--rate-limit", help="Passed to the uploader: GROUP=N/minute (or /hour, /day). Repeatable.")] = None,
+    budget_ledger: Annotated[Optional[str], typer.Option(help="Passed to the uploader: redis://HOST:PORT/DB shared by a fleet, so that --rate-limit budgets hold across it (see `triton-al uploader --budget-ledger`).")] = None,
 ) -> None:
     """Serve a model repository with Triton and the uploader sidecar until Ctrl-C / SIGTERM."""
     from triton_al.private import keep_files_private
@@ -77,11 +79,29 @@ def serve_command(
     if model_control_mode not in ("none", "poll", "explicit"):
         raise typer.BadParameter(f"expected none, poll or explicit, got {model_control_mode!r}", param_hint="--model-control-mode")
     models = sorted(p.parent.name for p in model_repository.glob("*/config.pbtxt")) if model_control_mode == "explicit" else []
+    uploader_args = ["--forget-deliveries"] if forget_deliveries else []
+    if rate_limit:
+        from triton_al.uploader.limits import parse_limits
+
+        try:
+            parse_limits(rate_limit)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--rate-limit") from None
+        for spec in rate_limit:
+            uploader_args += ["--rate-limit", spec]
+    if budget_ledger is not None:
+        from triton_al.uploader.ledger import parse_ledger_uri
+
+        try:
+            parse_ledger_uri(budget_ledger)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--budget-ledger") from None
+        uploader_args += ["--budget-ledger", budget_ledger]
     pipeline = Pipeline(
         model_repository, data_dir, sink=sink or (f"local:{store.absolute()}" if store else None), outbox=outbox,
         uploader=uploader, model_control_mode=model_control_mode, load_models=models, grpc_port=grpc_port,
         http_port=http_port, metrics_port=metrics_port, tritonserver=tritonserver, console=not quiet,
-        uploader_args=["--forget-deliveries"] if forget_deliveries else [], uploader_required=False,
+        uploader_args=uploader_args, uploader_required=False,
         uploader_restart_delay_s=uploader_restart_delay, uploader_restart_max_delay_s=max(uploader_restart_max_delay, uploader_restart_delay),
     )
     if uploader:

@@ -129,6 +129,10 @@ def uploader_command(
     once: Annotated[bool, typer.Option(help="Upload what is queued now, then exit (a cron-style run); exits 1 if --deadline passes first.")] = False,
     deadline: Annotated[float, typer.Option(min=0.001, help="With --once: seconds to wait for a backing-off item or sink before giving up.")] = 60.0,
     log_format: Annotated[str, typer.Option(help="'json' (structured) or 'text'.")] = "json",
+    budget_ledger: Annotated[Optional[str], typer.Option(help="redis://HOST:PORT/DB (or rediss://) shared by a fleet of uploaders: --rate-limit budgets hold across the fleet, and replicas claim each item so that one uploads it. While it cannot be reached, the items that need it stay queued (none dropped). Password from $TRITON_AL_LEDGER_PASSWORD.")] = None,
+    fleet_claims: Annotated[bool, typer.Option(help="With --budget-ledger: claim each item in the ledger before uploading it (one replica uploads an image the fleet flagged several times). Without: only rate-limited groups use the ledger.")] = True,
+    fleet_claim_ttl: Annotated[str, typer.Option(help="With --budget-ledger: how long a claim lasts (a replica that dies holding one delays those items this long).")] = "5m",
+    fleet_dedup_ttl: Annotated[str, typer.Option(help="With --budget-ledger: how long the ledger remembers that an item was delivered, so that other replicas do not upload it again.")] = "1h",
 ) -> None:
     """Drain the outbox into a sink: retries with backoff, dead letters, rate limits, /metrics, admin API."""
     from triton_al.private import keep_files_private
@@ -150,6 +154,17 @@ def uploader_command(
         limits = parse_limits(rate_limit or [])
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--rate-limit") from None
+    if budget_ledger is not None:
+        from triton_al.uploader.ledger import parse_ledger_uri
+
+        try:
+            parse_ledger_uri(budget_ledger)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--budget-ledger") from None
+    claim_ttl_s = _parsed(parse_duration, fleet_claim_ttl, "--fleet-claim-ttl")
+    dedup_ttl_s = _parsed(parse_duration, fleet_dedup_ttl, "--fleet-dedup-ttl")
+    if claim_ttl_s <= 0 or dedup_ttl_s <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--fleet-claim-ttl/--fleet-dedup-ttl")
     bounds = Bounds(
         dead_letter_max_age_s=_parsed(parse_duration, dead_letter_max_age, "--dead-letter-max-age"),
         dead_letter_max_count=dead_letter_max_count,
@@ -196,9 +211,22 @@ def uploader_command(
         box, first_error = None, e
     worker: Uploader | None = None
     metrics = UploaderMetrics(lambda: worker.outbox if worker is not None and not worker.outbox_error else None)
+    fleet = None
+    if budget_ledger is not None:  # the budgets are the fleet's, counted in the ledger (not in this outbox)
+        from triton_al.uploader.ledger import FleetGate, Ledger, owner_id
+
+        try:
+            ledger = Ledger.open(budget_ledger, target_id, owner_id(outbox), claim_ttl_s=claim_ttl_s, done_ttl_s=dedup_ttl_s)
+        except ValueError as e:
+            target.close()
+            typer.echo(f"triton-al uploader: {e}", err=True)
+            raise typer.Exit(2) from None
+        fleet = FleetGate(ledger, limits, rate_overflow=rate_overflow, claims=fleet_claims, registry=metrics.registry)
+        log.info("fleet: %s; budgets %s", fleet.describe(), {g: [str(r) for r in rules] for g, rules in limits.items()} or "none")
+        limits = {}
     worker = Uploader(box, target, batch_size=batch_size, batch_max_bytes=max_batch_bytes, limits=limits, rate_overflow=rate_overflow,
                       max_attempts=max_attempts, backoff=Backoff(base_s=backoff_base, cap_s=backoff_cap), metrics=metrics,
-                      bounds=bounds, open_outbox=open_outbox)
+                      bounds=bounds, open_outbox=open_outbox, fleet=fleet)
     if first_error is not None:
         worker._outbox_failed(first_error)
     ports: dict[str, int] = {}
@@ -252,6 +280,8 @@ def uploader_command(
         for stop in servers:
             stop()
         target.close()
+        if fleet is not None:
+            fleet.ledger.close()
         if worker.outbox is not None:
             worker.outbox.close()
         os.close(lock_fd)

@@ -76,6 +76,16 @@ class BatchOutcome:
     sink_failed: bool = False
     isolated: int = 0
     """Items the sink failed on alone, found by splitting a batch that failed as a whole."""
+    held: int = 0
+    """Items the fleet ledger kept queued this time (another replica's claim, budget spent, ledger down)."""
+    elsewhere: int = 0
+    """Items another replica had delivered: recorded as delivered without an upload."""
+    delivered_ids: list[int] = field(default_factory=list)
+
+    @property
+    def only_held(self) -> bool:
+        """Nothing happened but items held back: wait before asking again."""
+        return bool(self.held) and not (self.uploaded or self.failed or self.dead_lettered or self.dropped or self.elsewhere)
 
 
 @dataclass
@@ -125,6 +135,8 @@ class Uploader:
     """Opens (and prepares) the outbox; called again with backoff while it fails."""
     isolation_budget_s: float = 30.0
     """Longest time spent probing a failed batch before calling the sink down."""
+    fleet: Any | None = None
+    """A `ledger.FleetGate`: budgets and claims shared by a fleet of uploaders (`--budget-ledger`)."""
 
     def __post_init__(self) -> None:
         if self.rate_overflow not in ("keep", "drop"):
@@ -249,7 +261,7 @@ class Uploader:
                 except OutboxError as e:
                     self._outbox_failed(e)
                     continue
-                if outcome is not None and not outcome.sink_failed:
+                if outcome is not None and not outcome.sink_failed and not outcome.only_held:
                     continue  # more may be due: no sleep between full batches
                 wait = self.sink_backoff_remaining() or self.poll_interval_s
             self._wait(wait)
@@ -293,12 +305,19 @@ class Uploader:
         assert self.outbox is not None
         now = self.clock()
         allowance = self._allowance(now)
-        batch = self.outbox.due(self.batch_size, now=now, exclude_groups=self._held_back(allowance), ignore_backoff=ignore_backoff,
+        held = self._held_back(allowance)
+        if self.fleet is not None:
+            held += self.fleet.held_groups(self.outbox.queued_groups)
+        batch = self.outbox.due(self.batch_size, now=now, exclude_groups=held, ignore_backoff=ignore_backoff,
                                 max_bytes=self.batch_max_bytes, max_delay_s=self.backoff.cap_s)
         if not batch:
+            if self.fleet is not None and self.fleet.error:
+                self.last_error = self.fleet.error
             return None
         batch, over = self._apply_limits(batch, allowance)
         outcome = BatchOutcome()
+        if self.fleet is not None:
+            return self._fleet_upload(batch, over, outcome, now)
         if over:
             self.outbox.drop([i.id for i in over], "dropped_rate_limit")
             outcome.dropped = len(over)
@@ -338,6 +357,29 @@ class Uploader:
                 over.append(item)
             # else: stays queued until the window frees up
         return keep, over
+
+    def _fleet_upload(self, batch: list[QueuedItem], over: list[QueuedItem], outcome: BatchOutcome, now: float) -> BatchOutcome:
+        """The batch through the fleet ledger: claimed and within the fleet's budget, uploaded;
+        delivered by another replica, recorded as delivered; the rest held (or dropped, over
+        budget in drop mode); then the ledger is told what was delivered."""
+        assert self.outbox is not None and self.fleet is not None
+        admission = self.fleet.admit(batch, now)
+        if self.fleet.error:
+            self.last_error = self.fleet.error
+        outcome.held = len(admission.held)
+        try:
+            if admission.elsewhere:
+                outcome.elsewhere = self.outbox.mark_delivered([i.id for i in admission.elsewhere], now=now)
+            over = over + admission.over
+            if over:
+                self.outbox.drop([i.id for i in over], "dropped_rate_limit")
+                outcome.dropped = len(over)
+                log.warning("dropped %d items over their group's rate limit or budget", len(over))
+            if admission.upload:
+                self._upload(admission.upload, outcome)
+        finally:
+            self.fleet.settle(admission, outcome.delivered_ids)
+        return outcome
 
     # Uploading and isolating -----------------------------------------------------------
 
@@ -393,6 +435,7 @@ class Uploader:
             else:
                 retry.append((item.id, str(result), now + self.backoff.delay(item.attempts + 1, self._rng)))
         # Record the sink's verdicts; a crash before this line repeats the (idempotent) upload.
+        outcome.delivered_ids = delivered  # what the sink took counts against a fleet budget, recorded here or not
         self.outbox.mark_delivered(delivered, now=now)
         self.outbox.dead_letter(dead, now=now)
         self.outbox.mark_failed(retry)
@@ -530,9 +573,12 @@ class Uploader:
                 outcome = self.step()
                 if outcome is not None:
                     uploaded += outcome.uploaded
+                    if outcome.only_held:  # another replica holds them, or the ledger is down
+                        self._sleep(min(self.poll_interval_s, remaining))
                     continue
                 now = self.clock()
-                next_at = self.outbox.next_attempt_at(now=now, exclude_groups=self._held_back(self._allowance(now)),
+                spent = self.fleet.spent_groups() if self.fleet is not None else []  # the fleet's budget, like a local one
+                next_at = self.outbox.next_attempt_at(now=now, exclude_groups=self._held_back(self._allowance(now)) + spent,
                                                       max_delay_s=self.backoff.cap_s)
             except OutboxBusy:
                 self._sleep(min(self.poll_interval_s, remaining))
