@@ -302,7 +302,7 @@ class Replica:
     """`triton-al serve` with its own copy of the example repository (threshold 1.0: every
     item flagged, for both groups) and its own data directory; stopped by PID."""
 
-    def __init__(self, root: Path, name: str, env: dict[str, str], args: list[str]) -> None:
+    def __init__(self, root: Path, name: str, env: dict[str, str], args: list[str], groups: tuple[str, ...] = GROUPS) -> None:
         from triton_helpers import copy_repository
 
         self.root = root / name
@@ -311,7 +311,7 @@ class Replica:
             repo = copy_repository(self.root)
             step = repo / "active_learning" / "config.pbtxt"
             text = step.read_text()
-            for key, value in (("threshold", "1.0"), ("upload_groups", ",".join(GROUPS))):
+            for key, value in (("threshold", "1.0"), ("upload_groups", ",".join(groups))):
                 text, n = re.subn(rf'(key: "{key}"\s*value \{{\s*string_value: )"[^"]*"', rf'\1"{value}"', text)
                 assert n == 1, f"no {key} parameter in {step}"
             step.write_text(text)
@@ -471,3 +471,74 @@ def _metric(text: str, name: str, **labels: str) -> float:
         if (line.startswith(name + "{") or line.startswith(name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+# Label Studio: lookup-then-import races between replicas ---------------------------------
+
+
+@pytest.mark.slow
+def test_three_uploaders_racing_into_label_studio_import_each_image_once(tmp_path, ledger_server):
+    """Label Studio has no content-addressed key: each replica asks it which hashes it has,
+    then imports the rest, so two replicas racing on one image could both import it (and,
+    for a new group, both create its project). Claims in the ledger leave one replica per
+    image, and the group's first batch to one replica at a time."""
+    from labelstudio_helpers import TOKEN, LabelStudioServer
+
+    (tmp_path / "label-studio").mkdir()
+    server = LabelStudioServer(tmp_path / "label-studio", free_port())
+    server.start()
+    procs: list[subprocess.Popen] = []
+    try:
+        boxes = []
+        for n in range(3):
+            with Outbox(tmp_path / f"ls{n}.db") as box:
+                box.append_many([item(i, groups=("ls-fleet",)) for i in range(24)])
+            boxes.append(tmp_path / f"ls{n}.db")
+        ls_env = {"LABEL_STUDIO_API_KEY": TOKEN}
+        for n, box in enumerate(boxes):
+            with open(tmp_path / f"ls-uploader{n}.log", "wb") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "triton_al.cli", "uploader", "--outbox", str(box), "--sink", f"labelstudio+{server.url}",
+                     "--budget-ledger", ledger_server.url, "--batch-size", "8"],
+                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ls_env}))
+
+        def queued() -> int:
+            total = 0
+            for box in boxes:
+                with Outbox(box) as o:
+                    total += sum(s.queued for s in o.status())
+            return total
+
+        wait_for(lambda: queued() == 0, 120, "the three uploaders to drain", interval=0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.kill(p.pid, signal.SIGKILL)
+                    p.wait()
+        try:
+            projects, tasks = _label_studio_contents(server.url, TOKEN, "triton-al:group=ls-fleet")
+        finally:
+            server.stop()
+    assert len(projects) == 1, f"one project for the group, not {projects}"
+    per_hash = Counter(t["data"]["content_hash"] for t in tasks)
+    assert len(per_hash) == 24 and set(per_hash.values()) == {1}, f"tasks per image: {sorted(Counter(per_hash.values()).items())}"
+
+
+def _label_studio_contents(url: str, token: str, marker: str) -> tuple[list[int], list[dict]]:
+    def get(path: str):
+        request = urllib.request.Request(url + path, headers={"Authorization": f"Token {token}"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return json.loads(r.read())
+
+    listing = get("/api/projects?page_size=1000&include=id,title,description")
+    found = [p["id"] for p in (listing.get("results", listing) if isinstance(listing, dict) else listing)
+             if marker in str(p.get("description") or "").splitlines()]
+    tasks: list[dict] = []
+    for project in found:
+        page = get(f"/api/tasks?project={project}&page_size=1000&fields=all")
+        tasks += page["tasks"] if isinstance(page, dict) else page
+    return found, tasks
