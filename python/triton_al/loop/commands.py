@@ -236,25 +236,35 @@ def labels_pull_command(
     store: Store,
     sink: Annotated[str, typer.Option(help="Where annotators label: s3://…, labelstudio+http://…, nexus://… (see README).")],
     group: Annotated[Optional[list[str]], typer.Option("--group", help="Upload group (repeatable; default: every group of the store).")] = None,
-    labels: Annotated[Optional[Path], typer.Option(help="Class names, one per line: a label outside them is reported.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Class names, one per line: labels given by name are mapped, a label outside them is reported.")] = None,
+    fetch: Annotated[bool, typer.Option(help="Bring a labelled item that is not in the store from the sink (S3, Nexus, another local store), checked against its hash.")] = True,
 ) -> None:
     """Bring the sink's annotations into the store's label files (incremental, idempotent; relabels keep history)."""
     from triton_al.loop.dataset import DatasetError, read_class_names
-    from triton_al.loop.labels import pull_labels
+    from triton_al.loop.labels import LabelsPullError, pull_labels
     from triton_al.sinks import open_sink
     from triton_al.sinks.base import SinkError
     from triton_al.sinks.local import LocalStore
 
-    local = LocalStore(store, create=False)
     try:
+        local = LocalStore(store, create=False)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        _fail(f"triton-al labels pull: --store: {e}")
+    groups = group or local.groups()
+    if not groups:
+        _fail(f"triton-al labels pull: the store {local.root} has no upload group yet; name the group(s) to pull with --group")
+    try:
+        class_names = read_class_names(labels)
         with open_sink(sink) as source:
-            result = pull_labels(source, local, group or local.groups(), class_names=read_class_names(labels))
-    except (SinkError, DatasetError, ValueError, OSError) as e:
+            result = pull_labels(source, local, groups, class_names=class_names, fetch=fetch)
+    except (SinkError, DatasetError, LabelsPullError, ValueError, OSError) as e:
         _fail(f"triton-al labels pull: {e}")
+    finally:
+        local.close()
     for problem in result.problems:
         typer.echo(f"not taken: {problem}", err=True)
     typer.echo(json.dumps({"new": result.new, "relabelled": result.relabelled, "unchanged": result.unchanged,
-                           "problems": len(result.problems)}))
+                           "fetched": result.fetched, "problems": len(result.problems)}))
 
 
 def register(app: typer.Typer) -> None:

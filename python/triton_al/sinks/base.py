@@ -51,6 +51,13 @@ class Annotation:
     """Task-specific; for classification an int class index (see the README's label format)."""
     annotator: str | None = None
     labelled_at: str | None = None
+    changed_at: str | None = None
+    """When the sink last changed this annotation, on the sink's own clock, as ISO 8601 UTC
+    with a fixed width (so that strings compare like times): what an incremental pull keeps
+    as its watermark and gives back as `since`. None when the sink cannot tell."""
+    problem: str | None = None
+    """Set when the sink holds something for this item that is not a usable annotation (a
+    label object that is not JSON, say): reported by `labels pull`, never guessed."""
 
 
 class SinkError(Exception):
@@ -82,9 +89,21 @@ class Sink(abc.ABC):
         else the error for that upload alone (partial failure). Raise a `SinkError` when
         the whole batch failed (sink down, auth refused)."""
 
-    def annotations(self, group: str) -> Iterator[Annotation]:
-        """Labels that came back for assets of this group (for the retrain step)."""
+    def annotations(self, group: str, since: str | None = None) -> Iterator[Annotation]:
+        """Labels that came back for assets of this group (for the retrain step).
+
+        `since` is the newest `changed_at` an earlier pull saw (None: everything). A sink
+        that can ask its service for what changed since then yields at least every
+        annotation changed at or after it (more is harmless: the pull compares); one that
+        cannot ignores it. Sinks written before `since` existed take only `group`."""
         raise NotImplementedError(f"{type(self).__name__} does not return annotations")
+
+    def fetch(self, group: str, content_hash: str) -> Upload | None:
+        """The asset (and its metadata) this sink holds for (group, content hash), None when
+        it holds none: how `labels pull` brings a labelled item into a local store the
+        uploader never delivered to. Sinks that cannot give assets back raise
+        NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} does not give assets back")
 
     def describe(self) -> str:
         """Where this sink writes, for logs and status: never includes credentials."""
