@@ -12,6 +12,12 @@ reached from here); it follows the requests and responses the SDK sends and deco
                                                           `groups` REPLACES the asset's groups (as the SDK documents)
     PUT  /projects/{id}/assets/{filename}/customMetadatas {"parent"?, "customMetadata": {str: str|int|float|bool}}:
                                                           the SDK's `assets.add_custom_metadata`; keys are merged
+    GET  /projects/{id}/assets?limit&page&group[]=G       `assets.list`: {"nextPage", "prevPage", "data": [asset]},
+                                                          each asset with "statistic" {"tagsCount", "totalAnnotations"}
+    POST /projects/{id}/annotations                       `annotations.create`: {"assetId", "tag", "boundType", "bound", ...}
+    GET  /projects/{id}/annotations?limit&page&assetId[]=A  `annotations.list`: a page of annotations of those assets
+    DELETE /projects/{id}/annotations/{annotation}        `annotations.delete`
+    GET  /download/{asset id}                             the asset's `url` (a signed URL: no secret key)
 
 Request bodies are checked the way a typed API checks them: a field the real API does not
 take (say `custom_metadata` where the SDK sends `customMetadata`, as its
@@ -36,6 +42,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 
 class State:
@@ -45,6 +52,7 @@ class State:
         self.lock = threading.Lock()
         (data / "assets").mkdir(parents=True, exist_ok=True)
         self.state = json.loads(self.file.read_text()) if self.file.exists() else {"assets": {}, "pending": {}, "ops": {}, "sessions": []}
+        self.state.setdefault("annotations", {})
 
     def save(self) -> None:
         tmp = self.file.with_suffix(".tmp")
@@ -87,14 +95,63 @@ def make_handler(state: State, secret: str, base_url: str):
 
         def _asset(self, name: str) -> dict:
             a = state.state["assets"][name]
-            return {"id": a["id"], "projectId": state.project, "filename": name, "status": "None",
-                    "createDate": a["created"], "url": "", "metadata": {
+            annotations = [x for x in state.state["annotations"].values() if x["assetId"] == a["id"]]
+            tags: dict[str, int] = {}
+            for x in annotations:
+                tags[x["tag"]] = tags.get(x["tag"], 0) + 1
+            return {"id": a["id"], "projectId": state.project, "filename": name, "status": "Annotated" if annotations else "None",
+                    "createDate": a["created"], "url": f"{base_url}/download/{a['id']}", "metadata": {
                         "fileSize": a["size"], "mimeType": a["mime"], "height": 28, "width": 28, "groups": a["groups"],
-                        "customMetadata": a.get("custom", {})}}
+                        "customMetadata": a.get("custom", {})},
+                    "statistic": {"tagsCount": [{"name": k, "count": v} for k, v in sorted(tags.items())],
+                                  "totalAnnotations": len(annotations)}}
+
+        def _page(self, items: list, query: dict) -> None:
+            """One page of a list, as the API pages: an opaque cursor in `nextPage`."""
+            try:
+                limit = int(query.get("limit", ["100"])[0])
+                start = int(query.get("page", ["0"])[0] or 0)
+            except ValueError:
+                return self._json(400, {"message": "limit and page must be numbers"})
+            if not 1 <= limit <= 500:
+                return self._json(400, {"message": "limit: expected 1-500"})
+            chunk = items[start:start + limit]
+            more = start + limit < len(items)
+            return self._json(200, {"nextPage": str(start + limit) if more else None, "prevPage": str(max(0, start - limit)) if start else None,
+                                    "data": chunk})
 
         def do_GET(self) -> None:  # noqa: N802
+            m = re.fullmatch(r"/download/(asset_[0-9a-f-]+)", self.path)
+            if m:  # a signed URL: no secret key
+                with state.lock:
+                    name = next((n for n, a in state.state["assets"].items() if a["id"] == m.group(1)), None)
+                    data = (state.data / "assets" / name).read_bytes() if name else None
+                if data is None:
+                    return self._json(404, {"message": "no such asset"})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return None
             if not self._authorised():
                 return
+            parts = urlsplit(self.path)
+            query = parse_qs(parts.query)
+            m = re.fullmatch(r"/projects/([^/]+)/assets", parts.path)
+            if m:
+                groups = query.get("group[]")
+                with state.lock:
+                    names = sorted(state.state["assets"], key=lambda n: (state.state["assets"][n]["created"], n))
+                    items = [self._asset(n) for n in names if not groups or set(groups) & set(state.state["assets"][n]["groups"])]
+                return self._page(items, query)
+            m = re.fullmatch(r"/projects/([^/]+)/annotations", parts.path)
+            if m:
+                wanted = set(query.get("assetId[]", []))
+                with state.lock:
+                    items = sorted((a for a in state.state["annotations"].values() if not wanted or a["assetId"] in wanted),
+                                   key=lambda a: (a["createDate"], a["id"]))
+                return self._page(items, query)
             m = re.fullmatch(r"/projects/([^/]+)", self.path)
             if m:
                 if m.group(1) != state.project:
@@ -125,6 +182,8 @@ def make_handler(state: State, secret: str, base_url: str):
         def do_POST(self) -> None:  # noqa: N802
             if not self._authorised():
                 return
+            if re.fullmatch(r"/projects/([^/]+)/annotations", self.path):
+                return self._create_annotation()
             m = re.fullmatch(r"/projects/([^/]+)/assetuploadsessions", self.path)
             if not m:
                 return self._json(404, {"message": f"no route {self.path}"})
@@ -199,6 +258,40 @@ def make_handler(state: State, secret: str, base_url: str):
                 asset["custom"] = {**asset.get("custom", {}), **custom}
                 state.save()
             self._json(200, {"parent": {"filename": m.group(2)}, "customMetadata": asset["custom"]})
+
+        def _create_annotation(self) -> None:
+            body = self._json_body()
+            if body is None:
+                return None
+            problem = _check_fields(body, required={"assetId", "tag", "boundType", "bound"},
+                                    optional={"frame", "aggregation", "attributes"})
+            if problem is None and body["boundType"] not in ("Polygon", "Rectangle", "Classification", "Keypoints", "Bitmask3d"):
+                problem = f"boundType {body['boundType']!r} is not a bound type"
+            if problem is None and (not isinstance(body["tag"], str) or not isinstance(body["bound"], list)):
+                problem = "tag: expected a string; bound: expected a list of points"
+            if problem is not None:
+                return self._json(400, {"message": problem})
+            with state.lock:
+                if not any(a["id"] == body["assetId"] for a in state.state["assets"].values()):
+                    return self._json(404, {"message": "asset not found"})
+                annotation = {"id": f"annot_{uuid.uuid4()}", "projectId": state.project, "assetId": body["assetId"],
+                              "tag": body["tag"], "boundType": body["boundType"], "bound": body["bound"],
+                              "createDate": int(time.time() * 1000)}
+                state.state["annotations"][annotation["id"]] = annotation
+                state.save()
+            return self._json(200, annotation)
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            if not self._authorised():
+                return None
+            m = re.fullmatch(r"/projects/([^/]+)/annotations/([^/?]+)", self.path)
+            if not m:
+                return self._json(404, {"message": f"no route {self.path}"})
+            with state.lock:
+                if state.state["annotations"].pop(m.group(2), None) is None:
+                    return self._json(404, {"message": "annotation not found"})
+                state.save()
+            return self._json(200, {"deleted": True, "id": m.group(2)})
 
         def do_PATCH(self) -> None:  # noqa: N802
             if not self._authorised():

@@ -268,3 +268,81 @@ def test_a_wrong_custom_metadata_field_name_fails(sink, server, monkeypatch, tmp
     monkeypatch.setenv("PYTHONPATH", str(shim))
     (result,) = sink.upload([upload(8)])
     assert isinstance(result, PermanentSinkError) and "custom_metadata" in str(result)
+
+
+ANNOTATE = """
+import json, sys
+from datature.nexus import Client
+request = json.load(sys.stdin)
+project = Client(request["secret"], endpoint=request["endpoint"]).get_project(request["project"])
+made = {}
+for op in request["ops"]:
+    if op["do"] == "create":
+        asset = project.assets.get(op["filename"])
+        made[op["filename"]] = project.annotations.create({"asset_id": asset.id, "tag": op["tag"],
+                                                           "bound_type": op["bound_type"], "bound": op["bound"]}).id
+    else:
+        assert project.annotations.delete(op["id"]).deleted
+print(json.dumps(made))
+"""
+
+
+def annotate(python: str, server: FakeNexus, ops: list[dict]) -> dict:
+    """What an annotator does in Nexus, done through the SDK (annotations.create/delete)."""
+    done = subprocess.run([python, "-c", ANNOTATE], input=json.dumps({"secret": SECRET, "endpoint": server.url, "project": PROJECT,
+                                                                       "ops": ops}), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def pull(store: Path, *extra: str) -> tuple[dict, list[str]]:
+    r = subprocess.run([sys.executable, "-m", "triton_al.cli", "labels", "pull", "--sink", f"nexus://{PROJECT}", "--store", str(store),
+                        "--group", "review", *extra], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert SECRET not in r.stdout + r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1]), [line for line in r.stderr.splitlines() if line.startswith("not taken: ")]
+
+
+def test_annotations_made_in_nexus_come_back_through_labels_pull(sink, server, python, tmp_path):
+    """Against the LOCAL FAKE of the Nexus API, driven by the real SDK on both sides: tags an
+    annotator puts on delivered assets come back as labels (classification by class name, a
+    rectangle as a box), the labelled assets are fetched into an empty store with their
+    metadata, a relabel keeps the older label, and shapes or classes that do not map are
+    reported."""
+    from triton_al.sinks.local import LocalStore
+
+    ups = [upload(k, group="review") for k in range(5)]
+    assert sink.upload(ups) == [None] * 5
+    made = annotate(python, server, [
+        {"do": "create", "filename": ups[0].filename, "tag": "coat", "bound_type": "Classification", "bound": []},
+        {"do": "create", "filename": ups[1].filename, "tag": "dress", "bound_type": "Rectangle",
+         "bound": [[0.1, 0.2], [0.1, 0.6], [0.5, 0.6], [0.5, 0.2]]},
+        {"do": "create", "filename": ups[2].filename, "tag": "zebra", "bound_type": "Classification", "bound": []},
+        {"do": "create", "filename": ups[3].filename, "tag": "coat", "bound_type": "Polygon", "bound": [[0.1, 0.1], [0.2, 0.2], [0.1, 0.3]]},
+    ])  # ups[4] is not annotated
+    store = tmp_path / "store"
+    LocalStore(store).close()
+    (tmp_path / "classes.txt").write_text("t-shirt\ntrouser\npullover\ndress\ncoat\n")
+    names = ["--labels", str(tmp_path / "classes.txt")]
+    first, problems = pull(store, *names)
+    assert (first["new"], first["fetched"], first["problems"]) == (2, 2, 2)
+    assert sorted(p.split(": ", 2)[2] for p in problems) == [
+        "annotations of kind(s) Polygon: only classification tags or rectangles (alone) become labels",
+        "class 'zebra' is not a class of the model (5 classes)"]
+    local = LocalStore(store)
+    got = {a.content_hash: a.label for a in local.annotations("review")}
+    assert got == {ups[0].content_hash: 4, ups[1].content_hash: {"boxes": [{"label": 3, "box": [0.1, 0.2, 0.5, 0.6]}]}}
+    for up in ups[:2]:
+        record = next(r for r in local.index("review") if r["content_hash"] == up.content_hash)
+        assert local.asset_path("review", record).read_bytes() == up.asset
+        assert (record["model_version"], record["score"]) == ("3", up.metadata["score"])
+    again, _ = pull(store, *names)
+    assert (again["new"], again["relabelled"], again["unchanged"], again["fetched"]) == (0, 0, 2, 0)
+    annotate(python, server, [{"do": "delete", "id": made[ups[0].filename]},
+                              {"do": "create", "filename": ups[0].filename, "tag": "pullover", "bound_type": "Classification",
+                               "bound": []}])
+    third, _ = pull(store, *names)
+    assert (third["new"], third["relabelled"]) == (0, 1)
+    assert {a.content_hash: a.label for a in local.annotations("review")}[ups[0].content_hash] == 2
+    (history,) = (store / "review" / "labels" / "history").iterdir()
+    assert json.loads(history.read_text())["label"] == 4

@@ -12,6 +12,19 @@ that has `datature`: `$TRITON_AL_NEXUS_PYTHON`, else this interpreter if it can 
 `datature`, else `<repo>/.venv/nexus/bin/python`. Create that environment with
 `python3.11 -m venv .venv/nexus && .venv/nexus/bin/pip install datature==1.12.2`.
 
+Annotations come back (`labels pull`, the uploader's `--pull-labels-every`) through the SDK:
+the group's assets a page at a time (`assets.list` filtered by the group), then the
+annotations of those the listing counts any for (`annotations.list` by asset ids, 100 at
+a time). Nexus lists neither assets nor annotations by change time, and an annotation can be
+modified in place (its creation time stays), so every pull reads every annotated asset of
+the group and `labels pull` compares each with the store (no watermark: it could miss a
+modified tag). Per asset: classification tags give the class (by its name: map names to
+indexes with the model's class names, `--labels FILE`), several tags a list of classes;
+rectangles give `{"boxes": [{"label": tag, "box": [x0, y0, x1, y1]}]}` (normalised); other
+shapes are reported. `labelled_at` is the newest annotation's creation time. An item not in
+the local store is fetched from the asset's URL (`fetch`), with our metadata rebuilt from
+its custom metadata.
+
 Credentials: `DATATURE_SECRET_KEY` or a file named by `DATATURE_SECRET_KEY_FILE`; the API
 endpoint can be changed with `DATATURE_API_ENDPOINT` (the tests point it at a local fake of
 the API: the real service cannot be reached from the test machines).
@@ -26,12 +39,13 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from triton_al.config import validate_group_name
-from triton_al.sinks.base import PermanentSinkError, Sink, SinkAuthError, SinkError, TransientSinkError, Upload
+from triton_al.sinks.base import Annotation, PermanentSinkError, Sink, SinkAuthError, SinkError, TransientSinkError, Upload
 from triton_al.sinks.local import check_asset
 
 PYTHON_ENV = "TRITON_AL_NEXUS_PYTHON"
@@ -86,12 +100,51 @@ def custom_metadata(metadata) -> dict:
     return custom
 
 
+def metadata_from_custom(custom: dict) -> dict:
+    """Our metadata, rebuilt from the asset's custom metadata (`custom_metadata`'s inverse,
+    for the fields Nexus could hold)."""
+    model = str(custom.get("triton_al_model", ""))
+    name, _, version = model.partition(":")
+    meta = {"score": custom.get("triton_al_score"), "strategy": custom.get("triton_al_strategy"),
+            "reason": custom.get("triton_al_reason"), "flagged_at": custom.get("triton_al_flagged_at"),
+            "model_name": name or None, "model_version": version or None}
+    if "triton_al_label" in custom:
+        meta["prediction"] = {"label": custom["triton_al_label"]}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def annotation_label(annotations: list[dict]) -> tuple[object, str | None]:
+    """One asset's Nexus annotations as a label (tags by name), or the problem with them."""
+    kinds = {a.get("bound_type") for a in annotations}
+    ordered = sorted(annotations, key=lambda a: (a.get("create_date") or 0, a.get("id") or ""))
+    if kinds == {"Classification"}:
+        tags = list(dict.fromkeys(a.get("tag") for a in ordered))
+        if not all(isinstance(t, str) and t for t in tags):
+            return None, "a classification annotation without a tag"
+        return (tags[0] if len(tags) == 1 else tags), None
+    if kinds == {"Rectangle"}:
+        boxes = []
+        for a in ordered:
+            points = a.get("bound")
+            try:
+                xs, ys = [float(p[0]) for p in points], [float(p[1]) for p in points]
+            except (TypeError, ValueError, IndexError):
+                return None, f"a rectangle with bounds {points!r}"
+            if not xs or not isinstance(a.get("tag"), str):
+                return None, "a rectangle without bounds or tag"
+            boxes.append({"label": a["tag"], "box": [min(xs), min(ys), max(xs), max(ys)]})
+        return {"boxes": boxes}, None
+    return None, (f"annotations of kind(s) {', '.join(sorted(str(k) for k in kinds))}: only classification tags "
+                  "or rectangles (alone) become labels")
+
+
 class NexusSink(Sink):
     def __init__(self, project: str, *, endpoint: str | None = None, python: str | None = None, timeout_s: float = 300) -> None:
         self.project = project if project.startswith("proj_") else f"proj_{project}"
         self.endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
         self.python = python or find_python()
         self.timeout_s = timeout_s
+        self._filenames: dict[tuple[str, str], str] = {}  # (group, content hash) -> asset name, from the last listing
 
     @classmethod
     def from_uri(cls, uri: str) -> NexusSink:
@@ -146,6 +199,48 @@ class NexusSink(Sink):
         for i, j in repeats.items():
             results[i] = results[j]
         return results
+
+    def _raise(self, error: dict) -> None:
+        if error["kind"] == "auth":
+            raise SinkAuthError(f"{self.describe()}: credentials rejected ({error['message']})")
+        if error["kind"] == "permanent":
+            raise PermanentSinkError(f"{self.describe()}: {error['message']}")
+        raise TransientSinkError(f"{self.describe()}: {error['message']}")
+
+    def annotations(self, group: str, since: str | None = None) -> Iterator[Annotation]:
+        """Every annotated asset of the group (see the module docstring); `since` is taken
+        but cannot narrow the listing: Nexus lists nothing by change time."""
+        validate_group_name(group)
+        answer = self._run({"op": "annotations", "project": self.project, "endpoint": self.endpoint, "group": group})
+        if answer.get("batch_error"):
+            error = dict(answer["batch_error"])
+            if error["kind"] == "permanent":  # an unknown project, say: an operator's fix away
+                error["kind"] = "transient"
+            self._raise(error)
+        self._filenames.update({(group, a["content_hash"]): a["filename"] for a in answer["assets"]})
+        for asset in answer["assets"]:
+            label, problem = annotation_label(asset["annotations"])
+            times = [a["create_date"] for a in asset["annotations"] if isinstance(a.get("create_date"), (int, float))]
+            when = datetime.fromtimestamp(max(times) / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if times else None
+            yield Annotation(group, asset["content_hash"], label, None, when, problem=problem)
+
+    def fetch(self, group: str, content_hash: str) -> Upload | None:
+        """The asset from its download URL, with our metadata rebuilt from its custom metadata."""
+        filename = self._filenames.get((group, content_hash))
+        if filename is None:
+            return None  # not an annotated asset of the group in the last listing
+        answer = self._run({"op": "fetch", "project": self.project, "endpoint": self.endpoint, "group": group,
+                            "filename": filename})
+        if answer.get("batch_error"):
+            self._raise(answer["batch_error"])
+        asset = answer.get("asset")
+        if asset is None:
+            return None
+        try:
+            data = base64.b64decode(asset["asset_b64"], validate=True)
+        except ValueError as e:
+            raise TransientSinkError(f"{self.describe()}: {filename}: the download was garbled ({e})") from None
+        return Upload(group, content_hash, data, asset["mime_type"], metadata_from_custom(asset["custom_metadata"]))
 
     def _run(self, request: dict) -> dict:
         # The worker is one self-contained file run by path: putting the folder that holds

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -46,13 +47,106 @@ def _kind(e: Exception) -> str:
     return "transient"
 
 
+_OURS = re.compile(r"^([0-9a-f]{64})\.[A-Za-z0-9]{1,10}$")  # how the sink names assets: <sha256>.<ext>
+PAGE = 100
+MAX_ASSET_BYTES = 256 * 1024**2
+
+
 def run(request: dict) -> dict:
     _configure_sdk()
-    from datature.nexus import Client, error
-
     secret = _secret()
     if not secret:
         return {"batch_error": {"kind": "auth", "message": "no secret key (set DATATURE_SECRET_KEY or DATATURE_SECRET_KEY_FILE)"}}
+    op = request.get("op", "upload")
+    if op == "annotations":
+        return _guarded(_annotations, request)
+    if op == "fetch":
+        return _guarded(_fetch, request)
+    return _upload(request)
+
+
+def _guarded(operation, request: dict) -> dict:
+    try:
+        return operation(request)
+    except Exception as e:  # noqa: BLE001 - reported to the sink, classified
+        return {"batch_error": {"kind": _kind(e), "message": _message(e)}}
+
+
+def _project(request: dict):
+    from datature.nexus import Client
+
+    return Client(_secret(), endpoint=request["endpoint"]).get_project(request["project"])
+
+
+def _annotations(request: dict) -> dict:
+    """The annotations of the group's assets the sink named (`<sha256>.<ext>`): the assets
+    of the group, a page at a time (`assets.list` filtered by group), then the annotations
+    of those the listing counts any for (`annotations.list` filtered by asset ids)."""
+    project = _project(request)
+    group = request["group"]
+    assets: dict[str, dict] = {}  # asset id -> what the answer says of it
+    page = None
+    while True:
+        listing = project.assets.list(pagination={"limit": PAGE, **({"page": page} if page else {})}, filters={"groups": [group]})
+        for asset in listing.data or []:
+            m = _OURS.match(asset.filename or "")
+            if not m or group not in (asset.metadata.groups or []):
+                continue
+            counted = asset.statistic.total_annotations if asset.statistic is not None else None
+            if counted == 0:
+                continue  # nothing annotated on it: no need to ask
+            assets[asset.id] = {"content_hash": m.group(1), "filename": asset.filename, "status": asset.status, "annotations": []}
+        page = listing.next_page
+        if not page or not listing.data:
+            break
+    ids = list(assets)
+    for start in range(0, len(ids), PAGE):
+        page = None
+        while True:
+            answer = project.annotations.list(pagination={"limit": PAGE, **({"page": page} if page else {})},
+                                              filters={"asset_ids": ids[start:start + PAGE]})
+            for a in answer.data or []:
+                if a.asset_id in assets:
+                    assets[a.asset_id]["annotations"].append(
+                        {"id": a.id, "tag": a.tag, "bound_type": a.bound_type, "bound": a.bound, "create_date": a.create_date})
+            page = answer.next_page
+            if not page or not answer.data:
+                break
+    return {"assets": [a for a in assets.values() if a["annotations"]]}
+
+
+def _fetch(request: dict) -> dict:
+    """One asset's bytes (from its URL, as the SDK's downloader fetches them) and metadata."""
+    import requests
+    from datature.nexus import error
+
+    project = _project(request)
+    try:
+        asset = project.assets.get(request["filename"])
+    except error.NotFoundError:
+        return {"asset": None}
+    if request["group"] not in (asset.metadata.groups or []):
+        return {"asset": None}
+    if not asset.url:
+        return {"batch_error": {"kind": "transient", "message": f"{request['filename']}: Nexus gave no download URL"}}
+    with requests.get(asset.url, timeout=(10, 120), stream=True) as r:
+        if r.status_code != 200:
+            kind = "transient" if r.status_code >= 500 or r.status_code in (403, 408, 429) else "permanent"
+            return {"batch_error": {"kind": kind, "message": f"{request['filename']}: download answered {r.status_code}"}}
+        data = bytearray()
+        for chunk in r.iter_content(1 << 20):
+            data += chunk
+            if len(data) > MAX_ASSET_BYTES:
+                return {"batch_error": {"kind": "permanent", "message": f"{request['filename']}: over {MAX_ASSET_BYTES} bytes"}}
+    return {"asset": {"filename": asset.filename, "mime_type": asset.metadata.mime_type,
+                      "custom_metadata": dict(asset.metadata.custom_metadata or {}),
+                      "asset_b64": base64.b64encode(bytes(data)).decode()}}
+
+
+def _upload(request: dict) -> dict:
+    from datature.nexus import Client, error
+
+    secret = _secret()
     uploads = request["uploads"]
     results: list[dict | None] = [None] * len(uploads)
     try:
