@@ -60,6 +60,9 @@ def serve_command(
     forget_deliveries: Annotated[bool, typer.Option(help="The outbox delivered to another sink: clear its delivery records so that this sink gets every image flagged from now on (see `triton-al uploader --forget-deliveries`).")] = False,
     uploader_restart_delay: Annotated[float, typer.Option(min=0.01, help="First delay before restarting a dead uploader (seconds); doubles per quick death.")] = 1.0,
     uploader_restart_max_delay: Annotated[float, typer.Option(min=0.01, help="Longest delay before restarting a dead uploader (seconds).")] = 60.0,
+    pull_labels_every: Annotated[Optional[float], typer.Option(help="The uploader brings the sink's annotations back every SECONDS (see `triton-al uploader --pull-labels-every`); with --sink, into --labels-store (default: DATA_DIR/store).")] = None,
+    labels_store: Annotated[Optional[Path], typer.Option(help="With --pull-labels-every: the local project store labels are brought into.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="With --pull-labels-every: class names, one per line.")] = None,
     rate_limit: Annotated[Optional[list[str]], typer.Option("--rate-limit", help="Passed to the uploader: GROUP=N/minute (or /hour, /day). Repeatable.")] = None,
     budget_ledger: Annotated[Optional[str], typer.Option(help="Passed to the uploader: redis://HOST:PORT/DB shared by a fleet, so that --rate-limit budgets hold across it (see `triton-al uploader --budget-ledger`).")] = None,
 ) -> None:
@@ -80,6 +83,22 @@ def serve_command(
         raise typer.BadParameter(f"expected none, poll or explicit, got {model_control_mode!r}", param_hint="--model-control-mode")
     models = sorted(p.parent.name for p in model_repository.glob("*/config.pbtxt")) if model_control_mode == "explicit" else []
     uploader_args = ["--forget-deliveries"] if forget_deliveries else []
+    if pull_labels_every is not None or labels_store is not None or labels is not None:
+        from triton_al.uploader.commands import check_label_pull_options
+
+        if pull_labels_every is not None and sink is not None and labels_store is None:
+            labels_store = data_dir / "store"
+        try:
+            problem = check_label_pull_options(sink or f"local:{(store or data_dir / 'store').absolute()}", pull_labels_every,
+                                               labels_store, labels)
+        except ValueError as e:
+            problem = str(e)
+        if problem:
+            typer.echo(f"triton-al serve: {problem}", err=True)
+            raise typer.Exit(2)
+        uploader_args += ["--pull-labels-every", f"{pull_labels_every:g}"]
+        uploader_args += ["--labels-store", str(labels_store.absolute())] if labels_store is not None else []
+        uploader_args += ["--labels", str(labels.absolute())] if labels is not None else []
     if rate_limit:
         from triton_al.uploader.limits import parse_limits
 

@@ -61,10 +61,26 @@ class _TokenCheck(grpc.ServerInterceptor):
 
 
 class AdminService(admin_pb2_grpc.UploaderAdminServicer):
-    def __init__(self, uploader: Uploader, max_flush_s: float = MAX_FLUSH_S) -> None:
+    def __init__(self, uploader: Uploader, max_flush_s: float = MAX_FLUSH_S, label_puller=None) -> None:
         self.uploader = uploader
         self.max_flush_s = max_flush_s
+        self.label_puller = label_puller
         self._flushing = threading.Lock()
+
+    def _label_pull(self) -> dict:
+        puller = self.label_puller
+        if puller is None:
+            return {}
+        status = admin_pb2.LabelPullStatus(labels_store=str(puller.store), interval_seconds=puller.interval_s, pulls=puller.pulls,
+                                           next_pull_in_seconds=puller.next_in())
+        last = puller.last
+        if last is not None:
+            status.has_last = True
+            status.last_started_at, status.last_seconds, status.last_outcome = last.started_at, last.seconds, last.outcome
+            status.last_new_labels, status.last_relabelled, status.last_unchanged = last.new, last.relabelled, last.unchanged
+            status.last_items_fetched, status.last_not_taken, status.last_error = last.fetched, last.problems, last.error
+            status.upload_groups.extend(last.groups)
+        return {"label_pull": status}
 
     def _outbox(self, context) -> Outbox:
         outbox = self.uploader.outbox
@@ -80,7 +96,7 @@ class AdminService(admin_pb2_grpc.UploaderAdminServicer):
 
     def GetStatus(self, request, context):
         base = dict(sink=self.uploader.sink.describe(), sink_backoff_seconds=self.uploader.sink_backoff_remaining(),
-                    last_error=self.uploader.last_error)
+                    last_error=self.uploader.last_error, **self._label_pull())
         outbox = self.uploader.outbox
         if outbox is None or self.uploader.outbox_error:
             return admin_pb2.GetStatusResponse(outbox=str(outbox.path) if outbox is not None else "",
@@ -145,7 +161,7 @@ def _read(path: str | os.PathLike[str], what: str) -> bytes:
 def serve_admin(uploader: Uploader, address: str = "127.0.0.1", port: int = 0, token: str | None = None, *,
                 tls_cert: str | os.PathLike[str] | None = None, tls_key: str | os.PathLike[str] | None = None,
                 require_token: bool = False, max_flush_s: float = MAX_FLUSH_S, max_workers: int = 4,
-                max_concurrent_rpcs: int = 16) -> tuple[grpc.Server, int]:
+                max_concurrent_rpcs: int = 16, label_puller=None) -> tuple[grpc.Server, int]:
     """Start the admin server on a background thread pool; returns (server, bound port)."""
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
     if require_token and not token:
@@ -166,7 +182,7 @@ def serve_admin(uploader: Uploader, address: str = "127.0.0.1", port: int = 0, t
     interceptors = [_TokenCheck(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="admin"), interceptors=interceptors,
                          maximum_concurrent_rpcs=max_concurrent_rpcs)
-    admin_pb2_grpc.add_UploaderAdminServicer_to_server(AdminService(uploader, max_flush_s), server)
+    admin_pb2_grpc.add_UploaderAdminServicer_to_server(AdminService(uploader, max_flush_s, label_puller), server)
     host = f"[{address}]" if ":" in address else address
     try:
         bound = server.add_secure_port(f"{host}:{port}", credentials) if credentials else server.add_insecure_port(f"{host}:{port}")

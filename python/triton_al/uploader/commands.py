@@ -60,6 +60,14 @@ def sink_identity(uri: str) -> str:
     return uri.strip().rstrip("/")
 
 
+def check_label_pull_options(sink_uri: str, pull_every: float | None, labels_store: Path | None, labels: Path | None,
+                             *, once: bool = False) -> str | None:
+    """Why these label-pull options cannot work (naming the flags), or None (`serve` asks too)."""
+    from triton_al.uploader.labels import check_options
+
+    return check_options(sink_uri, pull_every, labels_store, labels, once=once)
+
+
 def lock_path(outbox: Path) -> Path:
     """The `.uploader.lock` of an outbox, beside the real file: a symlink, a relative path
     or `..` in the path name the same lock."""
@@ -129,12 +137,15 @@ def uploader_command(
     once: Annotated[bool, typer.Option(help="Upload what is queued now, then exit (a cron-style run); exits 1 if --deadline passes first.")] = False,
     deadline: Annotated[float, typer.Option(min=0.001, help="With --once: seconds to wait for a backing-off item or sink before giving up.")] = 60.0,
     log_format: Annotated[str, typer.Option(help="'json' (structured) or 'text'.")] = "json",
+    pull_labels_every: Annotated[Optional[float], typer.Option(help="Also bring the annotations made in the sink back every SECONDS (what `triton-al labels pull` does), for the groups this uploader delivers, into --labels-store; a failed pull is logged and counted and never stops uploading.")] = None,
+    labels_store: Annotated[Optional[Path], typer.Option(help="With --pull-labels-every: the local project store labels (and the labelled items) are brought into. Needed with a remote sink; with a local sink, another store to copy its labels into.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="With --pull-labels-every: class names, one per line (Triton's label_filename): labels given by name are mapped, a label outside them is reported.")] = None,
     budget_ledger: Annotated[Optional[str], typer.Option(help="redis://HOST:PORT/DB (or rediss://) shared by a fleet of uploaders: --rate-limit budgets hold across the fleet, and replicas claim each item so that one uploads it. While it cannot be reached, the items that need it stay queued (none dropped). Password from $TRITON_AL_LEDGER_PASSWORD.")] = None,
     fleet_claims: Annotated[bool, typer.Option(help="With --budget-ledger: claim each item in the ledger before uploading it (one replica uploads an image the fleet flagged several times). Without: only rate-limited groups use the ledger.")] = True,
     fleet_claim_ttl: Annotated[str, typer.Option(help="With --budget-ledger: how long a claim lasts (a replica that dies holding one delays those items this long).")] = "5m",
     fleet_dedup_ttl: Annotated[str, typer.Option(help="With --budget-ledger: how long the ledger remembers that an item was delivered, so that other replicas do not upload it again.")] = "1h",
 ) -> None:
-    """Drain the outbox into a sink: retries with backoff, dead letters, rate limits, /metrics, admin API."""
+    """Drain the outbox into a sink: retries with backoff, dead letters, rate limits, /metrics, admin API; optionally pull labels back."""
     from triton_al.private import keep_files_private
 
     keep_files_private()  # the store and logs it writes hold flagged images
@@ -181,15 +192,42 @@ def uploader_command(
     uri = sink if sink is not None else f"local:{store}"
     try:
         target_id = sink_identity(uri)
+        problem = check_label_pull_options(uri, pull_labels_every, labels_store, labels, once=once)
     except ValueError as e:
         typer.echo(f"triton-al uploader: {e}", err=True)
         raise typer.Exit(2) from None
+    if problem:
+        typer.echo(f"triton-al uploader: {problem}", err=True)
+        raise typer.Exit(2)
+    class_names = None
+    if labels is not None:
+        from triton_al.loop.dataset import DatasetError, read_class_names
+
+        try:
+            class_names = read_class_names(labels)
+        except (DatasetError, OSError) as e:
+            typer.echo(f"triton-al uploader: --labels {labels}: {e}", err=True)
+            raise typer.Exit(2) from None
     lock_fd = _single_instance(outbox)
     try:
         target = open_sink(uri)
     except (SinkError, ValueError, OSError) as e:
         typer.echo(f"triton-al uploader: {e}", err=True)
         raise typer.Exit(2) from None
+    if pull_labels_every is not None:
+        from triton_al.loop.labels import gives_annotations
+        from triton_al.sinks.local import LocalStore
+
+        problem = None if gives_annotations(target) else f"--pull-labels-every: {target.describe()} does not give annotations back"
+        if problem is None:
+            try:
+                LocalStore(labels_store).close()  # created now (parents too), or a clear error now
+            except (SinkError, OSError) as e:
+                problem = f"--labels-store {labels_store}: {e}"
+        if problem:
+            target.close()
+            typer.echo(f"triton-al uploader: {problem}", err=True)
+            raise typer.Exit(2)
 
     def open_outbox() -> Outbox:
         box = Outbox(outbox)
@@ -229,6 +267,25 @@ def uploader_command(
                       bounds=bounds, open_outbox=open_outbox, fleet=fleet)
     if first_error is not None:
         worker._outbox_failed(first_error)
+    puller = None
+    if pull_labels_every is not None:
+        from triton_al.uploader.labels import LabelPuller
+
+        delivering: set[str] = set()
+
+        def pull_groups() -> list[str]:
+            """The groups this uploader delivers (remembered while the outbox is unusable)."""
+            box = worker.outbox
+            if box is not None and not worker.outbox_error:
+                try:
+                    delivering.update(s.upload_group for s in box.status())
+                except OutboxError as e:
+                    log.warning("label pull: could not read the groups from the outbox (%s); using the ones known", e)
+            return sorted(delivering)
+
+        metrics.enable_label_pulls()
+        puller = LabelPuller(lambda: open_sink(uri), labels_store, pull_labels_every, pull_groups, class_names=class_names,
+                             metrics=metrics)
     ports: dict[str, int] = {}
     servers = []
     try:
@@ -237,7 +294,8 @@ def uploader_command(
             servers.append(server.shutdown)
         if admin_port is not None:
             grpc_server, ports["admin"] = serve_admin(worker, admin_address, admin_port, tls_cert=admin_tls_cert, tls_key=admin_tls_key,
-                                                      require_token=admin_require_token, max_flush_s=admin_max_flush_seconds)
+                                                      require_token=admin_require_token, max_flush_s=admin_max_flush_seconds,
+                                                      label_puller=puller)
             servers.append(lambda: grpc_server.stop(grace=1).wait())
     except (ValueError, OSError) as e:
         for stop in servers:
@@ -257,6 +315,9 @@ def uploader_command(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     code = 0
+    if puller is not None:
+        puller.start()
+        log.info("pulling labels from %s into %s every %g s", target.describe(), labels_store, pull_labels_every)
     try:
         if once:
             _maintain(worker)
@@ -277,6 +338,8 @@ def uploader_command(
         typer.echo(f"triton-al uploader: {e}", err=True)
         code = 2
     finally:
+        if puller is not None:
+            puller.stop()
         for stop in servers:
             stop()
         target.close()

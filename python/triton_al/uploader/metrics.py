@@ -94,6 +94,36 @@ class UploaderMetrics:
         self.outbox_usable = Gauge("triton_al_uploader_outbox_usable", "1 when the outbox file can be used, 0 while it cannot (corrupt, unreadable); see the log", registry=self.registry)
         self.outbox_usable.set(1)
         self.outbox_errors = Counter("triton_al_uploader_outbox_errors", "Failed attempts to use the outbox file", registry=self.registry)
+        # Label pulls (--pull-labels-every): samples appear once pulls are enabled.
+        self.label_pulls = Counter("triton_al_label_pulls", "Scheduled label pulls, by outcome (ok, failed, stopped)", ["outcome"],
+                                   registry=self.registry)
+        self.labels_pulled = Counter("triton_al_labels_pulled", "Labels brought into the store by scheduled pulls, by kind (new, relabelled)",
+                                     ["kind"], registry=self.registry)
+        self.label_pull_fetched = Counter("triton_al_label_pull_items_fetched", "Labelled items fetched from the sink into the store",
+                                          registry=self.registry)
+        self.label_pull_not_taken = Counter("triton_al_label_pull_not_taken", "Annotations a pull reported and did not take (unmappable)",
+                                            registry=self.registry)
+        self.label_pull_seconds = Histogram("triton_al_label_pull_seconds", "Time a scheduled label pull took", registry=self.registry,
+                                            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.label_pull_last_success = Gauge("triton_al_label_pull_last_success_timestamp_seconds",
+                                             "When the last label pull that succeeded started (Unix time)", registry=self.registry)
+
+    def enable_label_pulls(self) -> None:
+        """Show the label-pull counters at zero from the start (for rates and alerts)."""
+        for outcome in ("ok", "failed", "stopped"):
+            self.label_pulls.labels(outcome)
+        for kind in ("new", "relabelled"):
+            self.labels_pulled.labels(kind)
+
+    def observe_label_pull(self, pull) -> None:
+        self.label_pulls.labels(pull.outcome).inc()
+        self.label_pull_seconds.observe(pull.seconds)
+        if pull.outcome == "ok":
+            self.label_pull_last_success.set(pull.started_at)
+        self.labels_pulled.labels("new").inc(pull.new)
+        self.labels_pulled.labels("relabelled").inc(pull.relabelled)
+        self.label_pull_fetched.inc(pull.fetched)
+        self.label_pull_not_taken.inc(pull.problems)
 
     def observe_batch(self, seconds: float, outcome) -> None:
         self.upload_seconds.observe(seconds)

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etriton_al/admin/v1/admin.proto\x12\x12triton_al.admin.v1\"\x8d\x01\n\x0bGroupStatus\x12\x14\n\x0cupload_group\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x03 \x01(\x03\x12\x11\n\tdelivered\x18\x04 \x01(\x03\x12\x1f\n\x17oldest_item_age_seconds\x18\x05 \x01(\x01\x12\x0e\n\x06paused\x18\x06 \x01(\x08\"\x12\n\x10GetStatusRequest\"\xa2\x02\n\x11GetStatusResponse\x12/\n\x06groups\x18\x01 \x03(\x0b\x32\x1f.triton_al.admin.v1.GroupStatus\x12\x0c\n\x04sink\x18\x02 \x01(\t\x12\x45\n\x08\x63ounters\x18\x03 \x03(\x0b\x32\x33.triton_al.admin.v1.GetStatusResponse.CountersEntry\x12\x1c\n\x14sink_backoff_seconds\x18\x04 \x01(\x01\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x0e\n\x06outbox\x18\x06 \x01(\t\x12\x14\n\x0coutbox_error\x18\x07 \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"%\n\x0cPauseRequest\x12\x15\n\rupload_groups\x18\x01 \x03(\t\"&\n\rPauseResponse\x12\x15\n\rpaused_groups\x18\x01 \x03(\t\"&\n\rResumeRequest\x12\x15\n\rupload_groups\x18\x01 \x03(\t\"\'\n\x0eResumeResponse\x12\x15\n\rpaused_groups\x18\x01 \x03(\t\"/\n\x17RetryDeadLettersRequest\x12\x14\n\x0cupload_group\x18\x01 \x01(\t\",\n\x18RetryDeadLettersResponse\x12\x10\n\x08requeued\x18\x01 \x01(\x03\"\'\n\x0c\x46lushRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x01\"p\n\rFlushResponse\x12\x10\n\x08uploaded\x18\x01 \x01(\x03\x12\x14\n\x0cstill_queued\x18\x02 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x12\n\nlast_error\x18\x05 \x01(\t2\xc5\x03\n\rUploaderAdmin\x12X\n\tGetStatus\x12$.triton_al.admin.v1.GetStatusRequest\x1a%.triton_al.admin.v1.GetStatusResponse\x12L\n\x05Pause\x12 .triton_al.admin.v1.PauseRequest\x1a!.triton_al.admin.v1.PauseResponse\x12O\n\x06Resume\x12!.triton_al.admin.v1.ResumeRequest\x1a\".triton_al.admin.v1.ResumeResponse\x12m\n\x10RetryDeadLetters\x12+.triton_al.admin.v1.RetryDeadLettersRequest\x1a,.triton_al.admin.v1.RetryDeadLettersResponse\x12L\n\x05\x46lush\x12 .triton_al.admin.v1.FlushRequest\x1a!.triton_al.admin.v1.FlushResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etriton_al/admin/v1/admin.proto\x12\x12triton_al.admin.v1\"\x8d\x01\n\x0bGroupStatus\x12\x14\n\x0cupload_group\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x03 \x01(\x03\x12\x11\n\tdelivered\x18\x04 \x01(\x03\x12\x1f\n\x17oldest_item_age_seconds\x18\x05 \x01(\x01\x12\x0e\n\x06paused\x18\x06 \x01(\x08\"\x12\n\x10GetStatusRequest\"\xdb\x02\n\x11GetStatusResponse\x12/\n\x06groups\x18\x01 \x03(\x0b\x32\x1f.triton_al.admin.v1.GroupStatus\x12\x0c\n\x04sink\x18\x02 \x01(\t\x12\x45\n\x08\x63ounters\x18\x03 \x03(\x0b\x32\x33.triton_al.admin.v1.GetStatusResponse.CountersEntry\x12\x1c\n\x14sink_backoff_seconds\x18\x04 \x01(\x01\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x0e\n\x06outbox\x18\x06 \x01(\t\x12\x14\n\x0coutbox_error\x18\x07 \x01(\t\x12\x37\n\nlabel_pull\x18\x08 \x01(\x0b\x32#.triton_al.admin.v1.LabelPullStatus\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xee\x02\n\x0fLabelPullStatus\x12\x14\n\x0clabels_store\x18\x01 \x01(\t\x12\x18\n\x10interval_seconds\x18\x02 \x01(\x01\x12\r\n\x05pulls\x18\x03 \x01(\x03\x12\x1c\n\x14next_pull_in_seconds\x18\x04 \x01(\x01\x12\x10\n\x08has_last\x18\x05 \x01(\x08\x12\x17\n\x0flast_started_at\x18\x06 \x01(\x01\x12\x14\n\x0clast_seconds\x18\x07 \x01(\x01\x12\x14\n\x0clast_outcome\x18\x08 \x01(\t\x12\x17\n\x0flast_new_labels\x18\t \x01(\x03\x12\x17\n\x0flast_relabelled\x18\n \x01(\x03\x12\x16\n\x0elast_unchanged\x18\x0b \x01(\x03\x12\x1a\n\x12last_items_fetched\x18\x0c \x01(\x03\x12\x16\n\x0elast_not_taken\x18\r \x01(\x03\x12\x12\n\nlast_error\x18\x0e \x01(\t\x12\x15\n\rupload_groups\x18\x0f \x03(\t\"%\n\x0cPauseRequest\x12\x15\n\rupload_groups\x18\x01 \x03(\t\"&\n\rPauseResponse\x12\x15\n\rpaused_groups\x18\x01 \x03(\t\"&\n\rResumeRequest\x12\x15\n\rupload_groups\x18\x01 \x03(\t\"\'\n\x0eResumeResponse\x12\x15\n\rpaused_groups\x18\x01 \x03(\t\"/\n\x17RetryDeadLettersRequest\x12\x14\n\x0cupload_group\x18\x01 \x01(\t\",\n\x18RetryDeadLettersResponse\x12\x10\n\x08requeued\x18\x01 \x01(\x03\"\'\n\x0c\x46lushRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x01\"p\n\rFlushResponse\x12\x10\n\x08uploaded\x18\x01 \x01(\x03\x12\x14\n\x0cstill_queued\x18\x02 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x12\n\nlast_error\x18\x05 \x01(\t2\xc5\x03\n\rUploaderAdmin\x12X\n\tGetStatus\x12$.triton_al.admin.v1.GetStatusRequest\x1a%.triton_al.admin.v1.GetStatusResponse\x12L\n\x05Pause\x12 .triton_al.admin.v1.PauseRequest\x1a!.triton_al.admin.v1.PauseResponse\x12O\n\x06Resume\x12!.triton_al.admin.v1.ResumeRequest\x1a\".triton_al.admin.v1.ResumeResponse\x12m\n\x10RetryDeadLetters\x12+.triton_al.admin.v1.RetryDeadLettersRequest\x1a,.triton_al.admin.v1.RetryDeadLettersResponse\x12L\n\x05\x46lush\x12 .triton_al.admin.v1.FlushRequest\x1a!.triton_al.admin.v1.FlushResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -28,25 +28,27 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_GETSTATUSREQUEST']._serialized_start=198
   _globals['_GETSTATUSREQUEST']._serialized_end=216
   _globals['_GETSTATUSRESPONSE']._serialized_start=219
-  _globals['_GETSTATUSRESPONSE']._serialized_end=509
-  _globals['_GETSTATUSRESPONSE_COUNTERSENTRY']._serialized_start=462
-  _globals['_GETSTATUSRESPONSE_COUNTERSENTRY']._serialized_end=509
-  _globals['_PAUSEREQUEST']._serialized_start=511
-  _globals['_PAUSEREQUEST']._serialized_end=548
-  _globals['_PAUSERESPONSE']._serialized_start=550
-  _globals['_PAUSERESPONSE']._serialized_end=588
-  _globals['_RESUMEREQUEST']._serialized_start=590
-  _globals['_RESUMEREQUEST']._serialized_end=628
-  _globals['_RESUMERESPONSE']._serialized_start=630
-  _globals['_RESUMERESPONSE']._serialized_end=669
-  _globals['_RETRYDEADLETTERSREQUEST']._serialized_start=671
-  _globals['_RETRYDEADLETTERSREQUEST']._serialized_end=718
-  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_start=720
-  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_end=764
-  _globals['_FLUSHREQUEST']._serialized_start=766
-  _globals['_FLUSHREQUEST']._serialized_end=805
-  _globals['_FLUSHRESPONSE']._serialized_start=807
-  _globals['_FLUSHRESPONSE']._serialized_end=919
-  _globals['_UPLOADERADMIN']._serialized_start=922
-  _globals['_UPLOADERADMIN']._serialized_end=1375
+  _globals['_GETSTATUSRESPONSE']._serialized_end=566
+  _globals['_GETSTATUSRESPONSE_COUNTERSENTRY']._serialized_start=519
+  _globals['_GETSTATUSRESPONSE_COUNTERSENTRY']._serialized_end=566
+  _globals['_LABELPULLSTATUS']._serialized_start=569
+  _globals['_LABELPULLSTATUS']._serialized_end=935
+  _globals['_PAUSEREQUEST']._serialized_start=937
+  _globals['_PAUSEREQUEST']._serialized_end=974
+  _globals['_PAUSERESPONSE']._serialized_start=976
+  _globals['_PAUSERESPONSE']._serialized_end=1014
+  _globals['_RESUMEREQUEST']._serialized_start=1016
+  _globals['_RESUMEREQUEST']._serialized_end=1054
+  _globals['_RESUMERESPONSE']._serialized_start=1056
+  _globals['_RESUMERESPONSE']._serialized_end=1095
+  _globals['_RETRYDEADLETTERSREQUEST']._serialized_start=1097
+  _globals['_RETRYDEADLETTERSREQUEST']._serialized_end=1144
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_start=1146
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_end=1190
+  _globals['_FLUSHREQUEST']._serialized_start=1192
+  _globals['_FLUSHREQUEST']._serialized_end=1231
+  _globals['_FLUSHRESPONSE']._serialized_start=1233
+  _globals['_FLUSHRESPONSE']._serialized_end=1345
+  _globals['_UPLOADERADMIN']._serialized_start=1348
+  _globals['_UPLOADERADMIN']._serialized_end=1801
 # @@protoc_insertion_point(module_scope)

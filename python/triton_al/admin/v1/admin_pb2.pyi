@@ -26,7 +26,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("groups", "sink", "counters", "sink_backoff_seconds", "last_error", "outbox", "outbox_error")
+    __slots__ = ("groups", "sink", "counters", "sink_backoff_seconds", "last_error", "outbox", "outbox_error", "label_pull")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class GetStatusResponse(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     OUTBOX_FIELD_NUMBER: _ClassVar[int]
     OUTBOX_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LABEL_PULL_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
     sink: str
     counters: _containers.ScalarMap[str, int]
@@ -48,7 +49,42 @@ class GetStatusResponse(_message.Message):
     last_error: str
     outbox: str
     outbox_error: str
-    def __init__(self, groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., sink: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ..., sink_backoff_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., outbox: _Optional[str] = ..., outbox_error: _Optional[str] = ...) -> None: ...
+    label_pull: LabelPullStatus
+    def __init__(self, groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., sink: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ..., sink_backoff_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., outbox: _Optional[str] = ..., outbox_error: _Optional[str] = ..., label_pull: _Optional[_Union[LabelPullStatus, _Mapping]] = ...) -> None: ...
+
+class LabelPullStatus(_message.Message):
+    __slots__ = ("labels_store", "interval_seconds", "pulls", "next_pull_in_seconds", "has_last", "last_started_at", "last_seconds", "last_outcome", "last_new_labels", "last_relabelled", "last_unchanged", "last_items_fetched", "last_not_taken", "last_error", "upload_groups")
+    LABELS_STORE_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PULL_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HAS_LAST_FIELD_NUMBER: _ClassVar[int]
+    LAST_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    LAST_NEW_LABELS_FIELD_NUMBER: _ClassVar[int]
+    LAST_RELABELLED_FIELD_NUMBER: _ClassVar[int]
+    LAST_UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    LAST_ITEMS_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    LAST_NOT_TAKEN_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    labels_store: str
+    interval_seconds: float
+    pulls: int
+    next_pull_in_seconds: float
+    has_last: bool
+    last_started_at: float
+    last_seconds: float
+    last_outcome: str
+    last_new_labels: int
+    last_relabelled: int
+    last_unchanged: int
+    last_items_fetched: int
+    last_not_taken: int
+    last_error: str
+    upload_groups: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, labels_store: _Optional[str] = ..., interval_seconds: _Optional[float] = ..., pulls: _Optional[int] = ..., next_pull_in_seconds: _Optional[float] = ..., has_last: bool = ..., last_started_at: _Optional[float] = ..., last_seconds: _Optional[float] = ..., last_outcome: _Optional[str] = ..., last_new_labels: _Optional[int] = ..., last_relabelled: _Optional[int] = ..., last_unchanged: _Optional[int] = ..., last_items_fetched: _Optional[int] = ..., last_not_taken: _Optional[int] = ..., last_error: _Optional[str] = ..., upload_groups: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PauseRequest(_message.Message):
     __slots__ = ("upload_groups",)
