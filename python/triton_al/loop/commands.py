@@ -148,38 +148,93 @@ def rollback_command(
 
 
 def report_command(
-    store: Store,
+    store: Annotated[Optional[Path], typer.Option(help="The local project store (cycles, flagged items and labels).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the PNGs and index.html.")] = Path("triton-al-report"),
     group: Annotated[str, typer.Option()] = "active-learning",
+    metrics_url: Annotated[Optional[list[str]], typer.Option("--metrics-url", help="A replica's Triton /metrics URL; repeat it for every replica: the fleet section adds up their step metrics.")] = None,
+    prometheus_url: Annotated[Optional[str], typer.Option(help="Or one Prometheus scraping every replica (its base URL): the fleet's sums come from its query API.")] = None,
+    prometheus_selector: Annotated[Optional[str], typer.Option(help='Extra label matchers for the Prometheus queries, e.g. namespace="prod".')] = None,
+    window: Annotated[float, typer.Option(help="With --prometheus-url: seconds to look back (the increase over that range); 0: the cumulative counters.")] = 0.0,
+    step: Annotated[str, typer.Option(help="The step model's name.")] = "active_learning",
 ) -> None:
-    """Plots and an HTML page: metrics across cycles, score histograms per version, flag rate over time."""
-    from triton_al.loop.report import write_report
+    """Plots and an HTML page: metrics across cycles, score histograms per version, flag rate over time; with
+    --metrics-url (repeatable) or --prometheus-url, the step's metrics across the fleet."""
+    from triton_al.calibrate import CalibrationError, fleet_sum, prometheus_snapshot, scrape_fleet, write_fleet_report
 
-    typer.echo(f"wrote {write_report(store, out, group)}")
+    if metrics_url and prometheus_url:
+        _fail("triton-al report: give --metrics-url (one per replica) or --prometheus-url, not both")
+    if store is None and not metrics_url and not prometheus_url:
+        _fail("triton-al report: give --store, and/or the fleet's --metrics-url (repeatable) or --prometheus-url")
+    if window < 0:
+        _fail(f"triton-al report: --window {window}: expected seconds >= 0")
+    if window and not prometheus_url:
+        _fail("triton-al report: --window is the range Prometheus looks back: it needs --prometheus-url")
+    if store is not None and not store.is_dir():
+        _fail(f"triton-al report: no project store at {store}")
+    fleet = None
+    try:
+        if metrics_url:
+            replicas = scrape_fleet(metrics_url, model=step)
+            fleet = (replicas, fleet_sum(replicas, source=f"fleet ({len(replicas)} replicas)"))
+        elif prometheus_url:
+            fleet = ([], prometheus_snapshot(prometheus_url, step, window, prometheus_selector))
+    except CalibrationError as e:
+        _fail(f"triton-al report: {e}")
+    page = out / "index.html"
+    if store is not None:
+        from triton_al.loop.report import write_report
+
+        page = write_report(store, out, group)
+    if fleet is not None:
+        section = write_fleet_report(out, *fleet)
+        if store is not None:
+            text = page.read_text()
+            page.write_text(text.replace("</body>", section + "</body>", 1))
+        else:
+            page.write_text('<!doctype html><html><head><meta charset="utf-8"><title>triton-al fleet report</title>'
+                            "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}table{border-collapse:collapse}"
+                            "td,th{border:1px solid #ccc;padding:4px 8px}</style></head><body>"
+                            f"<h1>Active learning across the fleet</h1>{section}</body></html>")
+    typer.echo(f"wrote {page}")
 
 
 def calibrate_command(
-    metrics_url: Annotated[str, typer.Option(help="Triton's /metrics URL (the step's score histogram).")],
+    metrics_url: Annotated[Optional[list[str]], typer.Option("--metrics-url", help="Triton's /metrics URL (the step's score histogram); repeat it for every replica of a fleet: their histograms are added up.")] = None,
     capacity: Annotated[Optional[str], typer.Option(help="Annotation capacity, e.g. 500/day.")] = None,
     flag_rate: Annotated[Optional[float], typer.Option(help="Target share of traffic to flag, in [0, 1].")] = None,
-    window: Annotated[float, typer.Option(help="Seconds between two scrapes (traffic rate; needed for --capacity).")] = 60.0,
+    window: Annotated[float, typer.Option(help="Seconds between two scrapes (traffic rate; needed for --capacity); with --prometheus-url, the range it looks back (no waiting).")] = 60.0,
     step: Annotated[str, typer.Option(help="The step model's name.")] = "active_learning",
-    apply: Annotated[bool, typer.Option(help="Write the threshold into the step's config.pbtxt and reload it (no restart).")] = False,
+    prometheus_url: Annotated[Optional[str], typer.Option(help="Instead of --metrics-url: one Prometheus scraping every replica (its base URL); the fleet's histogram is summed by its query API.")] = None,
+    prometheus_selector: Annotated[Optional[str], typer.Option(help='Extra label matchers for the Prometheus queries, e.g. namespace="prod".')] = None,
+    apply: Annotated[bool, typer.Option(help="Write the threshold into the step's config.pbtxt and reload it (no restart); one server only.")] = False,
     model_repository: Annotated[Optional[Path], typer.Option("--model-repository", help="Needed with --apply.")] = None,
     url: Url = "127.0.0.1:8001",
 ) -> None:
-    """Propose the threshold that flags about CAPACITY items a day (or a flag rate), from the recent scores."""
+    """Propose the threshold that flags about CAPACITY items a day (or a flag rate), from the recent scores of one
+    server or of a fleet."""
     import time
 
-    from triton_al.calibrate import CalibrationError, parse_capacity, propose, scrape
+    from triton_al.calibrate import (CalibrationError, parse_capacity, prometheus_snapshot, propose_fleet,
+                                     propose_from_prometheus, scrape_fleet)
 
+    if bool(metrics_url) == bool(prometheus_url):
+        _fail("triton-al calibrate: give --metrics-url (repeat it for each replica) or --prometheus-url, exactly one of them")
+    if window < 0:
+        _fail(f"triton-al calibrate: --window {window}: expected seconds >= 0")
+    if apply and (prometheus_url or len(metrics_url or []) > 1):
+        _fail("triton-al calibrate: --apply reloads the step of one server; for a fleet, put the proposed threshold "
+              "into the step's config.pbtxt of the image every replica runs (deploy/kubernetes/README.md)")
     try:
         per_day = parse_capacity(capacity) if capacity else None
-        before = scrape(metrics_url, model=step) if window > 0 else None
-        if before is not None:
-            time.sleep(window)
-        after = scrape(metrics_url, model=step)
-        proposal = propose(before, after, capacity_per_day=per_day, flag_rate=flag_rate)
+        if prometheus_url:
+            snapshot = prometheus_snapshot(prometheus_url, step, window, prometheus_selector)
+            proposal = propose_from_prometheus(snapshot, window, capacity_per_day=per_day, flag_rate=flag_rate)
+        else:
+            before = scrape_fleet(metrics_url, model=step) if window > 0 else None
+            if before is not None:
+                time.sleep(window)
+            after = scrape_fleet(metrics_url, model=step)
+            proposal = propose_fleet(before, after, capacity_per_day=per_day, flag_rate=flag_rate)
     except (CalibrationError, OSError) as e:
         _fail(f"triton-al calibrate: {e}")
     body = dict(proposal.__dict__)
