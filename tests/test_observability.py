@@ -5,9 +5,9 @@
   with a real PromQL parser (`promql-parser`, Python bindings of the Rust crate; Grafana's
   variables such as `$__rate_interval` and `$pod` are replaced by sample values first).
 - Every metric name those expressions select is one the code really exports: the test
-  serves the example repository (the native step, as the example ships it) with the
-  uploader beside it, sends some traffic, and reads Triton's /metrics and the uploader's
-  /metrics; the names come from those scrapes, not from a list. A family declared with no
+  serves the example repository (with the native step, as the example ships it, and with
+  the Python step) with the uploader beside it, sends some traffic, and reads Triton's
+  /metrics and the uploader's /metrics; the names come from those scrapes, not from a list. A family declared with no
   series yet (a labelled counter such as the sink failures, before the first failure) is
   exported by its `# TYPE` line and counts. The only names allowed without a scrape are
   Prometheus' own per-target series (`up`). Label names used in matchers and in `by (...)`
@@ -451,17 +451,22 @@ def test_broken_dashboards_and_rules_are_caught():
 # Against the real exporters
 
 
-@pytest.fixture(scope="module")
-def scraped(tmp_path_factory):
-    """Triton's /metrics (the example with the native step) and the uploader's, after
-    traffic that flags, stores and uploads some items."""
+@pytest.fixture(scope="module", params=["native", "python"])
+def scraped(tmp_path_factory, request):
+    """Triton's /metrics (the example, with the step of each kind: the native backend it
+    ships, and the Python-backend model) and the uploader's, after traffic that flags,
+    stores and uploads some items."""
     from outbox_helpers import wait_for
     from triton_helpers import copy_repository, fashion_pngs, grpcclient, infer_al, metric_sum, set_parameter, triton_metrics
 
     from triton_al.serving.pipeline import Pipeline
 
-    tmp = tmp_path_factory.mktemp("observability")
+    from triton_al.attach import attach
+
+    tmp = tmp_path_factory.mktemp(f"observability-{request.param}")
     repository = copy_repository(tmp)
+    attach(repository, "fashion_cnn", preprocess="preprocess", step_name="active_learning", kind="probs", step=request.param)
+    assert ('backend: "python"' in (repository / "active_learning" / "config.pbtxt").read_text()) == (request.param == "python")
     set_parameter(repository / "active_learning" / "config.pbtxt", "threshold", "0.85")  # small traffic flags some
     models = ["fashion_cnn_al", "fashion_cnn", "preprocess", "active_learning"]
     with Pipeline(repository, tmp / "data", model_control_mode="explicit", load_models=models) as p:
