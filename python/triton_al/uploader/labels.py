@@ -22,7 +22,8 @@ from triton_al.sinks.base import Sink
 
 log = logging.getLogger("triton_al.uploader")
 MAX_LOGGED_PROBLEMS = 20
-"""Unmappable annotations logged one by one per pull; beyond, one line says how many more."""
+"""Newly unmappable annotations logged one by one per pull; beyond, one line says how many more.
+One still unmappable at the next pull is not logged again (the gauge and the status count it)."""
 
 
 @dataclass
@@ -59,6 +60,7 @@ class LabelPuller:
         self._thread: threading.Thread | None = None
         self._sink: Sink | None = None
         self._next_at = 0.0  # monotonic
+        self._reported: set[str] = set()  # problems the previous pull logged
 
     def start(self) -> LabelPuller:
         self._thread = threading.Thread(target=self._run, name="label-puller", daemon=True)
@@ -120,11 +122,14 @@ class LabelPuller:
             last.outcome = "stopped" if result.stopped else "ok"
             last.new, last.relabelled, last.unchanged = result.new, result.relabelled, result.unchanged
             last.fetched, last.problems = result.fetched, len(result.problems)
-            for problem in result.problems[:MAX_LOGGED_PROBLEMS]:
+            fresh = [p for p in result.problems if p not in self._reported]
+            for problem in fresh[:MAX_LOGGED_PROBLEMS]:
                 log.warning("label not taken: %s", problem)
-            if len(result.problems) > MAX_LOGGED_PROBLEMS:
+            if len(fresh) > MAX_LOGGED_PROBLEMS:
                 log.warning("%d more labels not taken (see `triton-al labels pull` for the full list)",
-                            len(result.problems) - MAX_LOGGED_PROBLEMS)
+                            len(fresh) - MAX_LOGGED_PROBLEMS)
+            if not result.stopped:
+                self._reported = set(result.problems)
             if result.taken or result.fetched or result.problems:
                 log.info("label pull from %s into %s: %d new, %d relabelled, %d unchanged, %d items fetched, %d not taken",
                          self._describe(), self.store, result.new, result.relabelled, result.unchanged, result.fetched,

@@ -101,8 +101,9 @@ class UploaderMetrics:
                                      ["kind"], registry=self.registry)
         self.label_pull_fetched = Counter("triton_al_label_pull_items_fetched", "Labelled items fetched from the sink into the store",
                                           registry=self.registry)
-        self.label_pull_not_taken = Counter("triton_al_label_pull_not_taken", "Annotations a pull reported and did not take (unmappable)",
-                                            registry=self.registry)
+        self.label_pull_not_taken = Gauge("triton_al_label_pull_not_taken",
+                                          "Annotations the last label pull reported and did not take (unmappable; see the log)",
+                                          registry=self.registry)
         self.label_pull_seconds = Histogram("triton_al_label_pull_seconds", "Time a scheduled label pull took", registry=self.registry,
                                             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
         self.label_pull_last_success = Gauge("triton_al_label_pull_last_success_timestamp_seconds",
@@ -123,7 +124,8 @@ class UploaderMetrics:
         self.labels_pulled.labels("new").inc(pull.new)
         self.labels_pulled.labels("relabelled").inc(pull.relabelled)
         self.label_pull_fetched.inc(pull.fetched)
-        self.label_pull_not_taken.inc(pull.problems)
+        if pull.outcome == "ok":
+            self.label_pull_not_taken.set(pull.problems)
 
     def observe_batch(self, seconds: float, outcome) -> None:
         self.upload_seconds.observe(seconds)
