@@ -346,3 +346,12 @@ def test_annotations_made_in_nexus_come_back_through_labels_pull(sink, server, p
     assert {a.content_hash: a.label for a in local.annotations("review")}[ups[0].content_hash] == 2
     (history,) = (store / "review" / "labels" / "history").iterdir()
     assert json.loads(history.read_text())["label"] == 4
+    # Items are fetched several per run of the SDK (a run costs about a second).
+    runs = []
+    original = sink._run
+    sink._run = lambda request: runs.append(request.get("op", "upload")) or original(request)
+    assert {a.content_hash for a in sink.annotations("review")} == {up.content_hash for up in ups[:4]}
+    fetched = sink.fetch_many("review", [up.content_hash for up in ups])
+    assert runs == ["annotations", "fetch"]
+    assert [fetched[up.content_hash].asset if fetched[up.content_hash] else None for up in ups] == [
+        up.asset for up in ups[:4]] + [None]  # ups[4] has no annotation: not asked for

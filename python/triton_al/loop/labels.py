@@ -40,6 +40,8 @@ STATE = "labels-pull.json"
 LOCK = ".labels-pull.lock"
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _SIDECAR_KEYS = ("content_hash", "group", "file", "media_type", "stored_at")
+FETCH_CHUNK = 32
+"""Items asked for at once from a sink (`fetch_many`), and held in memory at most."""
 
 
 class LabelsPullError(Exception):
@@ -183,12 +185,35 @@ def _local_copy(sink: LocalStore, group: str, content_hash: str, cache: dict[str
     return Upload(group, content_hash, asset, str(media_type or "application/octet-stream"), sidecar if isinstance(sidecar, dict) else {})
 
 
+def _prefetch(sink: Sink, group: str, content_hashes: list[str], cache: dict[str, Any]) -> None:
+    """Ask the sink for the items the next annotations need, at once (`fetch_many`)."""
+    cache.pop("fetched", None)
+    wanted = [h for h in dict.fromkeys(content_hashes) if _HASH.match(h)]
+    if not wanted or isinstance(sink, LocalStore):
+        return
+    try:
+        cache["fetched"] = sink.fetch_many(group, wanted)
+    except NotImplementedError:
+        cache["fetched"] = None  # `_fetch` says so per item
+    except SinkError as e:  # the whole request failed: each item says why
+        cache["fetched"] = {h: e for h in wanted}
+
+
 def _fetch(sink: Sink, store: LocalStore, group: str, content_hash: str, cache: dict[str, Any]) -> tuple[str | None, bool]:
     """Bring the item from the sink into the store. Returns (problem, may_resolve_later)."""
     if not _HASH.match(content_hash):
         return f"{content_hash!r} is not a content hash (64 lowercase hex digits)", False
     try:
-        upload = _local_copy(sink, group, content_hash, cache) if isinstance(sink, LocalStore) else sink.fetch(group, content_hash)
+        if isinstance(sink, LocalStore):
+            upload = _local_copy(sink, group, content_hash, cache)
+        elif cache.get("fetched") is None and "fetched" in cache:
+            raise NotImplementedError
+        elif content_hash in cache.get("fetched", {}):
+            upload = cache["fetched"][content_hash]
+            if isinstance(upload, SinkError):
+                raise upload
+        else:
+            upload = sink.fetch(group, content_hash)
     except NotImplementedError:
         return "not in the store (a deleted task, or an item never delivered here)", True
     except PermanentSinkError as e:
@@ -249,9 +274,17 @@ def _pull_group(sink: Sink, store: LocalStore, group: str, mark: Any, incrementa
         watermark = mark if isinstance(mark, str) else ""
         annotations = sink.annotations(group)
         newest = watermark
-    for annotation in annotations:
+    listed = []
+    for annotation in annotations:  # the whole listing first: the items to fetch are asked for at once
         if should_stop is not None and should_stop():
             return None
+        listed.append(annotation)
+    for i, annotation in enumerate(listed):
+        if should_stop is not None and should_stop():
+            return None
+        if fetch and i % FETCH_CHUNK == 0:  # the items the next annotations need, asked for at once (memory bounded)
+            _prefetch(sink, group, [a.content_hash for a in listed[i:i + FETCH_CHUNK] if a.problem is None and a.content_hash
+                                    not in known and resolve_label(a.label, class_names)[1] is None], cache)
         changed = annotation.changed_at or ""
         problem, may_resolve = annotation.problem, False
         label = None

@@ -105,6 +105,18 @@ class Sink(abc.ABC):
         NotImplementedError."""
         raise NotImplementedError(f"{type(self).__name__} does not give assets back")
 
+    def fetch_many(self, group: str, content_hashes: Sequence[str]) -> dict[str, Upload | SinkError | None]:
+        """`fetch` for several items (sinks where a call per item is costly override it):
+        per hash, the upload, None, or the `SinkError` of that item alone. Raises
+        NotImplementedError as `fetch` does."""
+        out: dict[str, Upload | SinkError | None] = {}
+        for content_hash in content_hashes:
+            try:
+                out[content_hash] = self.fetch(group, content_hash)
+            except SinkError as e:
+                out[content_hash] = e
+        return out
+
     def describe(self) -> str:
         """Where this sink writes, for logs and status: never includes credentials."""
         return type(self).__name__

@@ -22,8 +22,8 @@ modified tag). Per asset: classification tags give the class (by its name: map n
 indexes with the model's class names, `--labels FILE`), several tags a list of classes;
 rectangles give `{"boxes": [{"label": tag, "box": [x0, y0, x1, y1]}]}` (normalised); other
 shapes are reported. `labelled_at` is the newest annotation's creation time. An item not in
-the local store is fetched from the asset's URL (`fetch`), with our metadata rebuilt from
-its custom metadata.
+the local store is fetched from the asset's URL (`fetch_many`: several per run of the SDK),
+with our metadata rebuilt from its custom metadata.
 
 Credentials: `DATATURE_SECRET_KEY` or a file named by `DATATURE_SECRET_KEY_FILE`; the API
 endpoint can be changed with `DATATURE_API_ENDPOINT` (the tests point it at a local fake of
@@ -226,21 +226,36 @@ class NexusSink(Sink):
 
     def fetch(self, group: str, content_hash: str) -> Upload | None:
         """The asset from its download URL, with our metadata rebuilt from its custom metadata."""
-        filename = self._filenames.get((group, content_hash))
-        if filename is None:
-            return None  # not an annotated asset of the group in the last listing
+        answer = self.fetch_many(group, [content_hash])[content_hash]
+        if isinstance(answer, SinkError):
+            raise answer
+        return answer
+
+    def fetch_many(self, group: str, content_hashes: Sequence[str]) -> dict[str, Upload | SinkError | None]:
+        """Several assets in one run of the SDK (a run costs about a second)."""
+        out: dict[str, Upload | SinkError | None] = {h: None for h in content_hashes}  # None: not annotated in the last listing
+        names = {self._filenames[(group, h)]: h for h in content_hashes if (group, h) in self._filenames}
+        if not names:
+            return out
         answer = self._run({"op": "fetch", "project": self.project, "endpoint": self.endpoint, "group": group,
-                            "filename": filename})
+                            "filenames": sorted(names)})
         if answer.get("batch_error"):
             self._raise(answer["batch_error"])
-        asset = answer.get("asset")
-        if asset is None:
-            return None
-        try:
-            data = base64.b64decode(asset["asset_b64"], validate=True)
-        except ValueError as e:
-            raise TransientSinkError(f"{self.describe()}: {filename}: the download was garbled ({e})") from None
-        return Upload(group, content_hash, data, asset["mime_type"], metadata_from_custom(asset["custom_metadata"]))
+        for name, asset in answer["assets"].items():
+            content_hash = names.get(name)
+            if content_hash is None or asset is None:
+                continue
+            if "error" in asset:
+                kind = PermanentSinkError if asset["error"]["kind"] == "permanent" else TransientSinkError
+                out[content_hash] = kind(f"{self.describe()}: {asset['error']['message']}")
+                continue
+            try:
+                data = base64.b64decode(asset["asset_b64"], validate=True)
+            except ValueError as e:
+                out[content_hash] = TransientSinkError(f"{self.describe()}: {name}: the download was garbled ({e})")
+                continue
+            out[content_hash] = Upload(group, content_hash, data, asset["mime_type"], metadata_from_custom(asset["custom_metadata"]))
+        return out
 
     def _run(self, request: dict) -> dict:
         # The worker is one self-contained file run by path: putting the folder that holds

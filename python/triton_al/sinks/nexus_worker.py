@@ -116,31 +116,44 @@ def _annotations(request: dict) -> dict:
 
 
 def _fetch(request: dict) -> dict:
-    """One asset's bytes (from its URL, as the SDK's downloader fetches them) and metadata."""
-    import requests
+    """Assets' bytes (from their URLs, as the SDK's downloader fetches them) and metadata,
+    per file name: the asset, None when it is not in the group, or this item's error."""
     from datature.nexus import error
 
     project = _project(request)
-    try:
-        asset = project.assets.get(request["filename"])
-    except error.NotFoundError:
-        return {"asset": None}
-    if request["group"] not in (asset.metadata.groups or []):
-        return {"asset": None}
+    out: dict[str, dict | None] = {}
+    for name in request["filenames"]:
+        try:
+            asset = project.assets.get(name)
+        except error.NotFoundError:
+            out[name] = None
+            continue
+        if request["group"] not in (asset.metadata.groups or []):
+            out[name] = None
+            continue
+        try:
+            out[name] = _download(asset)
+        except Exception as e:  # noqa: BLE001 - this item's failure, classified
+            out[name] = {"error": {"kind": "transient", "message": f"{name}: download failed ({_message(e)})"}}
+    return {"assets": out}
+
+
+def _download(asset) -> dict:
+    import requests
+
     if not asset.url:
-        return {"batch_error": {"kind": "transient", "message": f"{request['filename']}: Nexus gave no download URL"}}
+        return {"error": {"kind": "transient", "message": f"{asset.filename}: Nexus gave no download URL"}}
     with requests.get(asset.url, timeout=(10, 120), stream=True) as r:
         if r.status_code != 200:
             kind = "transient" if r.status_code >= 500 or r.status_code in (403, 408, 429) else "permanent"
-            return {"batch_error": {"kind": kind, "message": f"{request['filename']}: download answered {r.status_code}"}}
+            return {"error": {"kind": kind, "message": f"{asset.filename}: download answered {r.status_code}"}}
         data = bytearray()
         for chunk in r.iter_content(1 << 20):
             data += chunk
             if len(data) > MAX_ASSET_BYTES:
-                return {"batch_error": {"kind": "permanent", "message": f"{request['filename']}: over {MAX_ASSET_BYTES} bytes"}}
-    return {"asset": {"filename": asset.filename, "mime_type": asset.metadata.mime_type,
-                      "custom_metadata": dict(asset.metadata.custom_metadata or {}),
-                      "asset_b64": base64.b64encode(bytes(data)).decode()}}
+                return {"error": {"kind": "permanent", "message": f"{asset.filename}: over {MAX_ASSET_BYTES} bytes"}}
+    return {"filename": asset.filename, "mime_type": asset.metadata.mime_type,
+            "custom_metadata": dict(asset.metadata.custom_metadata or {}), "asset_b64": base64.b64encode(bytes(data)).decode()}
 
 
 def _upload(request: dict) -> dict:
