@@ -277,3 +277,42 @@ def test_class_names_from_the_label_file_name_the_stored_labels(tmp_path):
     assert row.prediction["label"] == 1 and row.prediction["label_name"] == "dog"
     with pytest.raises(ValueError, match="label_file 'm/nope.txt': cannot read"):
         ActiveLearningStep(settings(label_file="m/nope.txt"), repository=tmp_path)
+
+
+def detection_settings(tmp_path, **params):
+    return settings(outbox_path=str(tmp_path / "o.db"), task="detection", scores_input="DET", boxes_input="BOXES", **params)
+
+
+def test_detection_boxes_are_stored_with_each_box_of_a_flagged_item(tmp_path):
+    from triton_al.outbox import Outbox
+
+    step = ActiveLearningStep(detection_settings(tmp_path))
+    scores = np.array([[[0.5, 0.5], [0.9, 0.1]], [[0.99, 0.01], [0.98, 0.02]]], np.float32)  # item 0 is uncertain
+    boxes = np.array([[[1, 2, 10, 20], [3.5, 4, np.nan, 8]], [[0, 0, 1, 1], [0, 0, 2, 2]]], np.float32)
+    (result,) = step.process([RequestInputs(scores, np.array([png(1), png(2)], dtype=object), boxes=boxes)])
+    assert list(result.flagged) == [True, False]
+    with Outbox(tmp_path / "o.db") as o:
+        (row,) = o.due(10)
+    assert row.prediction == {"boxes": [{"label": 0, "confidence": 0.5, "box": [1.0, 2.0, 10.0, 20.0]},
+                                        {"label": 0, "confidence": 0.9, "box": [3.5, 4.0, None, 8.0]}]}
+
+
+def test_boxes_of_the_wrong_type_or_shape_fail_only_their_request(tmp_path):
+    step = ActiveLearningStep(detection_settings(tmp_path))
+    scores = np.array([[[0.5, 0.5], [0.9, 0.1]]], np.float32)
+    good = np.zeros((1, 2, 4), np.float32)
+    results = step.process([RequestInputs(scores, boxes=good), RequestInputs(scores, boxes=good.astype(np.float64)),
+                            RequestInputs(scores, boxes=np.zeros((1, 2, 3), np.float32)),
+                            RequestInputs(scores, boxes=np.zeros((1, 3, 4), np.float32))])
+    assert type(results[0]).__name__ == "Evaluation"
+    assert str(results[1]) == "BOXES: expected FP32 boxes, got FP64"
+    assert str(results[2]) == "BOXES: expected shape [1, 2, 4] (x0, y0, x1, y1 for each box of DET), got [1, 2, 3]"
+    assert str(results[3]) == "BOXES: expected shape [1, 2, 4] (x0, y0, x1, y1 for each box of DET), got [1, 3, 4]"
+    assert step.counts.scored == 1
+
+
+def test_predictions_name_boxes_only_with_a_place_per_box():
+    p = prediction_of(np.array([[0.9, 0.1]], np.float32), "detection", boxes=np.array([[0, 1, 2, 3]], np.float32))
+    assert p == {"boxes": [{"label": 0, "confidence": 0.9, "box": [0.0, 1.0, 2.0, 3.0]}]}
+    with pytest.raises(ValueError, match=r"boxes: expected shape \[1, 4\]"):
+        prediction_of(np.array([[0.9, 0.1]], np.float32), "detection", boxes=np.zeros((2, 4), np.float32))

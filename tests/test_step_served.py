@@ -405,3 +405,69 @@ def test_without_a_version_output_the_version_the_server_serves_is_recorded(tmp_
     with Outbox(outbox) as o:
         (row,) = o.due(10)
     assert (row.model_name, row.model_version) == ("scorer", "1")
+
+
+def detection_config(name: str, step: str, outbox: Path, boxes_type: str = "FP32") -> str:
+    params = {"model_name": "detector", "model_version": "1", "threshold": "0.5", "task": "detection",
+              "upload_groups": name, "outbox_path": str(outbox), "scores_input": "PROBS", "asset_input": "IMAGE",
+              "boxes_input": "BOXES"}
+    return (
+        f'name: "{name}"\nbackend: "{"active_learning" if step == "native" else "python"}"\nmax_batch_size: 4\n'
+        'input [ { name: "PROBS" data_type: TYPE_FP32 dims: [ 3, 2 ] },\n'
+        f'        {{ name: "BOXES" data_type: TYPE_{boxes_type} dims: [ -1, -1 ] optional: true }},\n'
+        '        { name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] optional: true } ]\n'
+        'output [ { name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] }, { name: "FLAGGED" data_type: TYPE_BOOL dims: [ 1 ] } ]\n'
+        + "".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n' for k, v in params.items())
+    )
+
+
+@pytest.mark.parametrize("step", ["native", "python"])
+def test_detection_boxes_are_stored_and_bad_boxes_fail_their_request_alike_in_both_steps(tmp_path, step):
+    from triton_al.attach import SHIM
+
+    repo, outbox = tmp_path / "repo", tmp_path / "outbox.db"
+    for name, boxes_type in (("det", "FP32"), ("det_fp64", "FP64")):
+        (repo / name / "1").mkdir(parents=True)
+        if step == "python":
+            (repo / name / "1" / "model.py").write_text(SHIM)
+        (repo / name / "config.pbtxt").write_text(detection_config(name, step, outbox, boxes_type))
+    scores = np.array([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]], np.float32)  # uncertain: flagged
+    boxes = np.array([[[1, 2, 10, 12], [0, 0, 4.5, 4], [3, 3, 7, 7]]], np.float32)
+
+    def send(model: str, box_values: np.ndarray | None, images: np.ndarray | None = None):
+        inputs = [grpcclient.InferInput("PROBS", list(scores.shape), "FP32")]
+        inputs[0].set_data_from_numpy(scores)
+        if box_values is not None:
+            b = grpcclient.InferInput("BOXES", list(box_values.shape), "FP32" if box_values.dtype == np.float32 else "FP64")
+            b.set_data_from_numpy(box_values)
+            inputs.append(b)
+        if images is not None:
+            i = grpcclient.InferInput("IMAGE", list(images.shape), "BYTES")
+            i.set_data_from_numpy(images)
+            inputs.append(i)
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            return c.infer(model, inputs).as_numpy("FLAGGED").reshape(-1)
+
+    server = TritonServer(repo, model_control_mode="explicit", load_models=["det", "det_fp64"], log_path=tmp_path / "t.log")
+    with server:
+        images = pngs(1, seed=51)
+        assert list(send("det", boxes, images)) == [True]
+        failures = {}
+        for case, model, values in (("shape", "det", np.zeros((1, 3, 3), np.float32)),
+                                    ("count", "det", np.zeros((1, 2, 4), np.float32)),
+                                    ("dtype", "det_fp64", boxes.astype(np.float64)),
+                                    ("missing", "det", None)):
+            with pytest.raises(InferenceServerException) as e:
+                send(model, values)
+            failures[case] = e.value.message()
+        assert list(send("det", boxes)) == [True]  # and it serves on
+    assert "BOXES: expected shape [1, 3, 4] (x0, y0, x1, y1 for each box of PROBS), got [1, 3, 3]" in failures["shape"]
+    assert "BOXES: expected shape [1, 3, 4] (x0, y0, x1, y1 for each box of PROBS), got [1, 2, 4]" in failures["count"]
+    assert "BOXES: expected FP32 boxes, got FP64" in failures["dtype"]
+    assert "missing input 'BOXES'" in failures["missing"]
+    with Outbox(outbox) as o:
+        (row,) = o.due(10)
+    assert row.content_hash == content_hash(images[0, 0])
+    assert row.prediction == {"boxes": [{"label": 0, "confidence": 0.5, "box": [1.0, 2.0, 10.0, 12.0]},
+                                        {"label": 0, "confidence": 0.9, "box": [0.0, 0.0, 4.5, 4.0]},
+                                        {"label": 1, "confidence": 0.8, "box": [3.0, 3.0, 7.0, 7.0]}]}

@@ -41,6 +41,8 @@ class RequestInputs:
     sequence will do, which lets the Triton step decode its BYTES tensor only when an
     item is flagged."""
     model_version: str | None = None
+    boxes: np.ndarray | None = None
+    """Detection: the boxes of this request's items, [batch, boxes, 4] FP32 (x0, y0, x1, y1)."""
 
 
 @dataclass
@@ -81,15 +83,29 @@ def asset_bytes(asset: Any) -> tuple[bytes, str]:
     raise RequestError(f"asset: expected bytes or a numeric array per item, got {type(asset).__name__}")
 
 
-def prediction_json(outputs: np.ndarray, task: str, layout: str = "nchw", class_names: list[str] | None = None) -> str:
+def prediction_json(outputs: np.ndarray, task: str, layout: str = "nchw", class_names: list[str] | None = None,
+                    boxes: np.ndarray | None = None) -> str:
     """The JSON summary of one item's prediction, for annotators and pre-labels: the Rust
-    step's own (`triton_al._core.prediction_json`), so both steps store the same text."""
-    return _core.prediction_json(task, np.asarray(outputs, np.float32), layout=layout, class_names=class_names)
+    step's own (`triton_al._core.prediction_json`), so both steps store the same text.
+    `boxes` (detection): the item's [boxes, 4] places, stored as each box's `box`."""
+    places = None if boxes is None else np.asarray(boxes, np.float32)
+    return _core.prediction_json(task, np.asarray(outputs, np.float32), layout=layout, class_names=class_names, boxes=places)
 
 
-def prediction_of(outputs: np.ndarray, task: str, layout: str = "nchw", class_names: list[str] | None = None) -> dict[str, Any]:
+def prediction_of(outputs: np.ndarray, task: str, layout: str = "nchw", class_names: list[str] | None = None,
+                  boxes: np.ndarray | None = None) -> dict[str, Any]:
     """`prediction_json`, parsed."""
-    return json.loads(prediction_json(outputs, task, layout, class_names))
+    return json.loads(prediction_json(outputs, task, layout, class_names, boxes))
+
+
+# Triton's names for numpy's types, so that both steps word a wrong type alike.
+_TRITON_TYPES = {"bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+                 "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "float16": "FP16",
+                 "float32": "FP32", "float64": "FP64", "object": "BYTES", "bytes": "BYTES"}
+
+
+def triton_type_name(array: np.ndarray) -> str:
+    return _TRITON_TYPES.get(array.dtype.name, array.dtype.name.upper())
 
 
 def read_class_names(label_file: str | None, repository: Path | None) -> list[str] | None:
@@ -143,6 +159,19 @@ class ActiveLearningStep:
             raise RequestError(
                 f"{self.settings.asset_input}: {len(request.assets)} assets for {len(x)} items of {self.settings.scores_input}"
             )
+        if request.boxes is not None:
+            self._check_boxes(x, request.boxes)
+
+    def _check_boxes(self, scores: np.ndarray, boxes: np.ndarray) -> None:
+        """The Rust step's rules and messages (`Step::check_boxes`; the native step's type check)."""
+        name = self.settings.boxes_input or "boxes"
+        if not isinstance(boxes, np.ndarray) or boxes.dtype != np.float32:
+            got = triton_type_name(boxes) if isinstance(boxes, np.ndarray) else type(boxes).__name__
+            raise RequestError(f"{name}: expected FP32 boxes, got {got}")
+        expected = [scores.shape[0], scores.shape[1] if scores.ndim > 1 else 0, 4]
+        if list(boxes.shape) != expected:
+            raise RequestError(f"{name}: expected shape {expected} (x0, y0, x1, y1 for each box of "
+                               f"{self.settings.scores_input}), got {list(boxes.shape)}")
 
     def process(self, requests: Sequence[RequestInputs]) -> list[Evaluation | Exception]:
         """Score every request (one kernel call for all requests of compatible shape) and
@@ -223,7 +252,8 @@ class ActiveLearningStep:
                         media_type=media_type,
                         model_name=self.settings.model_name,
                         model_version=request.model_version or self.settings.model_version,
-                        prediction=prediction_json(request.outputs[j], cfg.task, layout, self.class_names),
+                        prediction=prediction_json(request.outputs[j], cfg.task, layout, self.class_names,
+                                                   None if request.boxes is None else request.boxes[j]),
                         score=float(result.scores[j]),
                         strategy=cfg.strategy,
                         threshold=cfg.threshold,

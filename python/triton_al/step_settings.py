@@ -11,6 +11,7 @@ message naming it.
 | `aggregate`, `k`, `confidence_floor`, `empty_score`, `layout`, `quantile` | task options | the task's defaults |
 | `scores_input` | the step input holding the model's class scores | `PROBS` |
 | `asset_input` | the step input holding the original asset (image bytes); empty: none | `IMAGE` |
+| `boxes_input` | detection only: the step input holding each box's place, [batch, boxes, 4] FP32 (x0, y0, x1, y1 in pixels of the input image); stored predictions then carry `box` per box | – |
 | `model_name` | model whose predictions are scored (recorded with each item) | required |
 | `model_version` | recorded with each item, unless a `MODEL_VERSION` input carries it | the version the server serves |
 | `label_file` | class names, one per line, relative to the model repository (attach sets it from the scored output's `label_filename`) | – |
@@ -38,6 +39,7 @@ from triton_al.config import TASK_OPTIONS, ActiveLearningConfig
 
 OUTBOX_ENV = "TRITON_AL_OUTBOX"
 
+_STEP_KEYS = ("scores_input", "asset_input", "boxes_input", "model_name", "model_version", "label_file")
 _CONFIG_KEYS = {"strategy", "threshold", "task", "from_logits", "random_fraction", "seed", "sum_tolerance", "upload_groups"}
 
 
@@ -60,6 +62,8 @@ class StepSettings(BaseModel):
     outbox: OutboxSettings | None = Field(None, description="None: score and flag, store nothing.")
     scores_input: str = "PROBS"
     asset_input: str | None = "IMAGE"
+    boxes_input: str | None = Field(None, description="Detection: the input holding the boxes, [batch, boxes, 4] FP32 "
+                                    "(x0, y0, x1, y1 in pixels of the input image).")
     model_name: str = Field(min_length=1)
     model_version: str = "unknown"
     label_file: str | None = Field(None, description="Class names, one per line (Triton's label_filename), relative to "
@@ -82,7 +86,7 @@ class StepSettings(BaseModel):
         outbox = None
         if parsed["outbox_path"] is not None:
             outbox = {name: parsed[f"outbox_{name}"] for name in OutboxSettings.model_fields}
-        step = {key: parsed[key] for key in ("scores_input", "asset_input", "model_name", "model_version", "label_file")}
+        step = {key: parsed[key] for key in _STEP_KEYS}
         try:
             return cls(active_learning=ActiveLearningConfig.model_validate(config),
                        outbox=OutboxSettings(**outbox) if outbox else None, **step)
@@ -124,7 +128,7 @@ def parameter_table() -> dict[str, Any]:
     for name, prop in outbox.items():
         parameters[f"outbox_{name}"] = {"type": "path"} if name == "path" else _rule(prop)
     step = StepSettings.model_json_schema()["properties"]
-    for key in ("scores_input", "asset_input", "model_name", "model_version", "label_file"):
+    for key in _STEP_KEYS:
         parameters[key] = _rule(step[key])
     parameters["model_name"]["required"] = True
     task_options = {

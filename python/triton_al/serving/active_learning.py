@@ -4,7 +4,8 @@ A model repository's `active_learning/1/model.py` is one line:
 ``from triton_al.serving.active_learning import TritonPythonModel``.
 
 Inputs: the model's class scores (`scores_input`, default `PROBS`), optionally the original
-asset (`asset_input`, default `IMAGE`, BYTES) and `MODEL_VERSION` (BYTES or INT). Outputs, per
+asset (`asset_input`, default `IMAGE`, BYTES), the detection boxes (`boxes_input`, FP32
+[batch, boxes, 4]) and `MODEL_VERSION` (BYTES or INT). Outputs, per
 item: `SCORE` (FP32 [1]) and `FLAGGED` (BOOL [1]); any other output is a pass-through: a copy
 of the input of the same name (`attach` routes every model output through the step, so that
 Triton never prunes the step, whichever outputs a client asks for). Every request gets
@@ -253,6 +254,12 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, self.settings.asset_input)
             if tensor is not None:
                 assets = LazyAssets(tensor)
+        boxes = None
+        if self.settings.boxes_input:
+            tensor = pb_utils.get_input_tensor_by_name(request, self.settings.boxes_input)
+            if tensor is None:
+                raise RequestError(f"missing input {self.settings.boxes_input!r}")
+            boxes = tensor.as_numpy()
         version = None
         if "MODEL_VERSION" in self.inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, "MODEL_VERSION")
@@ -261,7 +268,7 @@ class TritonPythonModel:
                 version = v.decode() if isinstance(v, bytes) else str(v)
         if version is None and self.served_version is not None:
             version = self.served_version()
-        return RequestInputs(outputs=scores.as_numpy(), assets=assets, model_version=version)
+        return RequestInputs(outputs=scores.as_numpy(), assets=assets, model_version=version, boxes=boxes)
 
     def execute(self, requests):
         parsed: list[RequestInputs | Exception] = []

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use triton_al_step::{Scores, StepRequest};
+use triton_al_step::{Boxes, Scores, StepRequest};
 
 use crate::model::ModelState;
 use crate::tensors::{self, AssetTensor};
@@ -15,6 +15,8 @@ struct Parsed<'a> {
     scores: Cow<'a, [f32]>,
     shape: Vec<usize>,
     assets: Option<AssetTensor<'a>>,
+    /// Detection boxes (`boxes_input`) and their shape; checked against the scores by the step.
+    boxes: Option<(Cow<'a, [f32]>, Vec<usize>)>,
     model_version: Option<String>,
 }
 
@@ -27,6 +29,14 @@ fn parse<'a>(state: &ModelState, request: &'a Request) -> Result<Parsed<'a>, Str
         Some(name) => request.input(name)?.map(|i| AssetTensor::new(&i)).transpose()?,
         None => None,
     };
+    let boxes = match &s.boxes_input {
+        Some(name) => {
+            let input = request.input(name)?.ok_or_else(|| format!("missing input '{name}'"))?;
+            let shape = tensors::sizes(input.name(), &input.shape())?;
+            Some((tensors::boxes(&input, &shape)?, shape))
+        }
+        None => None,
+    };
     let mut model_version = None;
     if state.version_input {
         model_version = request.input("MODEL_VERSION")?.and_then(|i| tensors::model_version(&i));
@@ -34,7 +44,7 @@ fn parse<'a>(state: &ModelState, request: &'a Request) -> Result<Parsed<'a>, Str
     if model_version.is_none() {
         model_version = state.served_version.as_ref().map(|v| v.get());
     }
-    Ok(Parsed { scores, shape, assets, model_version })
+    Ok(Parsed { scores, shape, assets, boxes, model_version })
 }
 
 /// The response's outputs: the requested ones of SCORE, FLAGGED and the pass-throughs.
@@ -75,6 +85,7 @@ pub fn execute(instance: Instance, state: &ModelState, requests: Vec<Request>) {
         .map(|p| StepRequest {
             scores: Scores { values: &p.scores, shape: &p.shape },
             assets: p.assets.as_ref().map(|a| a as &dyn triton_al_step::Assets),
+            boxes: p.boxes.as_ref().map(|(values, shape)| Boxes { values, shape }),
             model_version: p.model_version.clone(),
         })
         .collect();

@@ -38,6 +38,14 @@ pub fn scores<'a>(input: &Input<'a>, shape: &[usize]) -> Result<Cow<'a, [f32]>, 
     })
 }
 
+/// Detection boxes as f32: FP32 only (x0, y0, x1, y1 per box), borrowed when aligned.
+pub fn boxes<'a>(input: &Input<'a>, shape: &[usize]) -> Result<Cow<'a, [f32]>, String> {
+    if input.datatype() != sys::TRITONSERVER_TYPE_FP32 {
+        return Err(format!("{}: expected FP32 boxes, got {}", input.name(), datatype_name(input.datatype())));
+    }
+    scores(input, shape)
+}
+
 /// numpy's type string for a Triton numeric type (what `numpy.save` records).
 fn npy_descr(datatype: sys::TRITONSERVER_DataType) -> Option<&'static str> {
     Some(match datatype {

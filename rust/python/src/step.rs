@@ -31,9 +31,16 @@ pub fn parse_step_parameters<'py>(py: Python<'py>, params: BTreeMap<String, Stri
 }
 
 /// The JSON summary of one item's outputs (what annotators see of the prediction).
+/// `boxes` (detection): the item's boxes, [N, 4] (x0, y0, x1, y1) for the N boxes of `item`.
 #[pyfunction]
-#[pyo3(signature = (task, item, *, layout = "nchw", class_names = None))]
-pub fn prediction_json(task: &str, item: PyReadonlyArrayDyn<'_, f32>, layout: &str, class_names: Option<Vec<String>>) -> PyResult<String> {
+#[pyo3(signature = (task, item, *, layout = "nchw", class_names = None, boxes = None))]
+pub fn prediction_json(
+    task: &str,
+    item: PyReadonlyArrayDyn<'_, f32>,
+    layout: &str,
+    class_names: Option<Vec<String>>,
+    boxes: Option<PyReadonlyArrayDyn<'_, f32>>,
+) -> PyResult<String> {
     let task = match task {
         "classification" => Task::Classification,
         "multilabel" => Task::MultiLabel,
@@ -44,5 +51,12 @@ pub fn prediction_json(task: &str, item: PyReadonlyArrayDyn<'_, f32>, layout: &s
     let layout = if layout == "nhwc" { Layout::ChannelsLast } else { Layout::ChannelsFirst };
     let dims = item.shape().to_vec();
     let values = item.as_array().iter().copied().collect::<Vec<f32>>();
-    Ok(summary(task, layout, &values, &dims, class_names.as_deref()))
+    let places = match &boxes {
+        Some(b) if task == Task::Detection && b.shape() == [dims.first().copied().unwrap_or(0), 4] => {
+            Some(b.as_array().iter().copied().collect::<Vec<f32>>())
+        }
+        Some(b) => return Err(PyValueError::new_err(format!("boxes: expected shape [{}, 4] for a detection item, got {:?}", dims.first().copied().unwrap_or(0), b.shape()))),
+        None => None,
+    };
+    Ok(summary(task, layout, &values, &dims, class_names.as_deref(), places.as_deref()))
 }

@@ -1,6 +1,8 @@
 //! What annotators see of a flagged item's prediction: a small JSON summary per task.
 //!
 //! Numbers are rounded to 6 decimals; NaN and infinities (invalid model output) become null.
+//! Detection boxes carry their place (`"box":[x0,y0,x1,y1]`, pixels of the input image)
+//! when the step is given the model's boxes (`boxes_input`).
 
 use crate::settings::Task;
 use triton_al_kernels::Layout;
@@ -43,8 +45,9 @@ fn name_of(index: Option<usize>, names: Option<&[String]>) -> String {
 }
 
 /// The JSON summary of one item's outputs (`item` holds its values, `dims` its shape
-/// without the batch axis). With the model's class names, labels are named too.
-pub fn prediction_json(task: Task, layout: Layout, item: &[f32], dims: &[usize], names: Option<&[String]>) -> String {
+/// without the batch axis). With the model's class names, labels are named too. `boxes`
+/// (detection only): the item's boxes, 4 values (x0, y0, x1, y1) per box of `item`, in order.
+pub fn prediction_json(task: Task, layout: Layout, item: &[f32], dims: &[usize], names: Option<&[String]>, boxes: Option<&[f32]>) -> String {
     match task {
         Task::Classification => {
             let index = if item.iter().any(|v| v.is_finite()) {
@@ -59,17 +62,22 @@ pub fn prediction_json(task: Task, layout: Layout, item: &[f32], dims: &[usize],
         Task::MultiLabel => format!("{{\"probs\":{}}}", numbers(item.iter().copied())),
         Task::Detection => {
             let classes = dims.get(1).copied().unwrap_or(1).max(1);
-            let boxes: Vec<String> = item
+            let described: Vec<String> = item
                 .chunks(classes)
-                .map(|b| {
+                .enumerate()
+                .map(|(i, b)| {
                     let finite = || b.iter().map(|&v| if v.is_finite() { v } else { f32::NEG_INFINITY });
                     let label = argmax(finite()).unwrap_or(0);
                     let top = finite().fold(f32::NEG_INFINITY, f32::max);
                     let named = if names.is_some() { format!(",\"label_name\":{}", name_of(Some(label), names)) } else { String::new() };
-                    format!("{{\"label\":{label},\"confidence\":{}{named}}}", number(top))
+                    let place = match boxes.and_then(|all| all.get(i * 4..i * 4 + 4)) {
+                        Some(xyxy) => format!(",\"box\":{}", numbers(xyxy.iter().copied())),
+                        None => String::new(),
+                    };
+                    format!("{{\"label\":{label},\"confidence\":{}{named}{place}}}", number(top))
                 })
                 .collect();
-            format!("{{\"boxes\":[{}]}}", boxes.join(","))
+            format!("{{\"boxes\":[{}]}}", described.join(","))
         }
         Task::Segmentation => {
             let (classes, pixels, class_stride, pixel_stride) = match (layout, dims) {
@@ -96,33 +104,44 @@ mod tests {
 
     #[test]
     fn classification_rounds_and_nulls_invalid_values() {
-        let json = prediction_json(Task::Classification, Layout::ChannelsFirst, &[0.1234567, f32::NAN, 0.5], &[3], None);
+        let json = prediction_json(Task::Classification, Layout::ChannelsFirst, &[0.1234567, f32::NAN, 0.5], &[3], None, None);
         assert_eq!(json, r#"{"probs":[0.123457,null,0.5],"label":2}"#);
-        let none = prediction_json(Task::Classification, Layout::ChannelsFirst, &[f32::NAN, f32::INFINITY], &[2], None);
+        let none = prediction_json(Task::Classification, Layout::ChannelsFirst, &[f32::NAN, f32::INFINITY], &[2], None, None);
         assert_eq!(none, r#"{"probs":[null,null],"label":null}"#);
     }
 
     #[test]
     fn class_names_name_the_labels() {
         let names = ["cat".to_string(), "dog \"rex\"".to_string()];
-        let json = prediction_json(Task::Classification, Layout::ChannelsFirst, &[0.2, 0.8], &[2], Some(&names));
+        let json = prediction_json(Task::Classification, Layout::ChannelsFirst, &[0.2, 0.8], &[2], Some(&names), None);
         assert_eq!(json, r#"{"probs":[0.2,0.8],"label":1,"label_name":"dog \"rex\""}"#);
-        let boxes = prediction_json(Task::Detection, Layout::ChannelsFirst, &[0.9, 0.1], &[1, 2], Some(&names));
+        let boxes = prediction_json(Task::Detection, Layout::ChannelsFirst, &[0.9, 0.1], &[1, 2], Some(&names), None);
         assert_eq!(boxes, r#"{"boxes":[{"label":0,"confidence":0.9,"label_name":"cat"}]}"#);
     }
 
     #[test]
     fn detection_reports_every_box() {
-        let json = prediction_json(Task::Detection, Layout::ChannelsFirst, &[0.1, 0.9, 0.7, 0.3], &[2, 2], None);
+        let json = prediction_json(Task::Detection, Layout::ChannelsFirst, &[0.1, 0.9, 0.7, 0.3], &[2, 2], None, None);
         assert_eq!(json, r#"{"boxes":[{"label":1,"confidence":0.9},{"label":0,"confidence":0.7}]}"#);
+    }
+
+    #[test]
+    fn detection_boxes_carry_their_place_in_pixels() {
+        let names = ["cat".to_string(), "dog".to_string()];
+        let places = [1.0, 2.5, 30.0, 40.0, 0.0, f32::NAN, 5.0, 6.0];
+        let json = prediction_json(Task::Detection, Layout::ChannelsFirst, &[0.1, 0.9, 0.7, 0.3], &[2, 2], Some(&names), Some(&places));
+        assert_eq!(
+            json,
+            r#"{"boxes":[{"label":1,"confidence":0.9,"label_name":"dog","box":[1.0,2.5,30.0,40.0]},{"label":0,"confidence":0.7,"label_name":"cat","box":[0.0,null,5.0,6.0]}]}"#
+        );
     }
 
     #[test]
     fn segmentation_counts_pixels_per_class_in_either_layout() {
         // 2 classes, 1x3 pixels: class 1 wins pixels 0 and 2.
         let nchw = [0.2, 0.6, 0.1, 0.8, 0.4, 0.9];
-        assert_eq!(prediction_json(Task::Segmentation, Layout::ChannelsFirst, &nchw, &[2, 1, 3], None), r#"{"class_pixels":[1,2]}"#);
+        assert_eq!(prediction_json(Task::Segmentation, Layout::ChannelsFirst, &nchw, &[2, 1, 3], None, None), r#"{"class_pixels":[1,2]}"#);
         let nhwc = [0.2, 0.8, 0.6, 0.4, 0.1, 0.9];
-        assert_eq!(prediction_json(Task::Segmentation, Layout::ChannelsLast, &nhwc, &[1, 3, 2], None), r#"{"class_pixels":[1,2]}"#);
+        assert_eq!(prediction_json(Task::Segmentation, Layout::ChannelsLast, &nhwc, &[1, 3, 2], None, None), r#"{"class_pixels":[1,2]}"#);
     }
 }

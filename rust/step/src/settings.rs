@@ -215,6 +215,11 @@ pub fn parse_parameters(params: &BTreeMap<String, String>, outbox_env: Option<&s
             parsed.insert(key.clone(), default_of(rule));
         }
     }
+    if let (Some(Value::Text(_)), Some(name)) = (parsed.get("boxes_input"), task_name) {
+        if name != "detection" {
+            problems.push(format!("boxes_input: only task 'detection' has boxes (the task is '{name}')"));
+        }
+    }
     if !problems.is_empty() {
         return Err(format!("{PREFIX}: bad parameter value(s): {}", problems.join("; ")));
     }
@@ -268,6 +273,9 @@ pub struct StepSettings {
     pub outbox: Option<OutboxSettings>,
     pub scores_input: String,
     pub asset_input: Option<String>,
+    /// Detection: the input holding each box's place, [B, N, 4] FP32 (x0, y0, x1, y1 in
+    /// pixels of the input image), stored with each box of a flagged item.
+    pub boxes_input: Option<String>,
     pub model_name: String,
     pub model_version: String,
     /// Class names, one per line, relative to the model repository.
@@ -350,6 +358,10 @@ impl StepSettings {
             outbox,
             scores_input: text(p, "scores_input"),
             asset_input: match p.get("asset_input") {
+                Some(Value::Text(s)) => Some(s.clone()),
+                _ => None,
+            },
+            boxes_input: match p.get("boxes_input") {
                 Some(Value::Text(s)) => Some(s.clone()),
                 _ => None,
             },

@@ -27,10 +27,18 @@ pub trait Assets {
     fn asset(&self, index: usize) -> Result<(Vec<u8>, &'static str), String>;
 }
 
+/// One request's detection boxes: [B, N, 4] (x0, y0, x1, y1 per box), as contiguous f32.
+pub struct Boxes<'a> {
+    pub values: &'a [f32],
+    pub shape: &'a [usize],
+}
+
 /// What one inference request brings to the step.
 pub struct StepRequest<'a> {
     pub scores: Scores<'a>,
     pub assets: Option<&'a dyn Assets>,
+    /// The boxes of a detection request (`boxes_input`), checked against the scores' shape.
+    pub boxes: Option<Boxes<'a>>,
     /// The version of the model that produced the scores, when the request says.
     pub model_version: Option<String>,
 }
@@ -195,6 +203,22 @@ impl Step {
         Ok(Evaluation { scores: out, reasons })
     }
 
+    /// Check a request's boxes against its scores: one [x0, y0, x1, y1] per box.
+    pub fn check_boxes(&self, scores: &Scores<'_>, boxes: &Boxes<'_>) -> Result<(), String> {
+        let name = self.settings.boxes_input.as_deref().unwrap_or("boxes");
+        let expected = [scores.shape.first().copied().unwrap_or(0), scores.shape.get(1).copied().unwrap_or(0), 4];
+        if boxes.shape != expected {
+            return Err(format!(
+                "{name}: expected shape {expected:?} (x0, y0, x1, y1 for each box of {}), got {:?}",
+                self.settings.scores_input, boxes.shape
+            ));
+        }
+        if boxes.values.len() != expected.iter().product::<usize>() {
+            return Err(format!("{name}: shape {:?} needs {} values, got {}", boxes.shape, expected.iter().product::<usize>(), boxes.values.len()));
+        }
+        Ok(())
+    }
+
     /// The outbox items for one request's flagged items (the asset copied only for them).
     fn flagged_items(&self, request: &StepRequest<'_>, evaluation: &Evaluation, report: &mut BatchReport, items: &mut Vec<NewItem>) {
         let s = &self.settings;
@@ -216,12 +240,14 @@ impl Step {
                 }
             };
             let values = &request.scores.values[j * per_item..(j + 1) * per_item];
+            let per_item_boxes = dims.first().copied().unwrap_or(0) * 4;
+            let boxes = request.boxes.as_ref().and_then(|b| b.values.get(j * per_item_boxes..(j + 1) * per_item_boxes));
             items.push(NewItem {
                 asset,
                 media_type: media_type.to_string(),
                 model_name: s.model_name.clone(),
                 model_version: request.model_version.clone().unwrap_or_else(|| s.model_version.clone()),
-                prediction_json: prediction_json(s.task, s.layout, values, dims, self.class_names.as_deref()),
+                prediction_json: prediction_json(s.task, s.layout, values, dims, self.class_names.as_deref(), boxes),
                 score: evaluation.scores[j] as f64,
                 strategy: s.strategy_name.clone(),
                 threshold: s.threshold,
@@ -248,6 +274,10 @@ impl Step {
                 )),
                 _ => Ok(e),
             });
+            let evaluation = match (evaluation, &request.boxes) {
+                (Ok(e), Some(boxes)) => self.check_boxes(&request.scores, boxes).map(|()| e),
+                (other, _) => other,
+            };
             if let Ok(e) = &evaluation {
                 report.scored += e.scores.len() as u64;
                 for &r in &e.reasons {
@@ -278,4 +308,52 @@ impl Step {
 /// Wait for an append; Err is counted by the caller as outbox errors (the items may be lost).
 pub fn wait(pending: Ticket, timeout: Duration) -> Result<triton_al_outbox::AppendResult, OutboxError> {
     pending.wait(timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn detection_step() -> Step {
+        let params: BTreeMap<String, String> = [("model_name", "m"), ("outbox_path", ""), ("task", "detection"), ("boxes_input", "BOXES"), ("scores_input", "DET")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Step::with_outbox(StepSettings::from_parameters(&params, None).unwrap(), None)
+    }
+
+    #[test]
+    fn boxes_of_the_wrong_shape_fail_only_their_request() {
+        let step = detection_step();
+        let scores = [0.5f32, 0.5, 0.9, 0.1];
+        let shape = [1usize, 2, 2];
+        let cases: [(&[f32], &[usize]); 3] = [(&[0.0; 8], &[1, 2, 4]), (&[0.0; 6], &[1, 2, 3]), (&[0.0; 6], &[1, 6])];
+        let requests: Vec<StepRequest<'_>> = cases
+            .iter()
+            .map(|&(values, box_shape)| StepRequest {
+                scores: Scores { values: &scores, shape: &shape },
+                assets: None,
+                boxes: Some(Boxes { values, shape: box_shape }),
+                model_version: None,
+            })
+            .collect();
+        let processed = step.process(&requests);
+        assert!(processed.results[0].is_ok());
+        assert_eq!(
+            processed.results[1].as_ref().unwrap_err(),
+            "BOXES: expected shape [1, 2, 4] (x0, y0, x1, y1 for each box of DET), got [1, 2, 3]"
+        );
+        assert_eq!(processed.results[2].as_ref().unwrap_err(), "BOXES: expected shape [1, 2, 4] (x0, y0, x1, y1 for each box of DET), got [1, 6]");
+        assert_eq!(processed.report.scored, 1);
+    }
+
+    #[test]
+    fn boxes_need_the_detection_task() {
+        let params: BTreeMap<String, String> =
+            [("model_name", "m"), ("outbox_path", ""), ("boxes_input", "BOXES")].into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let error = StepSettings::from_parameters(&params, None).unwrap_err();
+        assert_eq!(error, "active_learning step: bad parameter value(s): boxes_input: only task 'detection' has boxes (the task is 'classification')");
+    }
 }
