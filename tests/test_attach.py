@@ -202,3 +202,61 @@ def test_names_that_are_paths_are_refused_and_nothing_is_written_outside(tmp_pat
     with pytest.raises(AttachError, match="not a model name"):
         attach(repo, model_name, **kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "x"] and sorted(p.name for p in repo.iterdir()) == ["resnet"]
+
+
+DETECTOR = """
+backend: "python"
+max_batch_size: 8
+input [{ name: "IMAGE" data_type: TYPE_STRING dims: [1] }]
+output [{ name: "scores" data_type: TYPE_FP32 dims: [5, 3] label_filename: "labels.txt" },
+        { name: "boxes" data_type: TYPE_FP32 dims: [5, 4] },
+        { name: "boxes_int" data_type: TYPE_INT32 dims: [5, 4] },
+        { name: "boxes_other" data_type: TYPE_FP32 dims: [6, 4] },
+        { name: "corners" data_type: TYPE_FP32 dims: [5, 8] }]
+"""
+
+
+def test_detection_boxes_are_wired_into_the_step(tmp_path):
+    model(tmp_path, "det", DETECTOR)
+    attach(tmp_path, "det", output="scores", task="detection", kind="probs", step="python", boxes_output="boxes")
+    params = step_params(tmp_path, "det_active_learning")
+    assert (params["task"], params["scores_input"], params["boxes_input"]) == ("detection", "scores", "boxes")
+    step = read_config(tmp_path / "det_active_learning" / "config.pbtxt")
+    assert ("boxes", [5, 4]) in [(t.name, list(t.dims)) for t in step.input]  # the model's output, into the step
+    ensemble = read_config(tmp_path / "det_al" / "config.pbtxt")
+    assert ensemble.ensemble_scheduling.step[-1].input_map["boxes"] == "det.boxes"
+    settings = StepSettings.from_parameters(params, env={"TRITON_AL_OUTBOX": "/tmp/o.db"})
+    assert settings.boxes_input == "boxes"
+
+
+@pytest.mark.parametrize("boxes, task, message", [
+    ("nope", "detection", "has no output 'nope'"),
+    ("boxes_int", "detection", "is TYPE_INT32: boxes must be FP32"),
+    ("boxes_other", "detection", "has 6 boxes per item but 'scores' scores 5"),
+    ("corners", "detection", r"per-item dims \[5, 8\]: expected \[boxes, 4\]"),
+    ("scores", "detection", "is the output holding the class scores"),
+    ("boxes", "segmentation", "boxes belong to detection models"),
+])
+def test_a_boxes_output_that_cannot_be_boxes_is_refused(tmp_path, boxes, task, message):
+    model(tmp_path, "det", DETECTOR)
+    output = "scores" if task == "detection" else "corners"
+    if task == "segmentation":
+        model(tmp_path, "seg", "max_batch_size: 2\ninput [{ name: \"x\" data_type: TYPE_FP32 dims: [1] }]\n"
+              "output [{ name: \"probs\" data_type: TYPE_FP32 dims: [3, 4, 4] }, { name: \"boxes\" data_type: TYPE_FP32 dims: [5, 4] }]\n")
+        with pytest.raises(AttachError, match=message):
+            attach(tmp_path, "seg", output="probs", task="segmentation", kind="probs", step="python", boxes_output=boxes)
+        return
+    with pytest.raises(AttachError, match=message):
+        attach(tmp_path, "det", output=output, task=task, kind="probs", step="python", boxes_output=boxes)
+    assert not (tmp_path / "det_active_learning").exists()
+
+
+def test_the_cli_wires_boxes(tmp_path):
+    model(tmp_path, "det", DETECTOR)
+    r = CliRunner().invoke(app, ["attach", "--model-repository", str(tmp_path), "--model", "det", "--output", "scores",
+                                 "--task", "detection", "--kind", "probs", "--step", "python", "--boxes-output", "boxes"])
+    assert r.exit_code == 0, r.output
+    assert step_params(tmp_path, "det_active_learning")["boxes_input"] == "boxes"
+    r = CliRunner().invoke(app, ["attach", "--model-repository", str(tmp_path), "--model", "det", "--output", "scores",
+                                 "--task", "detection", "--kind", "probs", "--step", "python", "--boxes-output", "corners"])
+    assert r.exit_code == 2 and "expected [boxes, 4]" in r.output

@@ -8,6 +8,9 @@ scores, and writes beside the model, leaving it untouched:
 - `<model>_al/config.pbtxt` + `<model>_al/1/`: an ensemble [preprocess →] model → step whose
   outputs are the model's outputs plus `SCORE` and `FLAGGED` per item.
 
+For a detection model, `boxes_output` names the output holding the boxes ([boxes, 4] FP32,
+x0, y0, x1, y1 in pixels of the input image): the step stores each flagged box's place.
+
 Every output of the ensemble comes from the step: the step takes all of the model's outputs
 and passes them through unchanged (an output of the step named like one of its inputs is a
 copy of it). Triton prunes an ensemble step none of whose outputs a client asked for, and
@@ -141,6 +144,31 @@ def choose_output(config, output: str | None, task: str | None, kind: Kind | Non
     return ScoresOutput(chosen.name, chosen_task, chosen_kind)
 
 
+def check_boxes_output(config, name: str, scores: ScoresOutput) -> str:
+    """The model output holding detection boxes, [boxes, 4] FP32 per item (x0, y0, x1, y1 in
+    pixels of the input image), one per box of the scores output. Returns its name."""
+    if scores.task != "detection":
+        raise AttachError(f"--boxes-output {name!r}: boxes belong to detection models (the task is {scores.task!r})")
+    matches = [o for o in config.output if o.name == name]
+    if not matches:
+        raise AttachError(f"--boxes-output: model {config.name!r} has no output {name!r}; its outputs: {_describe(config.output)}")
+    boxes = matches[0]
+    if name == scores.name:
+        raise AttachError(f"--boxes-output {name!r} is the output holding the class scores: name the output with the boxes")
+    if _dtype(boxes) != "TYPE_FP32":
+        raise AttachError(f"--boxes-output {name!r} is {_dtype(boxes)}: boxes must be FP32 (x0, y0, x1, y1 in pixels)")
+    batched = config.max_batch_size > 0
+    dims = list(boxes.dims) if batched else list(boxes.dims)[1:]
+    score_dims = [o for o in config.output if o.name == scores.name][0].dims
+    score_dims = list(score_dims) if batched else list(score_dims)[1:]
+    if len(dims) != 2 or dims[1] not in (4, -1):
+        raise AttachError(f"--boxes-output {name!r} has per-item dims {dims}: expected [boxes, 4] (x0, y0, x1, y1 per box)")
+    if -1 not in (dims[0], score_dims[0]) and dims[0] != score_dims[0]:
+        raise AttachError(f"--boxes-output {name!r} has {dims[0]} boxes per item but {scores.name!r} scores "
+                          f"{score_dims[0]}: they must describe the same boxes")
+    return name
+
+
 def _tensor(pb_list, name: str, data_type, dims) -> None:
     t = pb_list.add()
     t.name = name
@@ -172,7 +200,7 @@ def default_step() -> StepKind:
 
 
 def step_config(name: str, model, front, scores: ScoresOutput, al: ActiveLearningConfig, extra_params: dict[str, str],
-                step: StepKind = "python"):
+                step: StepKind = "python", boxes_output: str | None = None):
     """The step's ModelConfig: inputs are every model output (the class scores among them)
     plus the asset (the ensemble's first input); outputs are a copy of every model output,
     SCORE and FLAGGED."""
@@ -209,6 +237,8 @@ def step_config(name: str, model, front, scores: ScoresOutput, al: ActiveLearnin
         **{k: str(v) for k, v in al.task_options.model_dump().items()},
         **extra_params,
     }
+    if boxes_output is not None:  # every model output is a step input of the same name
+        params["boxes_input"] = boxes_output
     scored = next(o for o in model.output if o.name == scores.name)
     if scored.label_filename:  # the model names its classes: stored predictions will too
         params.setdefault("label_file", f"{model.name}/{scored.label_filename}")
@@ -296,9 +326,12 @@ def attach(
     config: ActiveLearningConfig | None = None,
     outbox_path: str | None = None,
     step: StepKind | None = None,
+    boxes_output: str | None = None,
 ) -> list[Path]:
     """Write the step and the ensemble for `model`; returns the files changed (none when
-    everything was already up to date). `step`: native or python (default: `default_step()`)."""
+    everything was already up to date). `step`: native or python (default: `default_step()`).
+    `boxes_output` (detection): the model's output holding each box's place, stored with
+    each box of a flagged item."""
     repository = Path(repository)
     if not repository.is_dir():
         raise AttachError(f"--model-repository {repository}: not a directory")
@@ -322,6 +355,8 @@ def attach(
     if clashing:
         raise AttachError(f"model {model!r} has output(s) {clashing}: the step adds outputs of those names to the ensemble")
     scores = choose_output(base, output, task, kind)
+    if boxes_output is not None:
+        check_boxes_output(base, boxes_output, scores)
     al_config = config or ActiveLearningConfig()
     if al_config.task != scores.task:  # the output decides the task; its options start from defaults
         al_config = al_config.model_copy(update={"task": scores.task, "task_options": TASK_OPTIONS[scores.task]()})
@@ -332,7 +367,7 @@ def attach(
     if step not in ("native", "python"):
         raise AttachError(f"--step: expected native or python, got {step!r}")
     written: list[Path] = []
-    step_cfg = step_config(step_name, base, front, scores, al_config, extra, step)
+    step_cfg = step_config(step_name, base, front, scores, al_config, extra, step, boxes_output)
     _write(repository / step_name / "config.pbtxt", f"{MARKER}\n" + text_format.MessageToString(step_cfg), written)
     shim = repository / step_name / "1" / "model.py"
     if step == "python":

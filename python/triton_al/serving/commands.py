@@ -23,6 +23,7 @@ def attach_command(
     upload_group: Annotated[Optional[list[str]], typer.Option("--upload-group", help="Upload group (repeatable).")] = None,
     outbox: Annotated[Optional[str], typer.Option(help="Outbox path written into the step (default: $TRITON_AL_OUTBOX at run time).")] = None,
     step: Annotated[Optional[str], typer.Option(help="native (the Rust Triton backend, no process hop; default when built) | python (a Python-backend model).")] = None,
+    boxes_output: Annotated[Optional[str], typer.Option(help="Detection: the output holding the boxes, [boxes, 4] FP32 (x0, y0, x1, y1 in pixels); stored with each flagged box.")] = None,
 ) -> None:
     """Write the active_learning step and an ensemble MODEL_al beside MODEL (MODEL is left untouched)."""
     from triton_al.attach import AttachError, attach
@@ -34,7 +35,8 @@ def attach_command(
             strategy=strategy, threshold=threshold, upload_groups=upload_group or ["active-learning"], task=task or "classification"
         )
         written = attach(model_repository, model, output=output, task=task, kind=kind, preprocess=preprocess,
-                         step_name=step_name, config=config, outbox_path=outbox, step=step)
+                         step_name=step_name, config=config, outbox_path=outbox, step=step,
+                         boxes_output=boxes_output)
     except (AttachError, ValueError) as e:
         typer.echo(f"triton-al attach: {e}", err=True)
         raise typer.Exit(2) from None
