@@ -66,8 +66,16 @@ RESULTS: dict = {"when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
 
 
 def _save() -> None:
+    """Merge into the results file: a run of one part (-k) keeps the others' latest numbers."""
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "fleet-results.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    path = OUT / "fleet-results.json"
+    try:
+        merged = json.loads(path.read_text())
+    except (OSError, ValueError):
+        merged = {}
+    stamp = {k: RESULTS[k] for k in ("when_utc", "seconds", "rate", "cores")}
+    merged.update({k: {**v, **stamp} if isinstance(v, dict) else v for k, v in RESULTS.items()})
+    path.write_text(json.dumps(merged, indent=1, default=str))
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -132,6 +140,7 @@ def _fill(outboxes: list[Outbox], seconds: float, rate: float, seed0: int) -> di
     """Append `rate` items/s in total for `seconds`: item k goes to group open (even k) or
     capped (odd k); every tenth pair is the same image on all three outboxes."""
     per_tick, tick = rate / 10, 0.1
+    assets = [png(seed0 + k) for k in range(int(seconds * rate) + int(per_tick) + 2)]  # made before the clock starts
     sent: dict[str, set[str]] = {"open": set(), "capped": set()}
     appended = 0
     k = 0
@@ -145,13 +154,12 @@ def _fill(outboxes: list[Outbox], seconds: float, rate: float, seed0: int) -> di
         batches: list[list] = [[] for _ in outboxes]
         for _ in range(n):
             group = "open" if k % 2 == 0 else "capped"
+            asset = assets[k]
             if k % 20 in (0, 1):  # the same image on every replica
-                asset = png(seed0 + k)
                 for b in batches:
                     b.append(item(0, groups=(group,), asset=asset))
                 appended += len(outboxes)
             else:
-                asset = png(seed0 + k)
                 batches[k % len(outboxes)].append(item(0, groups=(group,), asset=asset))
                 appended += 1
             sent[group].add(content_hash(asset))
