@@ -178,6 +178,22 @@ def test_claims_are_exclusive_then_done_and_a_restarted_owner_takes_its_own_back
     assert b.claim(keys[:2]) == [2, 0]
 
 
+def test_an_idle_replica_reports_the_ledger_down_and_back(ledger_server):
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    gate = FleetGate(Ledger.open(ledger_server.url, "sink", "idle"), {}, registry=registry, backoff_base_s=0.05, backoff_cap_s=0.1)
+    gate.health_interval_s = 0.1
+    assert gate.held_groups(lambda: ["g"]) == [] and gate.up
+    ledger_server.stop()
+    time.sleep(0.15)
+    assert gate.held_groups(lambda: ["g"]) == ["g"], "with claims on, every group waits for the ledger"
+    assert not gate.up and registry.get_sample_value("triton_al_uploader_ledger_up") == 0
+    ledger_server.start()
+    wait_for(lambda: gate.held_groups(lambda: ["g"]) == [], 5, "the gate to find the ledger back")
+    assert gate.up and registry.get_sample_value("triton_al_uploader_ledger_up") == 1
+
+
 # Three uploaders in one process: claims and the budget, against the real S3 server -------
 
 

@@ -302,6 +302,9 @@ class FleetGate:
         self._retry_at = 0.0
         self._logged_at = -1e9
         self._down_since: float | None = None
+        self._answered_at = monotonic()
+        self.health_interval_s = 10.0
+        """While up, an idle replica pings this often, so that its gauge says an outage too."""
         self._exhausted: dict[str, float] = {}  # group -> monotonic time to ask the ledger again
         self._introduced: set[str] = set()  # groups whose first batch went through in this process
         self._lock = threading.Lock()
@@ -333,6 +336,7 @@ class FleetGate:
             down_for = self.monotonic() - (self._down_since or self.monotonic())
             log.warning("budget ledger %s answers again after %.1f s; held items flow again", self.ledger.where, down_for)
         self.up, self.error, self.failures = True, "", 0
+        self._answered_at = self.monotonic()
         if self.metrics is not None:
             self.metrics.set_up()
 
@@ -344,6 +348,13 @@ class FleetGate:
         with self._lock:
             self._exhausted = {g: t for g, t in self._exhausted.items() if t > now}
             held = set(self._exhausted)
+            if self.up and now - self._answered_at >= self.health_interval_s:
+                try:
+                    self.ledger.ping()
+                except LedgerError as e:
+                    self._failed(e)
+                else:
+                    self._answered_at = now
             if not self.up:
                 if now < self._retry_at:
                     held.update(g for g in queued_groups() if self._needs_ledger(g))
