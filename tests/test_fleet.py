@@ -166,6 +166,22 @@ def test_reservations_from_many_clients_never_exceed_any_rule(ledger_server):
     assert Ledger.open(ledger_server.url, "s3://bucket/other", "probe").reserve("g", rules, 5, now).granted == 5
 
 
+def test_budget_windows_follow_the_ledgers_clock_and_start_afresh(ledger_server):
+    ledger = Ledger.open(ledger_server.url, "sink", "a")
+    rules = parse_limits(["g=10/day"])["g"]
+    server_now = float(ledger.client.time()[0])
+    skewed = Ledger.open(ledger_server.url, "sink", "b")
+    assert ledger.reserve("g", rules, 7).granted == 7  # by the ledger's clock
+    assert skewed.reserve("g", rules, 7).granted == 3  # the same window, whatever this host's clock says
+    assert ledger.used("g", rules) == [10]
+    tomorrow = server_now + 86400
+    r = ledger.reserve("g", rules, 4, now=tomorrow)
+    assert r.granted == 4 and ledger.used("g", rules, now=tomorrow) == [4] and ledger.used("g", rules) == [10]
+    ledger.release(r, 4)
+    assert ledger.used("g", rules, now=tomorrow) == [0]
+    assert ledger.client.pttl(r.keys[0]) > 86400 * 1000, "a counter outlives its window (late releases find it)"
+
+
 def test_claims_are_exclusive_then_done_and_a_restarted_owner_takes_its_own_back(ledger_server):
     a = Ledger.open(ledger_server.url, "sink", "replica-a")
     b = Ledger.open(ledger_server.url, "sink", "replica-b")
@@ -267,6 +283,28 @@ def test_three_uploaders_upload_each_image_once_and_share_the_budget(tmp_path, s
     assert queued == 120 - 50, "the rest stays queued (--rate-overflow keep), none dropped"
     elsewhere = sum(w.outbox.counters().get("uploaded", 0) for w in workers) - 30 - 50
     assert elsewhere == 60, "each replica recorded every dup image as delivered (two of three without uploading)"
+    for w in workers:
+        w.fleet.ledger.close()
+        w.outbox.close()
+
+
+def test_over_the_fleet_budget_in_drop_mode_items_are_dropped_and_counted(tmp_path, ledger_server):
+    from triton_al.sinks.local import LocalStore
+
+    limits = parse_limits(["g=5/day"])
+    workers = []
+    for n in range(2):
+        outbox = Outbox(tmp_path / f"d{n}.db")
+        outbox.append_many([item(100 * n + i, groups=("g",)) for i in range(6)])
+        fleet = FleetGate(Ledger.open(ledger_server.url, "drop", f"d{n}"), limits, rate_overflow="drop")
+        workers.append(Uploader(outbox, LocalStore(tmp_path / "store"), batch_size=4, rate_overflow="drop", fleet=fleet))
+    for _ in range(3):
+        for w in workers:
+            w.step()
+    landed = (tmp_path / "store" / "g" / "index.jsonl").read_text().splitlines()
+    assert len(landed) == 5
+    assert sum(w.outbox.counters().get("dropped_rate_limit", 0) for w in workers) == 7
+    assert sum(s.queued for w in workers for s in w.outbox.status()) == 0
     for w in workers:
         w.fleet.ledger.close()
         w.outbox.close()

@@ -6,7 +6,8 @@ a 500/day budget send 5,000 a day. With `--budget-ledger redis://host:port/db` e
 replica reserves from one Redis before it uploads:
 
 - **Budgets**: a counter per (sink, group, rule, window), the window aligned to the epoch
-  (`N/day` is a UTC day, `N/hour` a clock hour, ...). A Lua script grants
+  (`N/day` is a UTC day, `N/hour` a clock hour, ...) on the ledger's own clock (Redis
+  `TIME`: replicas whose clocks differ still share one window). A Lua script grants
   `min(wanted, cap - used)` over every rule of the group and adds the grant, in one atomic
   step; the counter expires after its window. What a batch does not deliver (a failure, the
   sink down, an item left for the next batch) is given back. The ledger never grants more
@@ -58,20 +59,33 @@ USAGE = "expected redis://HOST[:PORT][/DB] or rediss://HOST[:PORT][/DB] (passwor
 WINDOW_SLACK_S = 300
 """A budget counter lives this long past its window (a late release still finds it)."""
 
-# KEYS: one counter per rule. ARGV: wanted, then (cap, ttl_ms) per key.
-# Grants min(wanted, cap - used) over every rule and adds it to each counter, atomically.
+# KEYS: one counter name per rule, without its window. ARGV: wanted, now ('' for the
+# ledger's own clock: one clock for the whole fleet), then (cap, window_s, ttl_ms) per rule.
+# Grants min(wanted, cap - used) over every rule and adds it to each window's counter,
+# atomically; returns the grant and the counters' full names.
 _RESERVE = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local now = tonumber(ARGV[2])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local keys = {}
 local grant = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  local left = tonumber(ARGV[2 * i]) - tonumber(redis.call('GET', key) or '0')
+for i, base in ipairs(KEYS) do
+  keys[i] = base .. ':' .. string.format('%d', math.floor(now / tonumber(ARGV[3 * i + 1])))
+  local left = tonumber(ARGV[3 * i]) - tonumber(redis.call('GET', keys[i]) or '0')
   if left < grant then grant = left end
 end
-if grant <= 0 then return 0 end
-for i, key in ipairs(KEYS) do
-  redis.call('INCRBY', key, grant)
-  if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ARGV[2 * i + 1]) end
+if grant < 0 then grant = 0 end
+if grant > 0 then
+  for i, key in ipairs(keys) do
+    redis.call('INCRBY', key, grant)
+    if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ARGV[3 * i + 2]) end
+  end
 end
-return grant
+table.insert(keys, 1, grant)
+return keys
 """
 # KEYS: the counters of a reservation. ARGV: how many to give back (never below zero; an
 # expired counter is left alone).
@@ -216,22 +230,30 @@ class Ledger:
 
     # Budgets ------------------------------------------------------------------------
 
+    def _budget_base(self, group: str, rule: RateLimit) -> str:
+        return f"{self.prefix}:b:{validate_group_name(group)}:{max(1, int(rule.window_s))}"
+
     def budget_key(self, group: str, rule: RateLimit, now: float) -> str:
         window = max(1, int(rule.window_s))
-        return f"{self.prefix}:b:{validate_group_name(group)}:{window}:{int(now // window)}"
+        return f"{self._budget_base(group, rule)}:{int(now // window)}"
 
-    def reserve(self, group: str, rules: Sequence[RateLimit], wanted: int, now: float) -> Reservation:
-        """Take up to `wanted` deliveries of `group`'s budget in the current windows."""
-        keys = [self.budget_key(group, r, now) for r in rules]
-        if wanted <= 0 or not keys:
-            return Reservation(group, keys, 0)
-        args: list[Any] = [wanted]
+    def reserve(self, group: str, rules: Sequence[RateLimit], wanted: int, now: float | None = None) -> Reservation:
+        """Take up to `wanted` deliveries of `group`'s budget in the current windows: by the
+        ledger's clock (Redis `TIME`), so that replicas whose clocks differ share one window;
+        `now` overrides it (tests)."""
+        bases = [self._budget_base(group, r) for r in rules]
+        if wanted <= 0 or not bases:
+            return Reservation(group, [], 0)
+        args: list[Any] = [wanted, "" if now is None else repr(float(now))]
         for r in rules:
-            args += [r.count, int((max(1, int(r.window_s)) + WINDOW_SLACK_S) * 1000)]
-        granted = self._call("reserve", lambda: self._reserve(keys=keys, args=args))
-        if not isinstance(granted, int) or not 0 <= granted <= wanted:
-            raise LedgerError(f"budget ledger {self.where}: reserve answered {granted!r}")
-        return Reservation(group, keys, granted)
+            window = max(1, int(r.window_s))
+            args += [r.count, window, int((window + WINDOW_SLACK_S) * 1000)]
+        answer = self._call("reserve", lambda: self._reserve(keys=bases, args=args))
+        if not isinstance(answer, list) or len(answer) != len(bases) + 1 or not isinstance(answer[0], int) \
+                or not 0 <= answer[0] <= wanted:
+            raise LedgerError(f"budget ledger {self.where}: reserve answered {answer!r}")
+        keys = [k.decode() if isinstance(k, bytes) else str(k) for k in answer[1:]]
+        return Reservation(group, keys, answer[0])
 
     def release(self, reservation: Reservation, count: int) -> None:
         """Give back `count` deliveries of a reservation that were not used."""
@@ -240,8 +262,11 @@ class Ledger:
             self._call("release", lambda: self._release(keys=reservation.keys, args=[count]))
             reservation.granted -= count
 
-    def used(self, group: str, rules: Sequence[RateLimit], now: float) -> list[int]:
-        """Deliveries counted against each rule in its current window."""
+    def used(self, group: str, rules: Sequence[RateLimit], now: float | None = None) -> list[int]:
+        """Deliveries counted against each rule in its current window (by the ledger's clock)."""
+        if now is None:
+            seconds, micros = self._call("read the clock", self.client.time)
+            now = seconds + micros / 1e6
         keys = [self.budget_key(group, r, now) for r in rules]
         values = self._call("read", lambda: self.client.mget(keys)) if keys else []
         return [int(v or 0) for v in values]
@@ -435,17 +460,17 @@ class FleetGate:
             if not rules:
                 adm.upload += members
                 continue
-            reservation = self.ledger.reserve(group, rules, len(members), now)
+            reservation = self.ledger.reserve(group, rules, len(members))  # the ledger's clock
             adm.reservations.append(reservation)
             adm.upload += members[:reservation.granted]
             rest = members[reservation.granted:]
             if rest:
-                # Spent for now: ask again in a second or two (a release elsewhere may free some).
-                self._exhausted[group] = self.monotonic() + 1.0 + self._rng.random()
                 if self.rate_overflow == "drop":
                     adm.over += rest
                 else:
                     adm.held += rest
+                    # Spent for now: ask again in a second or two (a release elsewhere may free some).
+                    self._exhausted[group] = self.monotonic() + 1.0 + self._rng.random()
                 unclaim = [adm.claims.pop(i.id) for i in rest if i.id in adm.claims]
                 self.ledger.settle([], unclaim)
 
