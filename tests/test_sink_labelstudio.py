@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -18,8 +19,10 @@ from sink_conformance import GROUP, SinkConformance, upload
 
 from triton_al.serving.server import free_port
 from triton_al.sinks import open_sink
-from triton_al.sinks.base import TransientSinkError
-from triton_al.sinks.labelstudio import DEFAULT_CLASSES, LabelStudioSink, SinkRedirectError, _finite, label_config
+from triton_al.sinks.base import PermanentSinkError, TransientSinkError
+from triton_al.sinks.labelstudio import MAX_CLASSES, LabelStudioSink, Schema, SinkRedirectError, _finite, label_config
+
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 pytestmark = pytest.mark.slow
 
@@ -84,14 +87,15 @@ def stored(server, marker):
         if not ids:
             return {}
         (project,) = ids  # exactly one project per group
+        names = Schema.parse(api(server, f"/api/projects/{project}")["label_config"]).names
         out = {}
         for t in tasks_of(server, project):
             digest = t["data"]["content_hash"]
             assert digest not in out, "a task imported twice"
             out[digest] = {**t["data"], "prediction": {"label": None}, "predictions_score": t.get("predictions_score")}
-            if t.get("predictions"):
+            if t.get("predictions") and t["predictions"][0]["result"]:  # the pre-annotation, as its class index
                 choice = t["predictions"][0]["result"][0]["value"]["choices"][0]
-                out[digest]["prediction"] = {"label": LabelStudioSink(server.url).class_names.index(choice)}
+                out[digest]["prediction"] = {"label": names.index(choice)}
         return out
 
     return read
@@ -134,12 +138,14 @@ class TestLabelStudioSink(SinkConformance):
             return {"score": score, "model_version": str(meta.get("model_version")), "reason": finite(meta.get("reason")),
                     "flagged_at": finite(meta.get("flagged_at")),
                     "probs": finite(prediction.get("probs")) if isinstance(prediction, dict) else None,
-                    "prediction": {"label": label if isinstance(label, int) and 0 <= label < 10 else None}}
+                    "prediction": {"label": label if isinstance(label, int) and not isinstance(label, bool)
+                                   and 0 <= label < MAX_CLASSES else None}}
 
         return view
 
 
 def test_predictions_carry_our_score_for_sorting_and_annotations_come_back(server, sink, stored):
+    sink.class_names = FASHION  # as from ?labels=FILE
     batch = [upload(i, group="ls-specific") for i in range(3)]
     assert sink.upload(batch) == [None] * 3
     found = stored("ls-specific")
@@ -154,6 +160,7 @@ def test_predictions_carry_our_score_for_sorting_and_annotations_come_back(serve
     urllib.request.urlopen(request, timeout=30).close()
     (annotation,) = sink.annotations("ls-specific")
     assert (annotation.content_hash, annotation.label) == (batch[1].content_hash, 4)
+    assert Schema.parse(api(server, f"/api/projects/{project}")["label_config"]).names == tuple(FASHION)
 
 
 def test_a_new_process_does_not_import_again(server, sink, stored, monkeypatch):
@@ -264,7 +271,7 @@ def test_an_import_whose_answer_was_lost_is_not_imported_again(server, sink, sto
 def test_projects_are_ours_by_their_marker_not_their_title(server, sink, stored, marker):
     group = "by-marker"
     users = api(server, "/api/projects", {"title": sink.title_template.format(group=group), "description": "a person's project",
-                                          "label_config": label_config(DEFAULT_CLASSES)}, "POST")
+                                          "label_config": label_config("classification", FASHION)}, "POST")
     assert sink.upload([upload(90, group=group)]) == [None]
     assert tasks_of(server, users["id"]) == []  # the same title, but not ours: untouched
     (ours,) = our_projects(server, marker, group)
@@ -280,7 +287,7 @@ def test_projects_are_ours_by_their_marker_not_their_title(server, sink, stored,
 def test_a_project_made_before_markers_is_adopted(server, sink, stored, marker):
     group = "legacy"
     old = api(server, "/api/projects", {
-        "title": sink.title_template.format(group=group), "label_config": label_config(DEFAULT_CLASSES),
+        "title": sink.title_template.format(group=group), "label_config": label_config("classification", FASHION),
         "description": f"Items flagged by triton-al for upload group {group}; sort by prediction score, lowest first."}, "POST")
     assert sink.upload([upload(92, group=group)]) == [None]
     assert our_projects(server, marker, group) == [old["id"]] and len(stored(group)) == 1
@@ -342,7 +349,7 @@ class Recorder:
 
 
 def empty_listing(h):
-    h.reply(200, {"results": [], "next": None, "tasks": [], "total": 0, "id": 1})
+    h.reply(200, {"results": [], "next": None, "tasks": [], "total": 0, "id": 1, "label_config": label_config("classification", FASHION)})
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2"])  # another port; another host
@@ -366,7 +373,8 @@ def test_an_import_answered_with_a_redirect_fails_and_is_not_resent(code):
     with Recorder(respond) as front:
         with pytest.raises(SinkRedirectError, match="redirect"):
             LabelStudioSink(front.url, 1, token=TOKEN).upload([upload(1), upload(2)])
-        assert [m for m, _, _ in front.requests] == ["GET", "POST"]  # no GET of the target, no second POST
+        # the project's config, the hashes it has, the import: no GET of the target, no second POST
+        assert [m for m, _, _ in front.requests] == ["GET", "GET", "POST"]
 
 
 def test_a_redirect_within_the_server_is_followed_for_reads():
@@ -377,7 +385,7 @@ def test_a_redirect_within_the_server_is_followed_for_reads():
 
     with Recorder(respond) as front:
         assert LabelStudioSink(front.url, 1, token=TOKEN).upload([upload(1)]) == [None]
-        assert [m for m, _, _ in front.requests] == ["GET", "GET", "POST"]
+        assert [m for m, _, _ in front.requests] == ["GET", "GET", "GET", "GET", "POST"]  # each read redirected once
         assert all(auth == f"Token {TOKEN}" for _, _, auth in front.requests)
 
 
@@ -387,3 +395,26 @@ def test_https_is_never_redirected_to_http():
         with pytest.raises(SinkRedirectError):
             sink._redirect_target("GET", "https://ls.example:8443/api/projects", 302, target, "list projects")
     assert sink._redirect_target("GET", "https://ls.example:8443/a", 302, "/b", "x") == "https://ls.example:8443/b"
+
+
+def test_items_are_given_back_whole_and_a_changed_image_is_refused(server, sink):
+    """What `labels pull` fetches into a store the uploader never delivered to."""
+    group = "fetch-back"
+    batch = [upload(120 + i, group=group) for i in range(3)]
+    assert sink.upload(batch) == [None] * 3
+    missing = "0" * 64
+    found = sink.fetch_many(group, [batch[0].content_hash, batch[2].content_hash, missing])
+    assert found[missing] is None
+    for up in (batch[0], batch[2]):
+        got = found[up.content_hash]
+        assert (got.group, got.content_hash, got.asset, got.media_type) == (group, up.content_hash, up.asset, "image/png")
+        assert {k: got.metadata[k] for k in ("prediction", "score", "strategy", "model_name", "flagged_at")} == \
+            {k: up.metadata[k] for k in ("prediction", "score", "strategy", "model_name", "flagged_at")}
+    project = sink.project_for(group)
+    task = next(t for t in tasks_of(server, project) if t["data"]["content_hash"] == batch[1].content_hash)
+    other = upload(999).asset
+    api(server, f"/api/tasks/{task['id']}", {"data": {**task["data"], "image": "data:image/png;base64," +
+                                                      base64.b64encode(other).decode()}}, "PATCH")
+    with pytest.raises(PermanentSinkError, match="does not match the hash"):
+        sink.fetch(group, batch[1].content_hash)
+    assert sink.fetch(group, batch[0].content_hash).asset == batch[0].asset
