@@ -230,3 +230,21 @@ def test_cli_copies_labelled_items_from_another_local_store(tmp_path, store):
     assert label_of(store, 7)["annotator"] == "erin"
     record = next(r for r in store.index("review") if r["content_hash"] == content_hash(png(7)))
     assert record["model_version"] == "2" and store.asset_path("review", record).read_bytes() == png(7)
+
+
+def test_every_label_form_resolves_to_class_indexes_or_says_what_is_wrong():
+    from triton_al.loop.labels import resolve_label
+
+    names = ["cat", "dog"]
+    assert resolve_label("dog", names) == (1, None)
+    assert resolve_label([0, "dog"], names) == ([0, 1], None)
+    assert resolve_label({"boxes": [{"label": "cat", "box": [1, 2, 3, 4]}]}, names) == ({"boxes": [{"label": 0, "box": [1, 2, 3, 4]}]}, None)
+    polygon = {"polygons": [{"label": "dog", "points": [[0, 0], [5, 0], [5, 5]]}]}
+    assert resolve_label(polygon, names) == ({"polygons": [{"label": 1, "points": [[0, 0], [5, 0], [5, 5]]}]}, None)
+    for bad, why in [({"polygons": [{"label": "fox", "points": []}]}, "fox"),
+                     ({"boxes": [], "polygons": []}, "expected"),
+                     ({"shapes": []}, "expected"),
+                     ({"polygons": "x"}, "expected"),
+                     (2.5, "neither")]:
+        value, problem = resolve_label(bad, names)
+        assert value is None and why in problem, (bad, problem)

@@ -94,7 +94,8 @@ def _class_index(value: Any, class_names: list[str] | None) -> tuple[int | None,
 def resolve_label(label: Any, class_names: list[str] | None) -> tuple[Any, str | None]:
     """The label as the store keeps it (class indexes), or why it cannot be taken. Accepted:
     a class (index, or name with class names), a list of classes (multi-label), or
-    `{"boxes": [{"label": class, ...}, ...]}` (detection)."""
+    `{"boxes": [{"label": class, ...}, ...]}` (detection) or `{"polygons": [{"label": class,
+    "points": [[x, y], ...]}, ...]}` (segmentation)."""
     if label is None:
         return None, "no label in the annotation"
     if isinstance(label, (int, str)) and not isinstance(label, bool):
@@ -110,17 +111,20 @@ def resolve_label(label: Any, class_names: list[str] | None) -> tuple[Any, str |
             out.append(index)
         return out, None
     if isinstance(label, dict):
-        boxes = label.get("boxes")
-        if not isinstance(boxes, list) or not all(isinstance(b, dict) for b in boxes):
-            return None, f"label {label!r}: expected {{'boxes': [{{'label': class, ...}}, ...]}}"
-        out_boxes = []
-        for box in boxes:
-            index, problem = _class_index(box.get("label"), class_names)
+        # Detection boxes or segmentation polygons: shapes, each with its class.
+        kinds = [k for k in ("boxes", "polygons") if k in label]
+        shapes = label.get(kinds[0]) if len(kinds) == 1 else None
+        if not isinstance(shapes, list) or not all(isinstance(b, dict) for b in shapes):
+            return None, (f"label {label!r}: expected {{'boxes': [{{'label': class, ...}}, ...]}} "
+                          "or {'polygons': [{'label': class, 'points': [[x, y], ...]}, ...]}")
+        resolved = []
+        for shape in shapes:
+            index, problem = _class_index(shape.get("label"), class_names)
             if problem:
                 return None, problem
-            out_boxes.append({**box, "label": index})
-        return {**label, "boxes": out_boxes}, None
-    return None, f"label {label!r} is neither a class, a list of them, nor boxes"
+            resolved.append({**shape, "label": index})
+        return {**label, kinds[0]: resolved}, None
+    return None, f"label {label!r} is neither a class, a list of them, boxes nor polygons"
 
 
 @contextlib.contextmanager
