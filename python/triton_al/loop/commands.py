@@ -118,18 +118,23 @@ def evaluate_command(
 
 def deploy_command(
     model_repository: Repository,
-    url: Url = "127.0.0.1:8001",
+    url: Annotated[Optional[list[str]], typer.Option("--url", help="Triton's gRPC address; repeat it for every replica of a fleet reading this repository: the version is rolled out one replica at a time.")] = None,
     model: Annotated[str, typer.Option()] = "fashion_cnn",
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the new version.")] = 120.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the new version (per replica).")] = 120.0,
 ) -> None:
-    """Load the newest version of MODEL into the running server (explicit model control); the old one serves until it is ready."""
-    from triton_al.loop.deploy import DeployError, deploy
+    """Load the newest version of MODEL into the running server(s) (explicit model control); the old one serves until the new one is ready."""
+    from triton_al.loop.deploy import DeployError, deploy, deploy_fleet
 
+    urls = url or ["127.0.0.1:8001"]
     try:
-        version = deploy(url, model_repository, model, timeout)
+        if len(urls) == 1:
+            version = deploy(urls[0], model_repository, model, timeout)
+        else:
+            version = deploy_fleet(urls, model_repository, model, timeout,
+                                   on_replica=lambda u, v: typer.echo(f"{u}: serving {model} version {v}", err=True))
     except DeployError as e:
         _fail(f"triton-al deploy: {e}")
-    typer.echo(f"serving {model} version {version}")
+    typer.echo(f"serving {model} version {version}" + (f" on {len(urls)} replicas" if len(urls) > 1 else ""))
 
 
 def rollback_command(

@@ -7,6 +7,12 @@ fails to load leaves the old one serving: deploy says why and renames the direct
 `failed-<N>`, so that a restart does not trip on it. Rollback renames the newest version
 to `rolled-back-<N>` and loads the model again. (The names must not start with a digit:
 Triton reads `3.failed` as version 3.)
+
+A fleet whose replicas read one repository (a shared volume) is rolled replica by replica
+(`deploy_fleet`): the version is loaded on one replica, and only once it is ready there on
+the next; every replica keeps serving throughout (each switches as one server does). If
+it fails on any replica, the version is set aside and the replicas that had switched
+are put back on the version they served, so the fleet never ends up split.
 """
 
 from __future__ import annotations
@@ -100,3 +106,47 @@ def rollback(url: str, repository: Path, model: str, timeout_s: float = 120.0) -
         aside.rename(model_dir / str(newest))  # leave things as they were
         raise
     return previous
+
+
+def deploy_fleet(urls: list[str], repository: Path, model: str, timeout_s: float = 120.0,
+                 on_replica=None) -> int:
+    """Roll the newest version of `model` over every replica in `urls`, one at a time;
+    returns its number. `on_replica(url, version)` is called after each replica switched."""
+    if len(set(urls)) != len(urls):
+        raise DeployError(f"a replica is named twice in {urls}")
+    model_dir = Path(repository) / model
+    available = versions(model_dir)
+    if not available:
+        raise DeployError(f"{model_dir}: no version directories")
+    newest = available[-1]
+    before = {}
+    for url in urls:
+        try:
+            before[url] = served_versions(url, model)
+        except Exception as e:  # noqa: BLE001 - any client error: the replica cannot be reached
+            raise DeployError(f"replica {url} does not answer ({e}); nothing was changed") from None
+    done: list[str] = []
+    for url in urls:
+        try:
+            _load(url, model, newest, timeout_s)
+        except DeployError as e:
+            reason = _reason(url, model, newest)
+            failed = model_dir / f"failed-{newest}"
+            if failed.exists():
+                failed = model_dir / f"failed-{newest}-{int(time.time())}"
+            (model_dir / str(newest)).rename(failed)
+            restored = []
+            for back in [*done, url]:
+                try:  # the directory is gone: loading again serves the previous version
+                    _load(back, model, max(before[back]) if before[back] else available[-2], timeout_s)
+                    restored.append(back)
+                except (DeployError, IndexError) as again:
+                    raise DeployError(f"version {newest} of {model!r} did not load on {url}: {e} ({reason}); moved it to "
+                                      f"{failed}; putting {back} back failed too: {again}") from None
+            raise DeployError(
+                f"version {newest} of {model!r} did not load on {url}: {e} ({reason}); moved it to {failed}; "
+                f"replicas {restored} serve {sorted({v for b in restored for v in before[b]})} again") from None
+        done.append(url)
+        if on_replica is not None:
+            on_replica(url, newest)
+    return newest
