@@ -7,7 +7,7 @@
 - Every metric name those expressions select is one the code really exports: the test
   serves the example repository (with the native step, as the example ships it, and with
   the Python step) with the uploader beside it, sends some traffic, and reads Triton's
-  /metrics and the uploader's /metrics; the names come from those scrapes, not from a list. A family declared with no
+  /metrics and the uploader's /metrics (and the drift watcher's gauges); the names come from those scrapes, not from a list. A family declared with no
   series yet (a labelled counter such as the sink failures, before the first failure) is
   exported by its `# TYPE` line and counts. The only names allowed without a scrape are
   Prometheus' own per-target series (`up`). Label names used in matchers and in `by (...)`
@@ -480,11 +480,21 @@ def scraped(tmp_path_factory, request):
 
         with urllib.request.urlopen(p.uploader.metrics_url, timeout=5) as r:
             uploader_text = r.read().decode()
-        yield triton_metrics(p.server), uploader_text
+        # The drift watcher's gauges (`triton-al drift --serve-metrics`), declared by their TYPE
+        # lines; tests/test_drift.py checks their labels on a judged window.
+        from triton_al.drift import Exporter
+
+        drift = Exporter(0)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{drift.port}/metrics", timeout=5) as r:
+                drift_text = r.read().decode()
+        finally:
+            drift.close()
+        yield triton_metrics(p.server), uploader_text, drift_text
 
 
 def test_scrapes_hold_the_step_and_uploader_metrics(scraped):
-    triton_text, uploader_text = scraped
+    triton_text, uploader_text, _ = scraped
     series = exported_series(triton_text, uploader_text)
     # The scrapes are real: the step's histogram and the uploader's deliveries are there.
     assert any(s.get("le") == "+Inf" for s in series["triton_al_score_bucket"])

@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "triton_al.serving.commands",
     "triton_al.uploader.commands",
     "triton_al.loop.commands",
+    "triton_al.drift",
 ]
 
 for _name in COMMAND_MODULES:
