@@ -67,6 +67,7 @@ def serve_command(
     labels: Annotated[Optional[Path], typer.Option(help="With --pull-labels-every: class names, one per line.")] = None,
     rate_limit: Annotated[Optional[list[str]], typer.Option("--rate-limit", help="Passed to the uploader: GROUP=N/minute (or /hour, /day). Repeatable.")] = None,
     budget_ledger: Annotated[Optional[str], typer.Option(help="Passed to the uploader: redis://HOST:PORT/DB shared by a fleet, so that --rate-limit budgets hold across it (see `triton-al uploader --budget-ledger`).")] = None,
+    near_duplicate_distance: Annotated[Optional[str], typer.Option(help="Passed to the uploader: images within this many bits of one queued or delivered for the group are counted as near-duplicates and not uploaded; 0 or 'off' disables (see `triton-al uploader --near-duplicate-distance`).")] = None,
 ) -> None:
     """Serve a model repository with Triton and the uploader sidecar until Ctrl-C / SIGTERM."""
     from triton_al.private import keep_files_private
@@ -118,6 +119,14 @@ def serve_command(
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--budget-ledger") from None
         uploader_args += ["--budget-ledger", budget_ledger]
+    if near_duplicate_distance is not None:
+        from triton_al.uploader.near_duplicates import parse_distance
+
+        try:
+            parse_distance(near_duplicate_distance)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--near-duplicate-distance") from None
+        uploader_args += ["--near-duplicate-distance", near_duplicate_distance]
     pipeline = Pipeline(
         model_repository, data_dir, sink=sink or (f"local:{store.absolute()}" if store else None), outbox=outbox,
         uploader=uploader, model_control_mode=model_control_mode, load_models=models, grpc_port=grpc_port,

@@ -144,6 +144,9 @@ def uploader_command(
     fleet_claims: Annotated[bool, typer.Option(help="With --budget-ledger: claim each item in the ledger before uploading it (one replica uploads an image the fleet flagged several times). Without: only rate-limited groups use the ledger.")] = True,
     fleet_claim_ttl: Annotated[str, typer.Option(help="With --budget-ledger: how long a claim lasts (a replica that dies holding one delays those items this long).")] = "5m",
     fleet_dedup_ttl: Annotated[str, typer.Option(help="With --budget-ledger: how long the ledger remembers that an item was delivered, so that other replicas do not upload it again.")] = "1h",
+    near_duplicate_distance: Annotated[Optional[str], typer.Option(help="An image within this many bits (Hamming distance of 64-bit perceptual hashes) of one queued or delivered for the same group is counted as a near-duplicate and not uploaded; 0 or 'off' uploads every image. Default: the measured one (benchmarks/RESULTS.md).")] = None,
+    near_duplicate_max_entries: Annotated[int, typer.Option(min=1, help="Hashes the near-duplicate index keeps per group (the oldest evicted).")] = 100_000,
+    near_duplicate_max_age: Annotated[str, typer.Option(help="How long the near-duplicate index remembers an image (e.g. 30d).")] = "30d",
 ) -> None:
     """Drain the outbox into a sink: retries with backoff, dead letters, rate limits, /metrics, admin API; optionally pull labels back."""
     from triton_al.private import keep_files_private
@@ -172,6 +175,12 @@ def uploader_command(
             parse_ledger_uri(budget_ledger)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--budget-ledger") from None
+    from triton_al.uploader.near_duplicates import parse_distance
+
+    near_distance = _parsed(parse_distance, near_duplicate_distance, "--near-duplicate-distance")
+    near_max_age_s = _parsed(parse_duration, near_duplicate_max_age, "--near-duplicate-max-age")
+    if near_max_age_s <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--near-duplicate-max-age")
     claim_ttl_s = _parsed(parse_duration, fleet_claim_ttl, "--fleet-claim-ttl")
     dedup_ttl_s = _parsed(parse_duration, fleet_dedup_ttl, "--fleet-dedup-ttl")
     if claim_ttl_s <= 0 or dedup_ttl_s <= 0:
@@ -262,9 +271,24 @@ def uploader_command(
         fleet = FleetGate(ledger, limits, rate_overflow=rate_overflow, claims=fleet_claims, registry=metrics.registry)
         log.info("fleet: %s; budgets %s", fleet.describe(), {g: [str(r) for r in rules] for g, rules in limits.items()} or "none")
         limits = {}
+    near = None
+    if near_distance:
+        import sqlite3
+
+        from triton_al.uploader.near_duplicates import NearDuplicateIndex, index_path
+
+        try:
+            near = NearDuplicateIndex(index_path(outbox), max_distance=near_distance, max_entries=near_duplicate_max_entries,
+                                      max_age_s=near_max_age_s, sink=target_id)
+        except (ValueError, OSError, sqlite3.Error) as e:
+            target.close()
+            typer.echo(f"triton-al uploader: near-duplicate index {index_path(outbox)}: {e}", err=True)
+            raise typer.Exit(2) from None
+        log.info("near-duplicates: within %d bits of an image queued or delivered for the group are not uploaded (index %s)",
+                 near_distance, near.path)
     worker = Uploader(box, target, batch_size=batch_size, batch_max_bytes=max_batch_bytes, limits=limits, rate_overflow=rate_overflow,
                       max_attempts=max_attempts, backoff=Backoff(base_s=backoff_base, cap_s=backoff_cap), metrics=metrics,
-                      bounds=bounds, open_outbox=open_outbox, fleet=fleet)
+                      bounds=bounds, open_outbox=open_outbox, fleet=fleet, near_duplicates=near)
     if first_error is not None:
         worker._outbox_failed(first_error)
     puller = None
@@ -345,6 +369,8 @@ def uploader_command(
         target.close()
         if fleet is not None:
             fleet.ledger.close()
+        if near is not None:
+            near.close()
         if worker.outbox is not None:
             worker.outbox.close()
         os.close(lock_fd)

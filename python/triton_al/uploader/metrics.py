@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from triton_al.outbox import Outbox, OutboxError
+from triton_al.uploader.near_duplicates import COUNTER_PREFIX as NEAR_DUPLICATES_PREFIX
 
 # outbox counter name -> (metric name, help, labels)
 OUTBOX_COUNTERS = {
@@ -56,6 +57,12 @@ class OutboxCollector(Collector):
                 family = families[name] = CounterMetricFamily(name, help_text, labels=list(labels))
             family.add_metric(list(labels.values()), counters.get(key, 0))
         yield from families.values()
+        near = CounterMetricFamily("triton_al_uploader_near_duplicates", "Items not uploaded: within the near-duplicate distance "
+                                   "of an image queued or delivered for that group (--near-duplicate-distance)", labels=["group"])
+        for key, value in counters.items():
+            if key.startswith(NEAR_DUPLICATES_PREFIX):
+                near.add_metric([key[len(NEAR_DUPLICATES_PREFIX):]], value)
+        yield near
         yield GaugeMetricFamily("triton_al_outbox_bytes", "Asset bytes of queued items (what the outbox's max_bytes bounds)", value=counters.get("stored_bytes", 0))
         yield GaugeMetricFamily("triton_al_uploader_dead_letter_bytes", "Asset bytes held by dead letters only", value=counters.get("dead_letter_bytes", 0))
         queued = GaugeMetricFamily("triton_al_uploader_queued", "Items waiting for upload", labels=["group"])

@@ -33,6 +33,7 @@ from typing import Any
 from triton_al.outbox import Outbox, OutboxBusy, OutboxError, QueuedItem, SinkChanged
 from triton_al.sinks.base import PermanentSinkError, Sink, SinkAuthError, SinkError, Upload
 from triton_al.uploader.limits import RateLimit, limits_for
+from triton_al.uploader.near_duplicates import COUNTER_PREFIX as NEAR_DUPLICATES_PREFIX
 
 log = logging.getLogger("triton_al.uploader")
 SIGNAL_CHECK_S = 0.25
@@ -80,6 +81,8 @@ class BatchOutcome:
     """Items the fleet ledger kept queued this time (another replica's claim, budget spent, ledger down)."""
     elsewhere: int = 0
     """Items another replica had delivered: recorded as delivered without an upload."""
+    near_duplicates: int = 0
+    """Items within the near-duplicate distance of one queued or delivered before: counted, not uploaded."""
     delivered_ids: list[int] = field(default_factory=list)
 
     @property
@@ -137,6 +140,8 @@ class Uploader:
     """Longest time spent probing a failed batch before calling the sink down."""
     fleet: Any | None = None
     """A `ledger.FleetGate`: budgets and claims shared by a fleet of uploaders (`--budget-ledger`)."""
+    near_duplicates: Any | None = None
+    """A `near_duplicates.NearDuplicateIndex` (`--near-duplicate-distance`), or None: off."""
 
     def __post_init__(self) -> None:
         if self.rate_overflow not in ("keep", "drop"):
@@ -293,6 +298,11 @@ class Uploader:
         if trimmed:
             log.info("forgot %d old delivery records (dedup memory bounded to %.0f s and %d records)", trimmed,
                      b.delivered_max_age_s, b.delivered_max_rows)
+        if self.near_duplicates is not None:
+            try:
+                self.near_duplicates.maintain(now=now)
+            except Exception as e:  # noqa: BLE001 - its bounds are checked again next time
+                log.error("near-duplicate index: could not apply its bounds: %s: %s", type(e).__name__, e)
 
     def step(self, *, ignore_backoff: bool = False) -> BatchOutcome | None:
         """Upload one batch; None when nothing was due."""
@@ -314,17 +324,59 @@ class Uploader:
             if self.fleet is not None and self.fleet.error:
                 self.last_error = self.fleet.error
             return None
-        batch, over = self._apply_limits(batch, allowance)
         outcome = BatchOutcome()
+        if self.near_duplicates is not None:
+            batch = self._suppress_near_duplicates(batch, outcome, now)
+            if not batch:
+                return outcome
+        batch, over = self._apply_limits(batch, allowance)
         if self.fleet is not None:
             return self._fleet_upload(batch, over, outcome, now)
         if over:
+            self._forget_near_duplicates(over)
             self.outbox.drop([i.id for i in over], "dropped_rate_limit")
             outcome.dropped = len(over)
             log.warning("dropped %d items over their group's rate limit or budget", len(over))
         if not batch:
             return outcome
         return self._upload(batch, outcome)
+
+    def _suppress_near_duplicates(self, batch: list[QueuedItem], outcome: BatchOutcome, now: float) -> list[QueuedItem]:
+        """Items within the distance of one queued or delivered before in their group leave
+        the outbox uncounted as uploads (counted per group as near-duplicates, and on the
+        first one in the index); the rest go on. A failing index lets everything through."""
+        assert self.outbox is not None and self.near_duplicates is not None
+        try:
+            matches = self.near_duplicates.screen(batch, now=now)
+        except Exception as e:  # noqa: BLE001 - the index only saves uploads: never stop delivery for it
+            log.error("near-duplicate index: %s: %s; uploading this batch unscreened", type(e).__name__, e)
+            return batch
+        if not matches:
+            return batch
+        by_group: dict[str, list[int]] = {}
+        for m in matches:
+            by_group.setdefault(m.upload_group, []).append(m.item_id)
+        for group, ids in by_group.items():
+            self.outbox.drop(ids, f"{NEAR_DUPLICATES_PREFIX}{group}")
+        try:
+            self.near_duplicates.record(matches, now=now)
+        except Exception as e:  # noqa: BLE001 - the evidence only
+            log.error("near-duplicate index: could not count %d near-duplicates: %s", len(matches), e)
+        outcome.near_duplicates = len(matches)
+        log.info("%d near-duplicates not uploaded (within %d bits of an item queued or delivered)", len(matches),
+                 self.near_duplicates.max_distance)
+        gone = {m.item_id for m in matches}
+        return [i for i in batch if i.id not in gone]
+
+    def _forget_near_duplicates(self, items: list[QueuedItem]) -> None:
+        """Items leaving the outbox undelivered leave the near-duplicate index (first: a crash
+        in between only hashes them again)."""
+        if self.near_duplicates is None or not items:
+            return
+        try:
+            self.near_duplicates.forget(items)
+        except Exception as e:  # noqa: BLE001
+            log.error("near-duplicate index: could not forget %d items: %s", len(items), e)
 
     def _held_back(self, allowance: dict[str, int]) -> list[str]:
         return [g for g, n in allowance.items() if n <= 0] if self.rate_overflow == "keep" else []
@@ -372,6 +424,7 @@ class Uploader:
                 outcome.elsewhere = self.outbox.mark_delivered([i.id for i in admission.elsewhere], now=now)
             over = over + admission.over
             if over:
+                self._forget_near_duplicates(over)
                 self.outbox.drop([i.id for i in over], "dropped_rate_limit")
                 outcome.dropped = len(over)
                 log.warning("dropped %d items over their group's rate limit or budget", len(over))
@@ -436,6 +489,9 @@ class Uploader:
                 retry.append((item.id, str(result), now + self.backoff.delay(item.attempts + 1, self._rng)))
         # Record the sink's verdicts; a crash before this line repeats the (idempotent) upload.
         outcome.delivered_ids = delivered  # what the sink took counts against a fleet budget, recorded here or not
+        if dead and self.near_duplicates is not None:
+            dead_ids = {i for i, _ in dead}
+            self._forget_near_duplicates([i for i in batch if i.id in dead_ids])
         self.outbox.mark_delivered(delivered, now=now)
         self.outbox.dead_letter(dead, now=now)
         self.outbox.mark_failed(retry)
