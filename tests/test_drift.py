@@ -19,7 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -167,6 +167,39 @@ def test_bad_input_says_what_was_wrong(tmp_path):
         evaluate(ref, window(np.linspace(0, 1, 300)))
     with pytest.raises(DriftError, match="only 10 scores"):
         make_reference(window(np.linspace(0, 1, 10)), STEP, "m", "1", min_items=100)
+
+
+def snapshot_of(scores, source: str, at: float, flagged: dict | None = None):
+    """One replica's scrape, as prometheus_client writes the exposition text."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from triton_al.calibrate import parse_metrics
+
+    registry = CollectorRegistry()
+    h = Histogram("triton_al_score", "scores", ["model"], buckets=BOUNDS[:-1], registry=registry)
+    c = Counter("triton_al_items_scored", "scored", ["model"], registry=registry)
+    f = Counter("triton_al_items_flagged", "flagged", ["model", "reason"], registry=registry)
+    for x in scores:
+        h.labels(model=STEP).observe(float(x))
+    c.labels(model=STEP).inc(len(scores))
+    for reason, n in (flagged or {}).items():
+        f.labels(model=STEP, reason=reason).inc(n)
+    return parse_metrics(generate_latest(registry).decode(), model=STEP, at=at, source=source)
+
+
+def test_a_fleets_window_adds_each_replicas_difference():
+    from triton_al.drift import window_of
+
+    rng = np.random.default_rng(9)
+    a0, a1, b0, b1 = (rng.uniform(size=n) for n in (100, 300, 50, 200))
+    before = [snapshot_of(a0, "a", 0.0, {"uncertain": 5}), snapshot_of(b0, "b", 0.0, {"uncertain": 1})]
+    after = [snapshot_of(np.concatenate([a0, a1]), "a", 60.0, {"uncertain": 20, "invalid_output": 7}),
+             snapshot_of(np.concatenate([b0, b1]), "b", 60.0, {"uncertain": 4, "random": 2})]
+    w = window_of(before, after)
+    assert w.scored == 500 and w.flagged == (20 - 5) + (4 - 1) + 2  # invalid_output is not the flag rate's
+    assert w.buckets == pytest.approx(histogram(np.concatenate([a1, b1]), BOUNDS))
+    with pytest.raises(Exception, match=r"a: its counters went down"):
+        window_of([after[0]], [snapshot_of(a0[:10], "a", 90.0)])
 
 
 def cli(*args: str):
@@ -392,6 +425,7 @@ def check_live(served, pngs: np.ndarray) -> tuple[int, dict, str]:
         with grpcclient.InferenceServerClient(p.server.grpc_url) as client:
             send(client, pngs)
         out, err = proc.communicate(timeout=60)
+    print(f"\nLIVE rc={proc.returncode} {out.strip()}")
     return proc.returncode, json.loads(out), err
 
 
@@ -449,6 +483,36 @@ def test_gauges_are_exported_and_the_alert_rules_name_them(served, tmp_path):
     assert obs.name_problems([(w, e.replace("scored_model", "served_model")) for w, e in rules],
                              obs.exported_series(text)) != []
     assert obs.rules_problems(obs.load_rules()) == []
+
+
+def test_watch_records_the_first_scores_of_a_version_without_reference(served, tmp_path):
+    """--record-first N: no reference file yet; the watcher records the first 300 scores it
+    sees as version 1's reference, then judges the next windows against it."""
+    from outbox_helpers import wait_for
+    from triton_helpers import grpcclient
+
+    p = served["pipeline"]
+    refs = tmp_path / "first.json"
+    with drift_process("--reference", str(refs), "--metrics-url", p.server.metrics_url, "--url", p.server.grpc_url,
+                       "--window", "1", "--watch", "--record-first", "300") as proc:
+        for line in proc.stderr:
+            if "a window starts for fashion_cnn version 1" in line or proc.poll() is not None:
+                break
+        with grpcclient.InferenceServerClient(p.server.grpc_url) as client:
+            send(client, served["test_pngs"][N_REFERENCE:N_REFERENCE + 320])
+            wait_for(lambda: refs.exists(), 30, "the reference of the first scores")
+            ref = load_references(refs)[f"{STEP}/fashion_cnn/1"]
+            # Recorded at the first scrape holding 300 or more (the step hands its counts to
+            # Triton once a second, so a scrape may fall inside the 320).
+            assert 300 <= sum(ref.counts) <= 320 and f"first {sum(ref.counts):g} scores" in ref.how
+            out: list[str] = []
+            reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+            reader.start()
+            send(client, served["test_pngs"][N_REFERENCE + 320:N_REFERENCE + 620])
+        wait_for(lambda: any('"psi"' in x for x in out), 30, "a judged window")
+    verdict = json.loads(next(x for x in out if '"psi"' in x))
+    assert verdict["items"] >= DEFAULT_MIN_ITEMS and verdict["judged"] and not verdict["drift_alarm"]
+    assert verdict["reference"] == f"{STEP}/fashion_cnn/1"
 
 
 def test_a_new_version_needs_its_own_reference(served, tmp_path):
