@@ -515,6 +515,22 @@ def test_watch_records_the_first_scores_of_a_version_without_reference(served, t
     assert verdict["reference"] == f"{STEP}/fashion_cnn/1"
 
 
+def test_calibrate_records_a_reference_with_the_calibrated_band(served, tmp_path):
+    p = served["pipeline"]
+    refs = tmp_path / "calibrated.json"
+    r = cli("calibrate", "--metrics-url", p.server.metrics_url, "--flag-rate", "0.05", "--window", "0",
+            "--url", p.server.grpc_url, "--drift-reference", str(refs))
+    assert r.exit_code == 0, r.output
+    body = json.loads(r.stdout)
+    assert body["drift_reference"] == f"{STEP}/fashion_cnn/1"
+    ref = load_references(refs)[f"{STEP}/fashion_cnn/1"]
+    assert ref.band == pytest.approx((0.025, 0.10)) and sum(ref.counts) == scored_total(p.server)
+    r = cli("calibrate", "--metrics-url", p.server.metrics_url, "--flag-rate", "0.05", "--window", "0",
+            "--url", f"127.0.0.1:{closed_port()}", "--drift-reference", str(tmp_path / "x.json"))
+    assert r.exit_code == 2 and "the drift reference was not recorded (proposal: {" in r.output
+    assert "which version" in r.output
+
+
 def test_a_new_version_needs_its_own_reference(served, tmp_path):
     """Version 2 deployed (explicit model control): the check refuses, naming the version; a
     reference recorded for it sits beside version 1's."""

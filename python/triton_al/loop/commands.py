@@ -214,6 +214,7 @@ def calibrate_command(
     apply: Annotated[bool, typer.Option(help="Write the threshold into the step's config.pbtxt and reload it (no restart); one server only.")] = False,
     model_repository: Annotated[Optional[Path], typer.Option("--model-repository", help="Needed with --apply.")] = None,
     url: Url = "127.0.0.1:8001",
+    drift_reference: Annotated[Optional[Path], typer.Option(help="Also record the window's scores as the served version's reference for `triton-al drift` in this file, with the flag-rate band half to twice the proposed rate (the version is asked of --url).")] = None,
 ) -> None:
     """Propose the threshold that flags about CAPACITY items a day (or a flag rate), from the recent scores of one
     server or of a fleet."""
@@ -243,6 +244,18 @@ def calibrate_command(
     except (CalibrationError, OSError) as e:
         _fail(f"triton-al calibrate: {e}")
     body = dict(proposal.__dict__)
+    if drift_reference is not None:
+        from triton_al.drift import DriftError, default_band, make_reference, save_reference, served_version, window_of
+
+        try:
+            scores = window_of(None, [snapshot]) if prometheus_url else window_of(before, after)
+            scored_model, version = served_version(url, step)
+            ref = make_reference(scores, step, scored_model, version, band=default_band(proposal.flag_rate),
+                                 how=f"calibrate, flag rate {proposal.flag_rate:g} proposed")
+            save_reference(drift_reference, ref)
+        except (DriftError, CalibrationError, OSError) as e:
+            _fail(f"triton-al calibrate: the drift reference was not recorded (proposal: {json.dumps(body)}): {e}")
+        body["drift_reference"] = ref.key
     if apply:
         if model_repository is None:
             _fail("triton-al calibrate: --apply needs --model-repository")
