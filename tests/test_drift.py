@@ -515,6 +515,35 @@ def test_watch_records_the_first_scores_of_a_version_without_reference(served, t
     assert verdict["reference"] == f"{STEP}/fashion_cnn/1"
 
 
+def test_through_prometheus_the_window_is_its_increase(served):
+    """--prometheus-url: the window is Prometheus' increase over --window, here the
+    Prometheus stand-in of tests/test_calibrate.py (real PromQL parsed, series from two real
+    scrapes of the served step, 300 inverted images apart)."""
+    from outbox_helpers import wait_for
+    from test_calibrate import FakePrometheus, http_server, series_of
+    from triton_helpers import grpcclient, triton_metrics
+
+    p = served["pipeline"]
+    target = {"namespace": "prod", "pod": "triton-al-0", "instance": "10.0.0.1:8002", "job": "prod/triton-al"}
+    before = series_of(triton_metrics(p.server), target)
+    start = scored_total(p.server)
+    with grpcclient.InferenceServerClient(p.server.grpc_url) as client:
+        send(client, served["shifted_pngs"]["inverted"][:300])
+    wait_for(lambda: scored_total(p.server) == start + 300, 15, "the traffic in the step's metrics")
+    fake = FakePrometheus(before, series_of(triton_metrics(p.server), target))
+    with http_server(fake.answer) as url:
+        args = ["drift", "--reference", str(served["reference_file"]), "--prometheus-url", url, "--prometheus-selector",
+                'namespace="prod"', "--window", "600", "--version", "1", "--scored-model", "fashion_cnn", "--fail-on-alarm"]
+        r = cli(*args)
+        assert r.exit_code == 1, r.output
+        verdict = json.loads(r.stdout)
+        assert verdict["items"] == 300 and verdict["drift_alarm"] and verdict["psi"] > 1.0
+        assert any(q.startswith("sum by (le) (increase(triton_al_score_bucket{") and "[600s]" in q for q in fake.queries)
+        fake.error = "query timed out"
+        r = cli(*args)
+        assert r.exit_code == 2 and f"Prometheus at {url} refused the query" in r.output and "query timed out" in r.output
+
+
 def test_calibrate_records_a_reference_with_the_calibrated_band(served, tmp_path):
     p = served["pipeline"]
     refs = tmp_path / "calibrated.json"
