@@ -419,9 +419,9 @@ def check_live(served, pngs: np.ndarray) -> tuple[int, dict, str]:
 
     p = served["pipeline"]
     with drift_process("--reference", str(served["reference_file"]), "--metrics-url", p.server.metrics_url,
-                       "--url", p.server.grpc_url, "--window", "5", "--fail-on-alarm") as proc:
+                       "--url", p.server.grpc_url, "--window", "8", "--fail-on-alarm") as proc:
         line = proc.stderr.readline()
-        assert "the window closes in 5 s" in line, line + proc.stderr.read()
+        assert "the window closes in 8 s" in line, line + proc.stderr.read()
         with grpcclient.InferenceServerClient(p.server.grpc_url) as client:
             send(client, pngs)
         out, err = proc.communicate(timeout=60)
