@@ -560,18 +560,44 @@ def test_calibrate_records_a_reference_with_the_calibrated_band(served, tmp_path
     assert "which version" in r.output
 
 
+def gauges(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
 def test_a_new_version_needs_its_own_reference(served, tmp_path):
-    """Version 2 deployed (explicit model control): the check refuses, naming the version; a
-    reference recorded for it sits beside version 1's."""
+    """Version 2 deployed (explicit model control) while a watcher runs: it starts a new
+    window, drops version 1's gauges and records version 2's first scores (--record-first);
+    the one-shot check refuses, naming the version; a reference recorded for it sits beside
+    version 1's."""
     from outbox_helpers import wait_for
     from triton_helpers import grpcclient
 
     p, repository = served["pipeline"], served["repository"]
-    shutil.copytree(repository / "fashion_cnn" / "1", repository / "fashion_cnn" / "2")
-    with grpcclient.InferenceServerClient(p.server.grpc_url) as client:
-        client.load_model("fashion_cnn")
-        wait_for(lambda: client.is_model_ready("fashion_cnn", "2") and not client.is_model_ready("fashion_cnn", "1"),
-                 60, "version 2 serving alone")
+    watched, ports = tmp_path / "watched.json", tmp_path / "ports.json"
+    shutil.copy(served["reference_file"], watched)
+    with drift_process("--reference", str(watched), "--metrics-url", p.server.metrics_url, "--url", p.server.grpc_url,
+                       "--window", "1", "--serve-metrics", "0", "--ports-file", str(ports), "--record-first", "200") as proc:
+        err: list[str] = []
+        threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
+        wait_for(lambda: any("a window starts for fashion_cnn version 1" in x for x in err), 30, "the watcher's first window")
+        url = f"http://127.0.0.1:{json.loads(ports.read_text())['metrics']}/metrics"
+        with grpcclient.InferenceServerClient(p.server.grpc_url) as client:
+            send(client, served["test_pngs"][N_REFERENCE:N_REFERENCE + 250])
+            wait_for(lambda: 'triton_al_score_drift{model="active_learning",scored_model="fashion_cnn",version="1"}' in gauges(url),
+                     30, "version 1 judged")
+            shutil.copytree(repository / "fashion_cnn" / "1", repository / "fashion_cnn" / "2")
+            client.load_model("fashion_cnn")
+            wait_for(lambda: client.is_model_ready("fashion_cnn", "2") and not client.is_model_ready("fashion_cnn", "1"),
+                     60, "version 2 serving alone")
+            wait_for(lambda: any("now serving fashion_cnn version 2: a new window starts" in x for x in err), 30,
+                     "the watcher to see version 2")
+            assert "triton_al_score_drift{" not in gauges(url)  # version 1's alarms do not outlive it
+            send(client, served["test_pngs"][N_REFERENCE + 250:N_REFERENCE + 500])
+            wait_for(lambda: f"{STEP}/fashion_cnn/2" in load_references(watched), 30, "version 2's first scores recorded")
+        # The first scrape holding 200 or more of version 2's scores (the step hands its counts
+        # over once a second, so a scrape may fall inside the 250).
+        assert 200 <= sum(load_references(watched)[f"{STEP}/fashion_cnn/2"].counts) <= 250
     refs = served["reference_file"]
     r = cli("drift", "--reference", str(refs), "--metrics-url", p.server.metrics_url, "--url", p.server.grpc_url, "--window", "0")
     assert r.exit_code == 2
