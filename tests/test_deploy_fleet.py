@@ -83,15 +83,36 @@ def test_a_version_rolls_over_every_replica_with_no_failed_request_and_a_broken_
     assert all(n > 0 for n in before_end.values()), f"every replica answered during the roll-out: {before_end}"
     assert [served_versions(u, "fashion_cnn") for u in urls] == [[2], [2], [2]]
 
+    # A version whose model file is broken fails the smoke test: no live server is touched.
     (model_dir / "3").mkdir()
+    shutil.copy2(model_dir / "1" / "model.py", model_dir / "3" / "model.py")
     (model_dir / "3" / "model.onnx").write_bytes(b"not an onnx model")
     with Traffic(urls) as traffic:
         broken = deploy(repository, urls)
     assert broken.returncode != 0
-    assert f"did not load on {urls[0]}" in broken.stderr and "failed-3" in broken.stderr, broken.stderr
+    assert "version 3 of 'fashion_cnn' does not load" in broken.stderr and "no live server was touched" in broken.stderr, broken.stderr
     assert traffic.failures == [], traffic.failures[:3]
     assert not (model_dir / "3").exists() and (model_dir / "failed-3" / "model.onnx").exists()
     assert [served_versions(u, "fashion_cnn") for u in urls] == [[2], [2], [2]]
+
+
+def test_a_version_whose_load_would_hang_never_reaches_a_live_server(fleet):
+    """A version folder without its model.py makes the Python backend's load hang (and the
+    model stay LOADING on that server): the smoke test's scratch server takes the hang."""
+    repository, urls = fleet
+    model_dir = repository / "fashion_cnn"
+    new = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit()) + 1
+    (model_dir / str(new)).mkdir()
+    shutil.copy2(model_dir / "1" / "model.onnx", model_dir / str(new) / "model.onnx")
+    serving = [served_versions(u, "fashion_cnn") for u in urls]
+    hung = deploy(repository, urls, "--timeout", "8")
+    assert hung.returncode != 0 and "no live server was touched" in hung.stderr, hung.stderr
+    assert (model_dir / f"failed-{new}").is_dir()
+    assert [served_versions(u, "fashion_cnn") for u in urls] == serving
+    shutil.copytree(model_dir / "1", model_dir / str(new))  # the next good version still deploys everywhere
+    done = deploy(repository, urls)
+    assert done.returncode == 0, done.stderr
+    assert [served_versions(u, "fashion_cnn") for u in urls] == [[new]] * 3
 
 
 def test_a_replica_named_twice_or_unreachable_changes_nothing(fleet, tmp_path):
@@ -105,3 +126,27 @@ def test_a_replica_named_twice_or_unreachable_changes_nothing(fleet, tmp_path):
     unreachable = deploy(repository, [*urls, dead])
     assert unreachable.returncode != 0 and f"replica {dead} does not answer" in unreachable.stderr, unreachable.stderr
     assert [served_versions(u, "fashion_cnn") for u in urls] == serving
+
+
+def test_a_version_failing_on_a_later_replica_puts_the_switched_ones_back(fleet):
+    """The version breaks after the first replica switched (its file is overwritten), so the
+    second cannot load it: the first must go back to the version it served."""
+    from triton_al.loop.deploy import DeployError, deploy_fleet
+
+    repository, urls = fleet
+    model_dir = repository / "fashion_cnn"
+    serving = served_versions(urls[0], "fashion_cnn")
+    new = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit()) + 1
+    shutil.copytree(model_dir / "1", model_dir / str(new))
+    switched = []
+
+    def break_it_after_the_first(url: str, version: int) -> None:
+        switched.append((url, version))
+        (model_dir / str(new) / "model.onnx").write_bytes(b"broken after the first replica loaded it")
+
+    with Traffic(urls) as traffic, pytest.raises(DeployError) as error:
+        deploy_fleet(urls, repository, "fashion_cnn", timeout_s=60, on_replica=break_it_after_the_first)
+    assert switched == [(urls[0], new)], str(error.value)
+    assert f"did not load on {urls[1]}" in str(error.value) and f"failed-{new}" in str(error.value)
+    assert traffic.failures == [], traffic.failures[:3]
+    assert [served_versions(u, "fashion_cnn") for u in urls] == [serving] * 3

@@ -126,7 +126,8 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving_and_rollback_go
     r = subprocess.run([sys.executable, "-m", "triton_al.cli", "deploy", "--model-repository", str(repo), "--url", url],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
-    assert f"version {current + 1} of 'fashion_cnn' did not load" in r.stderr and f"still serving version(s) [{current}]" in r.stderr
+    assert f"version {current + 1} of 'fashion_cnn' does not load" in r.stderr and "no live server was touched" in r.stderr, r.stderr
+    assert served_versions(url, "fashion_cnn") == [current]
     assert (repo / "fashion_cnn" / f"failed-{current + 1}").is_dir()
     with grpcclient.InferenceServerClient(url) as c:
         infer_al(c, pool(4, 0))

@@ -121,6 +121,7 @@ def deploy_command(
     url: Annotated[Optional[list[str]], typer.Option("--url", help="Triton's gRPC address; repeat it for every replica of a fleet reading this repository: the version is rolled out one replica at a time.")] = None,
     model: Annotated[str, typer.Option()] = "fashion_cnn",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the new version (per replica).")] = 120.0,
+    smoke_test: Annotated[bool, typer.Option("--smoke-test/--no-smoke-test", help="Serve the version alone in a scratch tritonserver and query it once before any live server loads it.")] = True,
 ) -> None:
     """Load the newest version of MODEL into the running server(s) (explicit model control); the old one serves until the new one is ready."""
     from triton_al.loop.deploy import DeployError, deploy, deploy_fleet
@@ -128,9 +129,9 @@ def deploy_command(
     urls = url or ["127.0.0.1:8001"]
     try:
         if len(urls) == 1:
-            version = deploy(urls[0], model_repository, model, timeout)
+            version = deploy(urls[0], model_repository, model, timeout, smoke=smoke_test)
         else:
-            version = deploy_fleet(urls, model_repository, model, timeout,
+            version = deploy_fleet(urls, model_repository, model, timeout, smoke=smoke_test,
                                    on_replica=lambda u, v: typer.echo(f"{u}: serving {model} version {v}", err=True))
     except DeployError as e:
         _fail(f"triton-al deploy: {e}")

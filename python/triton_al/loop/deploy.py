@@ -1,5 +1,13 @@
 """Load a new model version into the running server, or roll back to the previous one.
 
+Before any live server is asked to load it, the version is served alone in a scratch
+tritonserver and sent one request (the smoke test `retrain` uses): a version that does
+not load is set aside without touching the live servers. This matters beyond the error
+message: some broken versions leave Triton's load hanging, and the model then stays
+LOADING on that server, so that every later load of it hangs too until the server
+restarts (seen with Triton 2.51's Python backend when a version folder lacks its
+model.py: the stub fails to preinitialize and the load never returns).
+
 Needs explicit model control (`triton-al serve` uses it): Triton loads the newest version
 directory while the old one keeps serving, switches when the new one is ready, and
 ensembles follow; requests in flight finish on the version that took them. A version that
@@ -66,21 +74,40 @@ def _load(url: str, model: str, expect: int, timeout_s: float) -> None:
     raise DeployError(f"version {expect} of {model!r} not ready after {timeout_s} s")
 
 
-def deploy(url: str, repository: Path, model: str, timeout_s: float = 120.0) -> int:
-    """Serve the newest version directory of `model`; returns its number."""
-    model_dir = Path(repository) / model
+def _set_aside(model_dir: Path, version: int) -> Path:
+    failed = model_dir / f"failed-{version}"
+    if failed.exists():
+        failed = model_dir / f"failed-{version}-{int(time.time())}"
+    (model_dir / str(version)).rename(failed)
+    return failed
+
+
+def _newest_checked(model_dir: Path, timeout_s: float, smoke: bool) -> tuple[list[int], int]:
+    """The version directories and the newest, smoke-tested in a scratch server first."""
     available = versions(model_dir)
     if not available:
         raise DeployError(f"{model_dir}: no version directories")
     newest = available[-1]
+    if smoke:
+        from triton_al.loop.smoke import SmokeTestError, smoke_test
+
+        try:
+            smoke_test(model_dir, model_dir / str(newest), newest, timeout_s=timeout_s)
+        except SmokeTestError as e:
+            failed = _set_aside(model_dir, newest)
+            raise DeployError(f"{e}\nno live server was touched; moved it to {failed}") from None
+    return available, newest
+
+
+def deploy(url: str, repository: Path, model: str, timeout_s: float = 120.0, *, smoke: bool = True) -> int:
+    """Serve the newest version directory of `model`; returns its number."""
+    model_dir = Path(repository) / model
+    _, newest = _newest_checked(model_dir, timeout_s, smoke)
     try:
         _load(url, model, newest, timeout_s)
     except DeployError as e:
         reason = _reason(url, model, newest)
-        failed = model_dir / f"failed-{newest}"
-        if failed.exists():
-            failed = model_dir / f"failed-{newest}-{int(time.time())}"
-        (model_dir / str(newest)).rename(failed)
+        failed = _set_aside(model_dir, newest)
         still = served_versions(url, model)
         raise DeployError(
             f"version {newest} of {model!r} did not load: {e} ({reason}); still serving version(s) {still}; "
@@ -109,32 +136,26 @@ def rollback(url: str, repository: Path, model: str, timeout_s: float = 120.0) -
 
 
 def deploy_fleet(urls: list[str], repository: Path, model: str, timeout_s: float = 120.0,
-                 on_replica=None) -> int:
+                 on_replica=None, *, smoke: bool = True) -> int:
     """Roll the newest version of `model` over every replica in `urls`, one at a time;
     returns its number. `on_replica(url, version)` is called after each replica switched."""
     if len(set(urls)) != len(urls):
         raise DeployError(f"a replica is named twice in {urls}")
     model_dir = Path(repository) / model
-    available = versions(model_dir)
-    if not available:
-        raise DeployError(f"{model_dir}: no version directories")
-    newest = available[-1]
     before = {}
     for url in urls:
         try:
             before[url] = served_versions(url, model)
         except Exception as e:  # noqa: BLE001 - any client error: the replica cannot be reached
             raise DeployError(f"replica {url} does not answer ({e}); nothing was changed") from None
+    available, newest = _newest_checked(model_dir, timeout_s, smoke)
     done: list[str] = []
     for url in urls:
         try:
             _load(url, model, newest, timeout_s)
         except DeployError as e:
             reason = _reason(url, model, newest)
-            failed = model_dir / f"failed-{newest}"
-            if failed.exists():
-                failed = model_dir / f"failed-{newest}-{int(time.time())}"
-            (model_dir / str(newest)).rename(failed)
+            failed = _set_aside(model_dir, newest)
             restored = []
             for back in [*done, url]:
                 try:  # the directory is gone: loading again serves the previous version
