@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmarks (not part of the test suite): `scripts/bench.sh scoring|outbox|pipeline|loop|fleet|all`.
+# Benchmarks (not part of the test suite): `scripts/bench.sh scoring|outbox|pipeline|loop|fleet|near-duplicates|all`.
 # Installs the baselines (scipy, torch CPU) into .venv on first use.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +17,11 @@ if [ "$what" = scoring ] || [ "$what" = all ]; then
     "$VENV/bin/python" -m pytest benchmarks/bench_scoring.py -q -p no:cacheprovider \
         --benchmark-json=benchmarks/results/scoring.json --benchmark-columns=median,iqr,rounds "$@"
     "$VENV/bin/python" benchmarks/report.py benchmarks/results/scoring.json
+fi
+if [ "$what" = near-duplicates ] || [ "$what" = all ]; then
+    # A script, not pytest-benchmark: precision/recall tables and costs (benchmarks/RESULTS.md).
+    args=(); if [ "$what" = near-duplicates ]; then args=("$@"); fi  # --originals N --background N --entries N
+    "$VENV/bin/python" benchmarks/bench_near_duplicates.py --json benchmarks/results/near_duplicates.json "${args[@]}"
 fi
 for name in outbox pipeline loop fleet; do
     if { [ "$what" = "$name" ] || [ "$what" = all ]; } && [ -f "benchmarks/bench_$name.py" ]; then

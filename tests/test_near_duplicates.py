@@ -17,6 +17,7 @@ import pytest
 from outbox_helpers import item, store_index, uploaders, wait_for  # noqa: F401
 from PIL import Image
 
+from triton_al import _core
 from triton_al.example.data import encode_png, load
 from triton_al.outbox import Outbox, content_hash
 from triton_al.uploader.near_duplicates import (
@@ -81,8 +82,14 @@ def test_distances_count_the_differing_bits():
     rng = np.random.default_rng(3)
     hashes = rng.integers(0, 2**63, 500, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 500, dtype=np.uint64)
     hashes[:3] = [0, 2**64 - 1, 1 << 63]
-    for h in [0, 2**64 - 1, int(hashes[7]), 12345]:
-        assert distances(hashes, h).tolist() == [bin(int(x) ^ h).count("1") for x in hashes]
+    for h in [0, 2**64 - 1, int(hashes[7]), int(hashes[7]) ^ 0b1001, 12345]:
+        naive = [bin(int(x) ^ h).count("1") for x in hashes]
+        assert distances(hashes, h).tolist() == naive
+        # The index's lookup (Rust): the first nearest entry.
+        assert _core.nearest_hamming(hashes, h) == (naive.index(min(naive)), min(naive))
+    assert _core.nearest_hamming(hashes[:0], 5) is None
+    with pytest.raises(ValueError, match="hashes: expected a C-contiguous"):
+        _core.nearest_hamming(hashes[::2], 5)
 
 
 def test_undecodable_and_bad_input_is_refused_clearly():

@@ -11,6 +11,7 @@
 mod dispatch;
 mod distribution;
 mod flagging;
+mod hamming;
 mod multilabel;
 mod options;
 mod parallel;
@@ -22,6 +23,7 @@ pub mod vmath;
 
 pub use dispatch::{level, Level};
 pub use flagging::{flag, Reason};
+pub use hamming::nearest_hamming;
 pub use options::{Aggregate, Detection, Layout, Scoring, Strategy, Task};
 pub use parallel::{configured_threads, PARALLEL_MIN_ELEMENTS};
 pub use tasks::{classification, detection, multilabel, segmentation};

@@ -158,6 +158,17 @@ fn flag<'py>(
 }
 
 /// The SIMD level in use ("avx512", "avx2" or "portable").
+/// The position and Hamming distance (bits) of the entry of ``hashes`` (1-D uint64,
+/// C-contiguous) nearest to ``h``, the first of equals; ``None`` when ``hashes`` is empty.
+/// The near-duplicate lookup of the uploader (a linear scan; the GIL is released for big ones).
+#[pyfunction]
+fn nearest_hamming(py: Python<'_>, hashes: PyReadonlyArray1<'_, u64>, h: u64) -> PyResult<Option<(usize, u32)>> {
+    let slice = hashes
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("hashes: expected a C-contiguous 1-D uint64 array"))?;
+    run(py, slice.len(), || kernels::nearest_hamming(slice, h))
+}
+
 #[pyfunction]
 fn simd_level() -> &'static str {
     kernels::level().name()
@@ -174,6 +185,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(score, m)?)?;
     m.add_function(wrap_pyfunction!(flag, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(nearest_hamming, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(step::parse_step_parameters, m)?)?;
     m.add_function(wrap_pyfunction!(step::prediction_json, m)?)?;
