@@ -270,3 +270,23 @@ def test_bad_settings_are_refused_naming_the_flag(tmp_path):
                         "--once", "--near-duplicate-max-age", "soon"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--near-duplicate-max-age" in r.stderr, r.stderr
     json.dumps(r.stderr)  # printable
+
+
+def test_an_image_the_sink_dead_letters_leaves_the_index_so_its_near_copy_is_uploaded(tmp_path, uploaders, fashion):
+    outbox, store = tmp_path / "outbox.db", tmp_path / "store"
+    images, _ = cluster(fashion, 4)
+    broken = bytearray(images[0][0])  # decodes (and hashes) but fails the store's check: a bad IDAT checksum
+    at = broken.find(b"IDAT")
+    broken[at + 4 + int.from_bytes(broken[at - 4:at], "big")] ^= 0xFF
+    broken = bytes(broken)
+    assert phash(broken) == phash(images[0][0])
+    append(outbox, [(broken, "image/png")])
+    run_once(uploaders, outbox, store, "--near-duplicate-distance", "4")
+    with Outbox(outbox) as o:
+        assert [d["content_hash"] for d in o.dead_letters()] == [content_hash(broken)]
+    with sqlite3.connect(index_path(outbox)) as db:
+        assert db.execute("SELECT count(*) FROM entries").fetchone() == (0,)
+    with Outbox(outbox) as o:
+        o.append_many([item(1, asset=images[1][0], media_type=images[1][1])])  # its JPEG copy
+    run_once(uploaders, outbox, store, "--near-duplicate-distance", "4")
+    assert [r["content_hash"] for r in store_index(store, GROUP)] == [content_hash(images[1][0])]
