@@ -223,6 +223,10 @@ def test_the_uploader_uploads_one_of_a_cluster_counts_the_rest_and_remembers_acr
     index = NearDuplicateIndex(index_path(outbox), max_distance=4)
     assert index.entry(GROUP, content_hash(images[0][0]))["seen"] == 3  # the evidence, on the one uploaded
     index.close()
+    listed = subprocess.run([sys.executable, "-m", "triton_al.cli", "outbox", "near-duplicates", "--outbox", str(outbox)],
+                            capture_output=True, text=True, timeout=60, check=True)
+    (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (row["upload_group"], row["content_hash"], row["seen"]) == (GROUP, content_hash(images[0][0]), 3)
     # A restart: another near-copy (and the original again) arrive; neither is uploaded.
     with Outbox(outbox) as o:
         o.append_many([item(50, asset=noisy(fashion[10], 4, 2))])
@@ -269,7 +273,9 @@ def test_bad_settings_are_refused_naming_the_flag(tmp_path):
     r = subprocess.run([sys.executable, "-m", "triton_al.cli", "uploader", "--outbox", str(outbox), "--store", str(tmp_path / "s"),
                         "--once", "--near-duplicate-max-age", "soon"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--near-duplicate-max-age" in r.stderr, r.stderr
-    json.dumps(r.stderr)  # printable
+    r = subprocess.run([sys.executable, "-m", "triton_al.cli", "outbox", "near-duplicates", "--outbox", str(outbox)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "--near-duplicate-distance" in r.stderr, r.stderr
 
 
 def test_an_image_the_sink_dead_letters_leaves_the_index_so_its_near_copy_is_uploaded(tmp_path, uploaders, fashion):

@@ -412,6 +412,24 @@ def outbox_dead_letters(
         typer.echo(json.dumps(row))
 
 
+@outbox_app.command("near-duplicates")
+def outbox_near_duplicates(
+    outbox: Annotated[Path, typer.Option(help="The outbox file (its index is beside it).")],
+    group: Annotated[Optional[str], typer.Option(help="Only this upload group.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Entries listed at most.")] = 100,
+) -> None:
+    """List the images uploaded whose near-duplicates were not (JSON lines, most seen first)."""
+    from triton_al.uploader.near_duplicates import index_path, seen_entries
+
+    try:
+        rows = seen_entries(index_path(outbox), group=group, limit=limit)
+    except ValueError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    for row in rows:
+        typer.echo(json.dumps(row))
+
+
 @outbox_app.command("retry")
 def outbox_retry(
     outbox: Annotated[Path, typer.Option(help="The outbox file.")],

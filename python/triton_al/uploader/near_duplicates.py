@@ -24,6 +24,7 @@ within `max_distance` bits (Hamming) of one already there is counted and not upl
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -418,3 +419,19 @@ class NearDuplicateIndex:
         """Entries per group (what is stored)."""
         with self._lock:
             return dict(self._conn.execute("SELECT upload_group, count(*) FROM entries GROUP BY upload_group").fetchall())
+
+
+def seen_entries(path: str | os.PathLike[str], *, group: str | None = None, limit: int = 100) -> list[dict]:
+    """The entries that near-duplicates were counted on, most seen first (`triton-al outbox
+    near-duplicates`): group, content hash (the image uploaded), seen, added_at, last_seen_at."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"near-duplicate index {path} does not exist (the uploader creates it when started with --near-duplicate-distance)")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)) as conn:
+            cur = conn.execute("SELECT upload_group, content_hash, seen, added_at, last_seen_at FROM entries WHERE seen > 0 "
+                               "AND (?1 IS NULL OR upload_group = ?1) ORDER BY seen DESC, added_at LIMIT ?2", (group, int(limit)))
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+    except sqlite3.DatabaseError as e:
+        raise ValueError(f"near-duplicate index {path}: cannot read it ({e})") from None
