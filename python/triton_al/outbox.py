@@ -571,6 +571,40 @@ class Outbox:
             for r in rows
         ]
 
+    def selection_candidates(self, group: str, limit: int, *, now: float | None = None, ignore_backoff: bool = False,
+                             max_delay_s: float | None = None, with_assets: bool = True) -> list[tuple[int, float, str, bytes | None]]:
+        """The due items of one group (not paused) as (id, score, content hash, asset or None),
+        the `limit` lowest scores first (no score last, then the oldest): the candidates
+        `--selection` chooses among when the group's budget binds."""
+        now = time.time() if now is None else now
+        where, params = self._due_where(now, (), ignore_backoff, max_delay_s)
+        data = "a.data" if with_assets else "NULL"
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                f"SELECT i.id, i.score, i.content_hash, {data} FROM items i JOIN assets a USING (content_hash) "
+                f"WHERE i.upload_group = ? AND {where} ORDER BY i.score IS NULL, i.score, i.id LIMIT ?",
+                [group, *params, int(limit)],
+            ).fetchall()
+        return [(r[0], _score_out(r[1]), r[2], None if r[3] is None else bytes(r[3])) for r in rows]
+
+    def queued_items(self, ids: Sequence[int]) -> list[QueuedItem]:
+        """The queued items with these ids, in the order given (ids no longer queued are left out)."""
+        if not ids:
+            return []
+        found: dict[int, QueuedItem] = {}
+        with self._transaction(write=False) as conn:
+            for start in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[start:start + 500]]
+                for r in conn.execute(
+                    f"SELECT i.id, i.upload_group, i.content_hash, a.media_type, a.data, i.model_name, i.model_version, "
+                    f"i.prediction, i.score, i.strategy, i.threshold, i.reason, i.created_at, i.attempts, i.last_error "
+                    f"FROM items i JOIN assets a USING (content_hash) WHERE i.id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    found[r[0]] = QueuedItem(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6], json.loads(r[7]),
+                                             _score_out(r[8]), r[9], r[10], r[11], r[12], r[13], r[14])
+        return [found[i] for i in ids if i in found]
+
     def next_attempt_at(self, *, now: float | None = None, exclude_groups: Iterable[str] = (), max_delay_s: float | None = None) -> float | None:
         """When the next queued item (of a group neither paused nor excluded) is due: `now`
         if one is due already, None when there is none at all."""

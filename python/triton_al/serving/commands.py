@@ -68,6 +68,7 @@ def serve_command(
     rate_limit: Annotated[Optional[list[str]], typer.Option("--rate-limit", help="Passed to the uploader: GROUP=N/minute (or /hour, /day). Repeatable.")] = None,
     budget_ledger: Annotated[Optional[str], typer.Option(help="Passed to the uploader: redis://HOST:PORT/DB shared by a fleet, so that --rate-limit budgets hold across it (see `triton-al uploader --budget-ledger`).")] = None,
     near_duplicate_distance: Annotated[Optional[str], typer.Option(help="Passed to the uploader: images within this many bits of one queued or delivered for the group are counted as near-duplicates and not uploaded; 0 or 'off' disables (see `triton-al uploader --near-duplicate-distance`).")] = None,
+    selection: Annotated[Optional[str], typer.Option(help="Passed to the uploader: which items go when a group's --rate-limit binds: fifo, uncertainty or diverse (see `triton-al uploader --selection`).")] = None,
 ) -> None:
     """Serve a model repository with Triton and the uploader sidecar until Ctrl-C / SIGTERM."""
     from triton_al.private import keep_files_private
@@ -127,6 +128,13 @@ def serve_command(
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--near-duplicate-distance") from None
         uploader_args += ["--near-duplicate-distance", near_duplicate_distance]
+    if selection is not None:
+        from triton_al.uploader.selection import parse_selection
+
+        try:
+            uploader_args += ["--selection", parse_selection(selection)]
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--selection") from None
     pipeline = Pipeline(
         model_repository, data_dir, sink=sink or (f"local:{store.absolute()}" if store else None), outbox=outbox,
         uploader=uploader, model_control_mode=model_control_mode, load_models=models, grpc_port=grpc_port,

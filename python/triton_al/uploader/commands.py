@@ -147,6 +147,8 @@ def uploader_command(
     near_duplicate_distance: Annotated[Optional[str], typer.Option(help="An image within this many bits (Hamming distance of 64-bit perceptual hashes) of one queued or delivered for the same group is counted as a near-duplicate and not uploaded; 0 or 'off' uploads every image. Default: the measured one (benchmarks/RESULTS.md).")] = None,
     near_duplicate_max_entries: Annotated[int, typer.Option(min=1, help="Hashes the near-duplicate index keeps per group (the oldest evicted).")] = 100_000,
     near_duplicate_max_age: Annotated[str, typer.Option(help="How long the near-duplicate index remembers an image (e.g. 30d).")] = "30d",
+    selection: Annotated[str, typer.Option(help="When a group's --rate-limit allows fewer items than it has queued, which go: fifo (the oldest first), uncertainty (the lowest scores first) or diverse (uncertainty-weighted k-center over small image thumbnails). Without a binding limit every item goes, oldest first.")] = "fifo",
+    selection_pool: Annotated[int, typer.Option(min=1, help="With --selection uncertainty|diverse: the candidates per group (its most uncertain due items) chosen among; bounds the cost of each batch.")] = 2000,
 ) -> None:
     """Drain the outbox into a sink: retries with backoff, dead letters, rate limits, /metrics, admin API; optionally pull labels back."""
     from triton_al.private import keep_files_private
@@ -178,6 +180,12 @@ def uploader_command(
     from triton_al.uploader.near_duplicates import parse_distance
 
     near_distance = _parsed(parse_distance, near_duplicate_distance, "--near-duplicate-distance")
+    from triton_al.uploader.selection import Selector, parse_selection
+
+    selector = Selector(_parsed(parse_selection, selection, "--selection"), pool=selection_pool)
+    if selector.active and budget_ledger is not None:
+        log.warning("--selection %s applies to this uploader's own --rate-limit budgets: with --budget-ledger "
+                    "(fleet budgets) items go first in first out", selector.strategy)
     near_max_age_s = _parsed(parse_duration, near_duplicate_max_age, "--near-duplicate-max-age")
     if near_max_age_s <= 0:
         raise typer.BadParameter("must be positive", param_hint="--near-duplicate-max-age")
@@ -288,7 +296,7 @@ def uploader_command(
                  near_distance, near.path)
     worker = Uploader(box, target, batch_size=batch_size, batch_max_bytes=max_batch_bytes, limits=limits, rate_overflow=rate_overflow,
                       max_attempts=max_attempts, backoff=Backoff(base_s=backoff_base, cap_s=backoff_cap), metrics=metrics,
-                      bounds=bounds, open_outbox=open_outbox, fleet=fleet, near_duplicates=near)
+                      bounds=bounds, open_outbox=open_outbox, fleet=fleet, near_duplicates=near, selection=selector)
     if first_error is not None:
         worker._outbox_failed(first_error)
     puller = None

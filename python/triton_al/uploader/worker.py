@@ -142,6 +142,8 @@ class Uploader:
     """A `ledger.FleetGate`: budgets and claims shared by a fleet of uploaders (`--budget-ledger`)."""
     near_duplicates: Any | None = None
     """A `near_duplicates.NearDuplicateIndex` (`--near-duplicate-distance`), or None: off."""
+    selection: Any | None = None
+    """A `selection.Selector` (`--selection`): which items go when a group's budget binds; None: FIFO."""
 
     def __post_init__(self) -> None:
         if self.rate_overflow not in ("keep", "drop"):
@@ -318,8 +320,11 @@ class Uploader:
         held = self._held_back(allowance)
         if self.fleet is not None:
             held += self.fleet.held_groups(self.outbox.queued_groups)
-        batch = self.outbox.due(self.batch_size, now=now, exclude_groups=held, ignore_backoff=ignore_backoff,
-                                max_bytes=self.batch_max_bytes, max_delay_s=self.backoff.cap_s)
+        batch, chosen_for = self._selected(allowance, held, now, ignore_backoff)
+        if len(batch) < self.batch_size:
+            batch += self.outbox.due(self.batch_size - len(batch), now=now, exclude_groups=held + chosen_for,
+                                     ignore_backoff=ignore_backoff, max_bytes=self.batch_max_bytes,
+                                     max_delay_s=self.backoff.cap_s)
         if not batch:
             if self.fleet is not None and self.fleet.error:
                 self.last_error = self.fleet.error
@@ -377,6 +382,41 @@ class Uploader:
             self.near_duplicates.forget(items)
         except Exception as e:  # noqa: BLE001
             log.error("near-duplicate index: could not forget %d items: %s", len(items), e)
+
+    def _selected(self, allowance: dict[str, int], held: list[str], now: float,
+                  ignore_backoff: bool) -> tuple[list[QueuedItem], list[str]]:
+        """`--selection`: for each group whose budget binds (more items due than its allowance),
+        the items the selection chose (as many as the batch has room for) and those groups;
+        the rest of the batch comes first-in-first-out from the other groups. A failing
+        selection falls back to FIFO for that group."""
+        if self.selection is None or not self.selection.active or not allowance:
+            return [], []
+        assert self.outbox is not None
+        items: list[QueuedItem] = []
+        groups: list[str] = []
+        size = 0
+        for group, n in allowance.items():
+            room = self.batch_size - len(items)
+            if group in held or n <= 0 or room <= 0:
+                continue
+            try:
+                ids = self.selection.select(self.outbox, group, n, room, now=now, max_delay_s=self.backoff.cap_s,
+                                            ignore_backoff=ignore_backoff)
+            except OutboxError:
+                raise
+            except Exception as e:  # noqa: BLE001 - choosing is an optimisation: never stop delivery for it
+                log.error("selection for group %s failed, first in first out instead: %s: %s", group,
+                          type(e).__name__, e)
+                continue
+            if ids is None:
+                continue
+            groups.append(group)
+            for item in self.outbox.queued_items(ids):
+                if items and size + len(item.asset) > self.batch_max_bytes:
+                    break
+                items.append(item)
+                size += len(item.asset)
+        return items, groups
 
     def _held_back(self, allowance: dict[str, int]) -> list[str]:
         return [g for g, n in allowance.items() if n <= 0] if self.rate_overflow == "keep" else []

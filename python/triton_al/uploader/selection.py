@@ -1,0 +1,231 @@
+"""Which queued items go when a group's budget binds (issue 15).
+
+Without limits every item goes anyway, first in first out. When a group has a rate limit
+or budget and more items due than its allowance, `--selection` decides which go first:
+
+- `fifo` (default): the oldest first (the behaviour before this setting);
+- `uncertainty`: the lowest scores first (the step's scores: lower = less confident);
+- `diverse`: greedy k-center over a small grey thumbnail of each image, weighted by
+  uncertainty. The first pick is the most uncertain item; each next one maximises
+  `min distance to the items chosen so far x (1 - score)`, where "chosen so far" includes
+  the items this process chose for the group in earlier batches (the last `pool` of
+  them, in memory: a restart forgets them). Candidates are the group's `pool` most
+  uncertain due items (bounded cost). Assets that are not decodable images get no
+  thumbnail: they are ranked by uncertainty after the images.
+
+Selection only applies to the uploader's own `--rate-limit` budgets (not to fleet budgets
+kept in `--budget-ledger`), and only when a group has more items due than its allowance.
+
+Pure functions (`pick_uncertain`, `pick_diverse`, `thumbnail`, `thumbnails`) and a small
+`Selector` the uploader asks for the ids to send; the simulation
+(`triton_al.loop.simulation`, strategy `diverse`) uses the same `pick_diverse`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("fifo", "uncertainty", "diverse")
+DEFAULT_POOL = 2000
+THUMB_SIDE = 12  # 12x12 grey thumbnail -> 144 values
+
+
+def parse_selection(value: str | None) -> str:
+    """The strategy name; ValueError naming the choices otherwise."""
+    v = "fifo" if value is None else str(value).strip().lower()
+    if v not in SELECTIONS:
+        raise ValueError(f"unknown selection {value!r}: expected one of {', '.join(SELECTIONS)}")
+    return v
+
+
+def _weights(scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Uncertainty weight 1 - score, clipped to [0.01, 1] (a NaN score counts as 0.5)."""
+    s = np.asarray(scores, dtype=np.float64)
+    s = np.where(np.isnan(s), 0.5, s)
+    return np.clip(1.0 - s, 0.01, 1.0)
+
+
+def pick_uncertain(scores: Sequence[float] | np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k lowest scores (ties: the earlier index first; NaN last)."""
+    s = np.asarray(scores, dtype=np.float64)
+    s = np.where(np.isnan(s), np.inf, s)
+    return np.argsort(s, kind="stable")[: max(0, int(k))]
+
+
+def normalise(features: np.ndarray) -> np.ndarray:
+    """Rows centred and scaled to unit length (brightness and contrast do not count)."""
+    x = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+    x = x - x.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-6)
+
+
+def pick_diverse(features: np.ndarray, scores: Sequence[float] | np.ndarray, k: int,
+                 sent: np.ndarray | None = None) -> np.ndarray:
+    """Greedy uncertainty-weighted k-center: indices of k rows of `features` (already
+    normalised feature vectors), the most uncertain first, then each time the one that
+    maximises min-distance-to-chosen x (1 - score). `sent`: feature rows of items chosen
+    before (earlier batches), counted as chosen (then the first pick is by that rule too).
+    Deterministic (ties: lowest index). Cost: k x n x d (n rows of d values)."""
+    n = len(features)
+    k = min(max(0, int(k)), n)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    x = np.asarray(features, dtype=np.float32).reshape(n, -1)
+    w = _weights(scores)
+    sq = np.einsum("ij,ij->i", x, x)
+
+    def dist(c: np.ndarray) -> np.ndarray:  # |x - c|^2 = |x|^2 + |c|^2 - 2 x.c (one matrix-vector product)
+        return np.sqrt(np.maximum(sq + float(c @ c) - 2.0 * (x @ c), 0.0))
+
+    taken = np.zeros(n, dtype=bool)
+    if sent is not None and len(sent):
+        d = np.full(n, np.inf, dtype=np.float64)
+        for c in np.asarray(sent, dtype=np.float32).reshape(len(sent), -1):
+            d = np.minimum(d, dist(c))
+        first = int(np.argmax(d * w))
+    else:
+        first = int(pick_uncertain(scores, 1)[0])
+        d = dist(x[first])
+    chosen = [first]
+    taken[first] = True
+    d = np.minimum(d, dist(x[first]))
+    for _ in range(k - 1):
+        gain = np.where(taken, -1.0, d * w)
+        nxt = int(np.argmax(gain))
+        chosen.append(nxt)
+        taken[nxt] = True
+        d = np.minimum(d, dist(x[nxt]))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def thumbnail(data: bytes) -> np.ndarray | None:
+    """A THUMB_SIDE x THUMB_SIDE grey thumbnail of an encoded image as a flat float32
+    vector, or None when Pillow cannot decode it."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("L", (4 * THUMB_SIDE, 4 * THUMB_SIDE))  # JPEG: decode at a reduced scale
+            grey = im.convert("L") if im.mode != "L" else im
+            small = grey.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            return np.asarray(small, dtype=np.float32).ravel()
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds for bad input
+        return None
+
+
+def thumbnails_of_pixels(images: np.ndarray) -> np.ndarray:
+    """The same feature for decoded grey images [n, h, w] (the simulation's pool)."""
+    from PIL import Image
+
+    out = np.empty((len(images), THUMB_SIDE * THUMB_SIDE), dtype=np.float32)
+    for i, img in enumerate(np.asarray(images)):
+        a = np.asarray(img, dtype=np.float32)
+        if a.max() <= 1.0:
+            a = a * 255.0
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8).reshape(a.shape[-2:]), mode="L")
+        out[i] = np.asarray(im.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0),
+                            dtype=np.float32).ravel()
+    return out
+
+
+def choose(strategy: str, scores: Sequence[float], assets: Sequence[bytes] | None, k: int,
+           features: Sequence[np.ndarray | None] | None = None, sent: Sequence[np.ndarray] = ()) -> list[int]:
+    """Positions (into the candidates) of the k to send, in sending order. `features`:
+    thumbnails already computed (None where undecodable); otherwise computed from `assets`.
+    `sent`: thumbnails of items sent before (diverse: chosen away from them)."""
+    strategy = parse_selection(strategy)
+    n = len(scores)
+    k = min(max(0, int(k)), n)
+    if strategy == "fifo":
+        return list(range(k))
+    if strategy == "uncertainty":
+        return [int(i) for i in pick_uncertain(scores, k)]
+    if features is None:
+        assert assets is not None
+        features = [thumbnail(a) for a in assets]
+    images = [i for i in range(n) if features[i] is not None]
+    others = [i for i in range(n) if features[i] is None]
+    picked: list[int] = []
+    if images:
+        s = np.asarray([scores[i] for i in images], dtype=np.float64)
+        x = normalise(np.stack([features[i] for i in images]))
+        before = normalise(np.stack(list(sent))) if len(sent) else None
+        picked = [images[int(j)] for j in pick_diverse(x, s, min(k, len(images)), before)]
+    if len(picked) < k and others:
+        s = np.asarray([scores[i] for i in others], dtype=np.float64)
+        picked += [others[int(j)] for j in pick_uncertain(s, k - len(picked))]
+    return picked
+
+
+@dataclass
+class Selector:
+    """Asked by the uploader, for a group whose allowance is below its due items, which
+    items to send. Thumbnails are cached by content hash (bounded)."""
+
+    strategy: str = "fifo"
+    pool: int = DEFAULT_POOL
+    cache_size: int = 20_000
+    last_seconds: float = 0.0
+    """Time the last `select` took (query, decoding, picking)."""
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _sent: dict = field(default_factory=dict, repr=False)
+    """group -> thumbnails of the items chosen before (this process; the last `pool`)."""
+
+    def __post_init__(self) -> None:
+        self.strategy = parse_selection(self.strategy)
+        if self.pool <= 0:
+            raise ValueError(f"selection pool must be positive, got {self.pool}")
+
+    @property
+    def active(self) -> bool:
+        return self.strategy != "fifo"
+
+    def _feature(self, content_hash: str, asset: bytes) -> np.ndarray | None:
+        if content_hash in self._cache:
+            self._cache.move_to_end(content_hash)
+            return self._cache[content_hash]
+        f = thumbnail(asset)
+        self._cache[content_hash] = f
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return f
+
+    def select(self, outbox, group: str, allowance: int, limit: int, *, now: float,
+               max_delay_s: float | None = None, ignore_backoff: bool = False) -> list[int] | None:
+        """Ids of at most `limit` items of `group` to send now, chosen among its due items
+        when they outnumber `allowance`; None when the budget does not bind (FIFO applies)."""
+        if not self.active or allowance <= 0:
+            return None
+        started = time.perf_counter()
+        cands = outbox.selection_candidates(group, self.pool, now=now, max_delay_s=max_delay_s,
+                                            ignore_backoff=ignore_backoff, with_assets=self.strategy == "diverse")
+        if len(cands) <= allowance:
+            return None
+        k = min(allowance, limit)
+        scores = [c[1] for c in cands]
+        if self.strategy == "diverse":
+            feats = [self._feature(c[2], c[3]) for c in cands]
+            sent = self._sent.setdefault(group, deque(maxlen=self.pool))
+            picked = choose("diverse", scores, None, k, features=feats, sent=list(sent))
+            sent.extend(feats[i] for i in picked if feats[i] is not None)
+        else:
+            picked = choose(self.strategy, scores, None, k)
+        self.last_seconds = time.perf_counter() - started
+        log.debug("selection %s: %d of %d candidates of group %s in %.1f ms", self.strategy, len(picked),
+                  len(cands), group, 1e3 * self.last_seconds)
+        return [cands[i][0] for i in picked]
+
+
+__all__ = ["SELECTIONS", "DEFAULT_POOL", "Selector", "choose", "normalise", "parse_selection", "pick_diverse",
+           "pick_uncertain", "thumbnail", "thumbnails_of_pixels"]
+

@@ -1,0 +1,214 @@
+"""Selection under a budget (issue 15): which queued items go when a group's budget is
+smaller than its queue. The strategies as pure functions on real Fashion-MNIST images with
+generated near-copies, the outbox helpers, and the real uploader process with
+`--selection fifo|uncertainty|diverse` draining a real outbox into a local store."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from outbox_helpers import item, store_index, uploaders  # noqa: F401
+from PIL import Image
+
+from triton_al.example.data import encode_png, load
+from triton_al.outbox import Outbox, content_hash
+from triton_al.uploader.selection import (
+    Selector,
+    choose,
+    normalise,
+    parse_selection,
+    pick_diverse,
+    pick_uncertain,
+    thumbnail,
+)
+
+GROUP = "active-learning"
+
+
+@pytest.fixture(scope="module")
+def fashion() -> tuple[np.ndarray, np.ndarray]:
+    return load("test")
+
+
+def jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def noisy(pixels: np.ndarray, sigma: float, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode_png(np.clip(pixels + rng.normal(0, sigma, pixels.shape), 0, 255).astype(np.uint8))
+
+
+def clusters(fashion, n_clusters: int, copies: int) -> list[list[bytes]]:
+    """One image of each of `n_clusters` classes, each with `copies` near-copies (JPEG
+    re-encodes and noise): cluster c is [original, near-copy, ...]."""
+    images, labels = fashion
+    out = []
+    for c in range(n_clusters):
+        p = images[int(np.flatnonzero(labels == c)[0])]
+        variants = [encode_png(p), jpeg(p, 75), jpeg(p, 50), noisy(p, 6, c), noisy(p, 10, c + 100)]
+        out.append(variants[: copies + 1])
+    return out
+
+
+# Pure functions -------------------------------------------------------------------------
+
+
+def test_bad_values_are_refused_naming_the_choices():
+    assert parse_selection(None) == "fifo" and parse_selection(" Diverse ") == "diverse"
+    with pytest.raises(ValueError, match=r"unknown selection 'random'.*fifo, uncertainty, diverse"):
+        parse_selection("random")
+    with pytest.raises(ValueError, match="pool"):
+        Selector("diverse", pool=0)
+
+
+def test_uncertainty_picks_the_lowest_scores_nan_last_ties_in_order():
+    scores = [0.5, 0.1, float("nan"), 0.3, 0.1, 0.9]
+    assert list(pick_uncertain(scores, 3)) == [1, 4, 3]
+    assert choose("uncertainty", scores, None, 6) == [1, 4, 3, 0, 5, 2]
+    assert choose("fifo", scores, None, 3) == [0, 1, 2]
+
+
+def test_the_near_copies_are_near_and_the_classes_far(fashion):
+    feats = normalise(np.stack([thumbnail(a) for c in clusters(fashion, 10, 4) for a in c]))
+    d = np.linalg.norm(feats[:, None] - feats[None], axis=2)
+    same = np.equal.outer(np.arange(50) // 5, np.arange(50) // 5)
+    assert d[same].max() < 0.2 < 0.6 < d[~same].min()  # measured: 0.09 and 0.68
+
+
+def test_diverse_picks_one_of_each_cluster_before_any_near_copy_deterministically(fashion):
+    groups = clusters(fashion, 10, 4)
+    rng = np.random.default_rng(7)
+    order = rng.permutation(50)  # clusters interleaved in the queue
+    assets = [groups[i // 5][i % 5] for i in order]
+    cluster_of = order // 5
+    # Cluster 0 is the most uncertain by far: uncertainty alone takes only its copies.
+    scores = np.where(cluster_of == 0, 0.02 + 0.01 * (order % 5), rng.uniform(0.1, 0.3, 50))
+    picked = choose("diverse", list(scores), assets, 10)
+    assert sorted(cluster_of[picked]) == list(range(10)), cluster_of[picked]
+    assert picked[0] == int(np.argmin(scores))  # the most uncertain first
+    assert choose("diverse", list(scores), assets, 10) == picked
+    assert set(cluster_of[choose("uncertainty", list(scores), assets, 5)]) == {0}
+    # The next picks (beyond one per cluster) are near-copies: every cluster is then taken.
+    more = choose("diverse", list(scores), assets, 12)
+    assert more[:10] == picked and len(set(more)) == 12
+
+
+def test_diverse_weighs_uncertainty_confident_clusters_go_last(fashion):
+    groups = clusters(fashion, 10, 2)
+    assets = [a for c in groups for a in c]
+    cluster_of = np.repeat(np.arange(10), 3)
+    scores = np.where(cluster_of >= 6, 0.97, 0.1 + 0.02 * cluster_of)  # clusters 6-9: confident
+    picked = choose("diverse", list(scores), assets, 6)
+    assert sorted(cluster_of[picked]) == [0, 1, 2, 3, 4, 5]
+
+
+def test_items_sent_before_count_as_chosen_and_non_images_go_after_images(fashion):
+    groups = clusters(fashion, 4, 2)
+    feats = normalise(np.stack([thumbnail(a) for c in groups for a in c]))
+    scores = np.full(12, 0.2)
+    first = pick_diverse(feats, scores, 2)
+    later = pick_diverse(feats, scores, 2, sent=feats[first])
+    assert {int(i) // 3 for i in first}.isdisjoint({int(i) // 3 for i in later})
+    assets = [groups[0][0], b"not an image", groups[1][0], b"\x89PNG broken"]
+    assert thumbnail(b"not an image") is None
+    assert choose("diverse", [0.5, 0.01, 0.4, 0.02], assets, 4) == [2, 0, 1, 3]
+
+
+# The outbox helpers and the Selector ----------------------------------------------------------
+
+
+def fill(outbox, assets: list[bytes], scores) -> list[int]:
+    with Outbox(outbox) as o:
+        o.append_many([item(i, asset=a, score=float(s)) for i, (a, s) in enumerate(zip(assets, scores))])
+        return [c[0] for c in sorted(o.selection_candidates(GROUP, 10_000, with_assets=False))]
+
+
+def test_candidates_are_the_most_uncertain_due_items_and_items_come_back_in_the_order_asked(tmp_path, fashion):
+    assets = [a for c in clusters(fashion, 3, 2) for a in c]
+    ids = fill(tmp_path / "o.db", assets, [0.5, 0.1, 0.3, 0.9, 0.2, 0.4, 0.05, 0.6, 0.7])
+    with Outbox(tmp_path / "o.db") as o:
+        cands = o.selection_candidates(GROUP, 4)
+        assert [c[1] for c in cands] == pytest.approx([0.05, 0.1, 0.2, 0.3])
+        assert [c[3] for c in cands] == [assets[6], assets[1], assets[4], assets[2]]
+        assert o.selection_candidates("other", 4) == []
+        got = o.queued_items([ids[8], ids[0], 999_999, ids[4]])
+        assert [g.id for g in got] == [ids[8], ids[0], ids[4]] and got[0].asset == assets[8]
+        # A budget that does not bind leaves the order to FIFO; one that does picks a cluster each.
+        sel = Selector("diverse")
+        assert sel.select(o, GROUP, 9, 9, now=1e12) is None
+        first = sel.select(o, GROUP, 3, 2, now=1e12)
+        rest = sel.select(o, GROUP, 1, 1, now=1e12)  # the next batch: away from what was sent
+        assert sorted((i - ids[0]) // 3 for i in first + rest) == [0, 1, 2]
+
+
+# The uploader ------------------------------------------------------------------------------
+
+
+def queue_for_the_uploader(tmp_path, fashion):
+    """8 clusters of 4 near-copies, interleaved; clusters 6 and 7 confident, cluster 0 the
+    most uncertain. Budget 6: diverse sends one of each uncertain cluster."""
+    groups = clusters(fashion, 8, 3)
+    assets, cluster_of, scores = [], [], []
+    for k in range(4):  # copy k of every cluster, then copy k + 1: FIFO takes whole clusters' originals first
+        for c in (0, 6, 7, 1, 2, 3, 4, 5) if k == 0 else range(8):
+            assets.append(groups[c][k])
+            cluster_of.append(c)
+            scores.append(0.97 if c >= 6 else (0.01 + 0.01 * k if c == 0 else 0.2 + 0.02 * c + 0.01 * k))
+    outbox = tmp_path / "outbox.db"
+    with Outbox(outbox) as o:
+        o.append_many([item(i, asset=a, score=s) for i, (a, s) in enumerate(zip(assets, scores))])
+    by_hash = {content_hash(a): (c, s, i) for i, (a, c, s) in enumerate(zip(assets, cluster_of, scores))}
+    return outbox, by_hash
+
+
+def delivered(uploaders, tmp_path, fashion, name: str, *extra: str):
+    outbox, by_hash = queue_for_the_uploader(tmp_path / name, fashion)
+    store = tmp_path / name / "store"
+    up = uploaders(outbox, store, "--once", "--log-format", "text", "--rate-limit", f"{GROUP}=6/day",
+                   "--batch-size", "4", *extra)
+    assert up.proc.wait(60) == 0, up.log()
+    rows = store_index(store, GROUP)
+    with Outbox(outbox) as o:
+        assert o.counters().get("queued_items") == 32 - 6
+    return [by_hash[r["content_hash"]] for r in rows]
+
+
+def test_the_uploader_under_a_budget_sends_a_diverse_uncertain_subset(tmp_path, uploaders, fashion):
+    for name in ("a", "b", "c", "d"):
+        (tmp_path / name).mkdir()
+    diverse = delivered(uploaders, tmp_path, fashion, "a", "--selection", "diverse")
+    assert sorted(c for c, _, _ in diverse) == [0, 1, 2, 3, 4, 5]  # one per uncertain cluster
+    assert diverse[0][1] == 0.01  # the most uncertain went first
+    uncertain = delivered(uploaders, tmp_path, fashion, "b", "--selection", "uncertainty")
+    assert [c for c, _, _ in uncertain] == [0, 0, 0, 0, 1, 1]  # the lowest scores: near-copies of cluster 0
+    fifo = delivered(uploaders, tmp_path, fashion, "c", "--selection", "fifo")
+    assert [i for _, _, i in fifo] == [0, 1, 2, 3, 4, 5]  # the oldest, confident ones included
+    assert [i for _, _, i in delivered(uploaders, tmp_path, fashion, "d")] == [0, 1, 2, 3, 4, 5]  # the default
+
+
+def test_without_a_binding_budget_every_item_goes_in_fifo_order(tmp_path, uploaders, fashion):
+    outbox, by_hash = queue_for_the_uploader(tmp_path, fashion)
+    store = tmp_path / "store"
+    up = uploaders(outbox, store, "--once", "--log-format", "text", "--rate-limit", f"{GROUP}=100/day",
+                   "--selection", "diverse", "--batch-size", "8")
+    assert up.proc.wait(60) == 0, up.log()
+    assert [by_hash[r["content_hash"]][2] for r in store_index(store, GROUP)] == list(range(32))
+
+
+def test_a_bad_selection_is_refused_naming_the_flag_and_the_choices(tmp_path):
+    outbox = tmp_path / "outbox.db"
+    Outbox(outbox).close()
+    r = subprocess.run([sys.executable, "-m", "triton_al.cli", "uploader", "--outbox", str(outbox), "--store",
+                        str(tmp_path / "s"), "--once", "--selection", "kcenter"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "--selection" in r.stderr and "kcenter" in r.stderr and "diverse" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "triton_al.cli", "serve", "--selection", "bogus"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "--selection" in r.stderr and "unknown selection 'bogus'" in r.stderr, r.stderr
