@@ -18,7 +18,9 @@ tell near-copies from distinct images on Fashion-MNIST, and what it costs per fl
 - Cost: the hash of a 28x28 PNG (decode, resize, DCT), a lookup in a group of 100,000
   entries (linear XOR + popcount scan; Rust `_core.nearest_hamming`, and numpy for
   comparison), and `NearDuplicateIndex.screen` per item at 100,000
-  entries (hash + lookup + the SQLite insert), median of repeated runs.
+  entries (hash + lookup + the SQLite insert), median of repeated runs; and the uploader
+  draining 2,000 distinct Fashion-MNIST PNGs into a local store with suppression off and on
+  (an empty index, and a group already holding 100,000 entries).
 """
 
 from __future__ import annotations
@@ -174,7 +176,54 @@ def cost(entries: int = 100_000, repeats: int = 5) -> dict:
             "load_ms": load_s * 1e3, "load_average": os.getloadavg()[0]}
 
 
-def report(q: dict, c: dict) -> str:
+def _preload(path: Path, group: str, entries: int) -> None:
+    """`entries` random hashes in a group of a new index file (as if delivered long ago)."""
+    rng = np.random.default_rng(2)
+    index = NearDuplicateIndex(path, max_distance=1)
+    table = rng.integers(-(2**63), 2**63 - 1, entries, dtype=np.int64)
+    with index._conn:
+        index._conn.execute("BEGIN")
+        index._conn.executemany("INSERT INTO entries (upload_group, content_hash, phash, item_id, added_at) VALUES (?, ?, ?, ?, 0)",
+                                [(group, f"bg{i}", int(h), -i - 1) for i, h in enumerate(table)])
+    index.close()
+
+
+def throughput(n: int = 2000, entries: int = 100_000) -> dict:
+    """The uploader (in this process) draining n distinct Fashion-MNIST PNGs into a local
+    store: suppression off, on with an empty index, on with `entries` already in the group."""
+    from triton_al.outbox import FlaggedItem, Outbox
+    from triton_al.sinks.local import LocalStore
+    from triton_al.uploader.worker import Uploader
+
+    test, _ = load("test")
+    assets = [encode_png(test[i]) for i in unique(test, np.arange(len(test)))[:n]]
+    out = {}
+    for case in ("off", "on, empty index", f"on, {entries:,} entries"):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            outbox = Outbox(root / "outbox.db", max_items=10**7)
+            outbox.append_many([FlaggedItem(a, "image/png", "fashion_cnn", "1", {"label": 0}, 0.2, "entropy", 0.5, "uncertain",
+                                            ["g"]) for a in assets])
+            index = None
+            if case != "off":
+                if case.endswith("entries"):
+                    _preload(root / "ix", "g", entries)
+                index = NearDuplicateIndex(root / "ix", max_distance=2, max_entries=entries + n)
+            uploader = Uploader(outbox, LocalStore(root / "store"), batch_size=64, near_duplicates=index)
+            w, c = time.perf_counter(), time.process_time()
+            while uploader.step() is not None:
+                pass
+            wall, cpu = time.perf_counter() - w, time.process_time() - c
+            counters = outbox.counters()
+            out[case] = {"items_per_s": n / wall, "cpu_ms_per_item": cpu / n * 1e3, "uploaded": counters.get("uploaded", 0),
+                         "near_duplicates": counters.get("near_duplicates/g", 0)}
+            outbox.close()
+            if index is not None:
+                index.close()
+    return out
+
+
+def report(q: dict, c: dict, through: dict | None = None) -> str:
     lines = [f"{q['originals']} originals x 8 near-copies; {q['distinct_queries']} other distinct test images as queries; "
              f"default distance {DEFAULT_MAX_DISTANCE}", ""]
     for label, res in q["results"].items():
@@ -197,6 +246,9 @@ def report(q: dict, c: dict) -> str:
                  f"the same scan in numpy {c['lookup_numpy_cpu_us']:.0f} µs ({c['lookup_numpy_us']:.0f}); "
                  f"screen (hash + lookup + insert) at {c['entries']:,} entries {c['screen_cpu_us']:.0f} µs ({c['screen_us']:.0f}); "
                  f"loading a group of {c['entries']:,} entries {c['load_ms']:.0f} ms wall")
+    for case, r in (through or {}).items():
+        lines.append(f"uploader into a local store, distance 2, suppression {case}: {r['items_per_s']:,.0f} items/s, "
+                     f"{r['cpu_ms_per_item']:.2f} ms CPU per item; uploaded {r['uploaded']:,}, near-duplicates {r['near_duplicates']:,}")
     return "\n".join(lines)
 
 
@@ -212,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     q = quality(args.originals, args.background)
     c = cost(args.entries)
-    print(report(q, c))
+    t = throughput(entries=args.entries)
+    print(report(q, c, t))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quality": q, "cost": c},
+    args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quality": q, "cost": c, "throughput": t},
                                     indent=1))
     return 0
 
