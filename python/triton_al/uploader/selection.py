@@ -89,9 +89,8 @@ def pick_diverse(features: np.ndarray, scores: Sequence[float] | np.ndarray, k: 
 
     taken = np.zeros(n, dtype=bool)
     if sent is not None and len(sent):
-        d = np.full(n, np.inf, dtype=np.float64)
-        for c in np.asarray(sent, dtype=np.float32).reshape(len(sent), -1):
-            d = np.minimum(d, dist(c))
+        c = np.asarray(sent, dtype=np.float32).reshape(len(sent), -1)  # one matrix product: n x len(sent)
+        d = np.sqrt(np.maximum((sq[:, None] + np.einsum("ij,ij->i", c, c)[None, :] - 2.0 * (x @ c.T)).min(axis=1), 0.0))
         first = int(np.argmax(d * w))
     else:
         first = int(pick_uncertain(scores, 1)[0])
@@ -190,10 +189,12 @@ class Selector:
     def active(self) -> bool:
         return self.strategy != "fifo"
 
-    def _feature(self, content_hash: str, asset: bytes) -> np.ndarray | None:
+    def _feature(self, content_hash: str, asset: bytes | None) -> np.ndarray | None:
         if content_hash in self._cache:
             self._cache.move_to_end(content_hash)
             return self._cache[content_hash]
+        if asset is None:  # the item left the outbox in between: no feature, nothing cached
+            return None
         f = thumbnail(asset)
         self._cache[content_hash] = f
         while len(self._cache) > self.cache_size:
@@ -208,13 +209,15 @@ class Selector:
             return None
         started = time.perf_counter()
         cands = outbox.selection_candidates(group, self.pool, now=now, max_delay_s=max_delay_s,
-                                            ignore_backoff=ignore_backoff, with_assets=self.strategy == "diverse")
+                                            ignore_backoff=ignore_backoff, with_assets=False)
         if len(cands) <= allowance:
             return None
         k = min(allowance, limit)
         scores = [c[1] for c in cands]
         if self.strategy == "diverse":
-            feats = [self._feature(c[2], c[3]) for c in cands]
+            missing = [c[0] for c in cands if c[2] not in self._cache]  # only these assets are read
+            assets = {i.content_hash: i.asset for i in outbox.queued_items(missing)} if missing else {}
+            feats = [self._feature(c[2], assets.get(c[2])) for c in cands]
             sent = self._sent.setdefault(group, deque(maxlen=self.pool))
             picked = choose("diverse", scores, None, k, features=feats, sent=list(sent))
             sent.extend(feats[i] for i in picked if feats[i] is not None)
