@@ -25,6 +25,13 @@ PLANS = {
     "warm": Plan(start=1000, per_round=500, rounds=5, seeds=(0, 1, 2, 3, 4)),
     "cold": Plan(start=100, per_round=100, rounds=5, seeds=(0, 1, 2), strategies=("entropy", "margin", "random"),
                  train_steps=150),
+    # Issue 15: the uploader's --selection diverse (uncertainty-weighted k-center over thumbnails,
+    # the 2,000 most uncertain candidates) against entropy-only and random. Run alone with
+    # `scripts/bench.sh loop -k selection`.
+    "selection-cold": Plan(start=100, per_round=100, rounds=5, seeds=(0, 1, 2, 3, 4),
+                           strategies=("diverse", "entropy", "random"), train_steps=150),
+    "selection-warm": Plan(start=1000, per_round=500, rounds=5, seeds=(0, 1, 2, 3, 4),
+                           strategies=("diverse", "entropy", "random")),
 }
 
 
@@ -41,6 +48,6 @@ def test_active_learning_against_random(benchmark, name):
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / f"loop-{name}.json").write_text(json.dumps(summary, indent=1))
     plot(curves, HERE / f"learning-curve-{name}.png",
-         f"{'Warm' if name == 'warm' else 'Cold'} start: {curves.labels[0]} labels + {PLANS[name].rounds} rounds "
+         f"{'Warm' if name.endswith('warm') else 'Cold'} start: {curves.labels[0]} labels + {PLANS[name].rounds} rounds "
          f"of {PLANS[name].per_round} ({len(PLANS[name].seeds)} seeds)")
     print(json.dumps(summary["strategies"], indent=1))

@@ -212,3 +212,19 @@ def test_a_bad_selection_is_refused_naming_the_flag_and_the_choices(tmp_path):
     r = subprocess.run([sys.executable, "-m", "triton_al.cli", "serve", "--selection", "bogus"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "--selection" in r.stderr and "unknown selection 'bogus'" in r.stderr, r.stderr
+
+
+def test_the_simulation_uses_the_same_selection_among_the_most_uncertain(fashion):
+    from triton_al.loop.simulation import select
+    from triton_al.uploader.selection import thumbnails_of_pixels
+
+    images, labels = fashion
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(10, 0.3), size=3000).astype(np.float32)
+    feats = thumbnails_of_pixels(images[:3000])
+    chosen = select("diverse", probs, 50, rng, feats)
+    assert len(set(chosen.tolist())) == 50
+    uncertain = set(select("entropy", probs, 2000, rng).tolist())  # the bounded candidate pool
+    assert set(chosen.tolist()) <= uncertain
+    assert len(set(labels[chosen].tolist())) >= 8  # spread over the classes
+    assert chosen.tolist() == select("diverse", probs, 50, rng, feats).tolist()

@@ -19,6 +19,7 @@ import triton_al
 from triton_al.example.data import load
 
 STRATEGIES = ("entropy", "margin", "least_confidence", "random")
+DIVERSE_SCORES = "entropy"  # `diverse`: the uploader's --selection diverse over entropy scores (issue 15)
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,19 @@ class Curves:
         return out
 
 
-def select(strategy: str, probs: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices (into `probs`) of the k items to annotate next."""
+def select(strategy: str, probs: np.ndarray, k: int, rng: np.random.Generator, features: np.ndarray | None = None) -> np.ndarray:
+    """Indices (into `probs`) of the k items to annotate next. `diverse` needs `features`
+    (thumbnails, one row per item of `probs`)."""
     if strategy == "random":
         return rng.choice(len(probs), size=k, replace=False)
+    if strategy == "diverse":
+        from triton_al.uploader.selection import DEFAULT_POOL, choose, pick_uncertain
+
+        scores = triton_al.score(probs, strategy=DIVERSE_SCORES)
+        pool = pick_uncertain(scores, DEFAULT_POOL)  # the uploader's bounded candidate pool
+        assert features is not None
+        picked = choose("diverse", list(scores[pool]), None, k, features=list(features[pool]))
+        return pool[np.asarray(picked, dtype=np.int64)]
     scores = triton_al.score(probs, strategy=strategy)
     return np.argsort(scores, kind="stable")[:k]  # lowest confidence first
 
@@ -94,6 +104,11 @@ def run(plan: Plan, progress=None) -> Curves:
     curves = Curves(plan, [plan.start + r * plan.per_round for r in range(plan.rounds + 1)],
                     {s: [] for s in plan.strategies})
     started = time.perf_counter()
+    thumbs = None
+    if "diverse" in plan.strategies:
+        from triton_al.uploader.selection import thumbnails_of_pixels
+
+        thumbs = thumbnails_of_pixels(images)
 
     def fit_and_score(index: np.ndarray, seed: int):
         model = train(images[index], labels[index], epochs=1, seed=seed, min_steps=plan.train_steps)
@@ -111,7 +126,8 @@ def run(plan: Plan, progress=None) -> Curves:
             labelled, unlabelled = start.copy(), pool.copy()
             model, accs = model0, [acc0]
             for r in range(plan.rounds):
-                chosen = select(strategy, predict_proba(model, images[unlabelled]), plan.per_round, pick_rng)
+                chosen = select(strategy, predict_proba(model, images[unlabelled]), plan.per_round, pick_rng,
+                                None if thumbs is None else thumbs[unlabelled])
                 labelled = np.concatenate([labelled, unlabelled[chosen]])
                 unlabelled = np.delete(unlabelled, chosen)
                 model, acc = fit_and_score(labelled, seed)
