@@ -29,9 +29,9 @@ PLANS = {
     # the 2,000 most uncertain candidates) against entropy-only and random. Run alone with
     # `scripts/bench.sh loop -k selection`.
     "selection-cold": Plan(start=100, per_round=100, rounds=5, seeds=(0, 1, 2, 3, 4),
-                           strategies=("diverse", "entropy", "random"), train_steps=150),
+                           strategies=("diverse", "diverse_sent", "entropy", "random"), train_steps=150),
     "selection-warm": Plan(start=1000, per_round=500, rounds=5, seeds=(0, 1, 2, 3, 4),
-                           strategies=("diverse", "entropy", "random")),
+                           strategies=("diverse", "diverse_sent", "entropy", "random")),
 }
 
 

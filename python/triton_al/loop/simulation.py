@@ -78,18 +78,22 @@ class Curves:
         return out
 
 
-def select(strategy: str, probs: np.ndarray, k: int, rng: np.random.Generator, features: np.ndarray | None = None) -> np.ndarray:
+def select(strategy: str, probs: np.ndarray, k: int, rng: np.random.Generator, features: np.ndarray | None = None,
+           labelled: np.ndarray | None = None) -> np.ndarray:
     """Indices (into `probs`) of the k items to annotate next. `diverse` needs `features`
-    (thumbnails, one row per item of `probs`)."""
+    (thumbnails, one row per item of `probs`); `diverse_sent` also the thumbnails of the
+    items labelled so far (the last DEFAULT_POOL), counted as chosen before - as the
+    uploader counts what it sent the group earlier."""
     if strategy == "random":
         return rng.choice(len(probs), size=k, replace=False)
-    if strategy == "diverse":
+    if strategy in ("diverse", "diverse_sent"):
         from triton_al.uploader.selection import DEFAULT_POOL, choose, pick_uncertain
 
         scores = triton_al.score(probs, strategy=DIVERSE_SCORES)
         pool = pick_uncertain(scores, DEFAULT_POOL)  # the uploader's bounded candidate pool
         assert features is not None
-        picked = choose("diverse", list(scores[pool]), None, k, features=list(features[pool]))
+        sent = () if strategy == "diverse" or labelled is None else list(labelled[-DEFAULT_POOL:])
+        picked = choose("diverse", list(scores[pool]), None, k, features=list(features[pool]), sent=sent)
         return pool[np.asarray(picked, dtype=np.int64)]
     scores = triton_al.score(probs, strategy=strategy)
     return np.argsort(scores, kind="stable")[:k]  # lowest confidence first
@@ -105,7 +109,7 @@ def run(plan: Plan, progress=None) -> Curves:
                     {s: [] for s in plan.strategies})
     started = time.perf_counter()
     thumbs = None
-    if "diverse" in plan.strategies:
+    if {"diverse", "diverse_sent"} & set(plan.strategies):
         from triton_al.uploader.selection import thumbnails_of_pixels
 
         thumbs = thumbnails_of_pixels(images)
@@ -127,7 +131,7 @@ def run(plan: Plan, progress=None) -> Curves:
             model, accs = model0, [acc0]
             for r in range(plan.rounds):
                 chosen = select(strategy, predict_proba(model, images[unlabelled]), plan.per_round, pick_rng,
-                                None if thumbs is None else thumbs[unlabelled])
+                                None if thumbs is None else thumbs[unlabelled], None if thumbs is None else thumbs[labelled])
                 labelled = np.concatenate([labelled, unlabelled[chosen]])
                 unlabelled = np.delete(unlabelled, chosen)
                 model, acc = fit_and_score(labelled, seed)
