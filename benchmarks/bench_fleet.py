@@ -33,12 +33,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -51,7 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from outbox_helpers import item, png, wait_for  # noqa: E402
 from test_fleet import Replica, RedisServer, objects, s3_env  # noqa: E402
-from test_sink_s3 import BUCKET, RcloneS3  # noqa: E402
+from s3_helpers import BUCKET, s3  # noqa: E402,F401 - s3 is a fixture
 
 from triton_al.outbox import Outbox, content_hash  # noqa: E402
 from triton_al.uploader.ledger import FleetGate, Ledger  # noqa: E402
@@ -92,15 +90,6 @@ def _cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return float("nan")
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = RcloneS3(tmp_path_factory.mktemp("s3"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from process_helpers import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv" / "label-studio"
@@ -65,12 +66,7 @@ class LabelStudioServer:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_process(self.proc, 20)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:

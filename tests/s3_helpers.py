@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_helpers import stop_process
 
 from triton_al.serving.server import free_port
 
@@ -57,13 +57,17 @@ class RcloneS3:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """One real S3 server per test module (import this fixture where it is used)."""
+    server = RcloneS3(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def s3_env(server: RcloneS3) -> dict[str, str]:

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 from outbox_helpers import item, wait_for
-from test_sink_s3 import BUCKET, KEY, SECRET, RcloneS3  # the real S3 server of the S3 sink's tests
+from process_helpers import stop_process
+from s3_helpers import BUCKET, RcloneS3, s3, s3_env  # noqa: F401 - s3 is a fixture
 
 from triton_al.outbox import Outbox
 from triton_al.serving.server import free_port
-from triton_al.uploader.ledger import FleetGate, Ledger, LedgerError, parse_ledger_uri
+from triton_al.uploader.ledger import FleetGate, Ledger, parse_ledger_uri
 from triton_al.uploader.limits import parse_limits
 from triton_al.uploader.worker import Backoff, Uploader
 
@@ -68,13 +69,7 @@ class RedisServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture
@@ -86,17 +81,6 @@ def ledger_server(tmp_path):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = RcloneS3(tmp_path_factory.mktemp("s3"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def s3_env(server: RcloneS3) -> dict[str, str]:
-    return {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "TRITON_AL_S3_ENDPOINT_URL": server.url}
 
 
 def objects(s3: RcloneS3, prefix: str, group: str) -> dict[str, list[str]]:
@@ -566,13 +550,7 @@ def test_three_uploaders_racing_into_label_studio_import_each_image_once(tmp_pat
         wait_for(lambda: queued() == 0, 120, "the three uploaders to drain", interval=0.2)
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.wait()
+            stop_process(p, 20)
         try:
             projects, tasks = _label_studio_contents(server.url, TOKEN, "triton-al:group=ls-fleet")
         finally:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
+from process_helpers import stop_process
 from outbox_helpers import wait_for
 from s3_helpers import BUCKET, SECRET, RcloneS3, client, s3_env
 from triton_helpers import copy_repository, fashion_pngs, grpcclient, infer_al
@@ -48,13 +48,7 @@ class Serve:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, 60)
         self._log.close()
         return self.proc.returncode
 

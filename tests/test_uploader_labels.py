@@ -12,22 +12,13 @@ import time
 
 import pytest
 from outbox_helpers import item, png, uploaders, wait_for  # noqa: F401
-from s3_helpers import BUCKET, SECRET, RcloneS3, client, s3_env
+from s3_helpers import BUCKET, SECRET, client, s3, s3_env  # noqa: F401 - s3 is a fixture
 
 from triton_al.outbox import Outbox, content_hash
 from triton_al.uploader.admin import AdminClient
 
 GROUP = "active-learning"
 CLASSES = [f"class-{k}" for k in range(10)]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = RcloneS3(tmp_path_factory.mktemp("s3"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def fill(outbox, seeds) -> list[str]:
