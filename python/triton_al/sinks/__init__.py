@@ -6,7 +6,7 @@
 |---|---|
 | `local:DIR` (or a plain path) | `triton_al.sinks.local.LocalStore`, the embedded project store |
 | `s3://bucket/prefix` | `triton_al.sinks.s3.S3Sink` (endpoint and keys from the environment) |
-| `labelstudio+http://host:port[/PROJECT_ID]`, `labelstudio+https://…` | `triton_al.sinks.labelstudio.LabelStudioSink` |
+| `labelstudio+http://host:port[/PROJECT_ID][?labels=FILE&task=TASK]`, `labelstudio+https://…` | `triton_al.sinks.labelstudio.LabelStudioSink` |
 | `nexus://PROJECT_ID` | `triton_al.sinks.nexus.NexusSink` (Datature Nexus) |
 
 Credentials never appear in a URI: each sink reads them from the environment or a file.
