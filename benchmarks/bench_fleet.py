@@ -42,14 +42,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from outbox_helpers import item, png, wait_for  # noqa: E402
 from test_fleet import Replica, RedisServer, objects, s3_env  # noqa: E402
-from s3_helpers import BUCKET, s3  # noqa: E402,F401 - s3 is a fixture
+from test_fleet import ledger_server as ledger  # noqa: E402,F401 - the fixture, under the name the bench uses
+from s3_helpers import BUCKET, RcloneS3, s3  # noqa: E402,F401 - s3 is a fixture
 
 from triton_al.outbox import Outbox, content_hash  # noqa: E402
 from triton_al.uploader.ledger import FleetGate, Ledger  # noqa: E402
@@ -90,15 +90,6 @@ def _cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return float("nan")
-
-
-@pytest.fixture
-def ledger(tmp_path):
-    server = RedisServer(tmp_path / "redis")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class UploaderProc:

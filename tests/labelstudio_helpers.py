@@ -71,3 +71,16 @@ class LabelStudioServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    """One real Label Studio per test module (import this fixture where it is used)."""
+    from triton_al.serving.server import free_port
+
+    server = LabelStudioServer(tmp_path_factory.mktemp("label-studio"), free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

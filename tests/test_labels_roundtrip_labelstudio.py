@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from labelstudio_helpers import TOKEN, LabelStudioServer
+from labelstudio_helpers import TOKEN
+from labelstudio_helpers import label_studio as server  # noqa: F401 - the fixture, under the name these tests use
 from PIL import Image
 
 from triton_al.outbox import content_hash
-from triton_al.serving.server import free_port
 from triton_al.sinks.base import PermanentSinkError, Upload
 from triton_al.sinks.labelstudio import (
     LabelStudioSink,
@@ -43,16 +43,6 @@ FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 
 
 # Against a real Label Studio ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = LabelStudioServer(tmp_path_factory.mktemp("label-studio"), free_port())
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def api(server, path: str, body=None, method: str | None = None):

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from image_helpers import jpeg, noisy
 from outbox_helpers import item, store_index, uploaders, wait_for  # noqa: F401
 from PIL import Image
 
@@ -37,17 +38,6 @@ GROUP = "active-learning"
 def fashion() -> np.ndarray:
     images, _ = load("test")
     return images
-
-
-def jpeg(pixels: np.ndarray, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def noisy(pixels: np.ndarray, sigma: float, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    return encode_png(np.clip(pixels + rng.normal(0, sigma, pixels.shape), 0, 255).astype(np.uint8))
 
 
 def queued(i: int, asset: bytes, group: str = GROUP, media_type: str = "image/png") -> SimpleNamespace:

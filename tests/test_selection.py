@@ -5,14 +5,13 @@ generated near-copies, the outbox helpers, and the real uploader process with
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from image_helpers import jpeg, noisy
 from outbox_helpers import item, store_index, uploaders  # noqa: F401
-from PIL import Image
 
 from triton_al.example.data import encode_png, load
 from triton_al.outbox import Outbox, content_hash
@@ -32,17 +31,6 @@ GROUP = "active-learning"
 @pytest.fixture(scope="module")
 def fashion() -> tuple[np.ndarray, np.ndarray]:
     return load("test")
-
-
-def jpeg(pixels: np.ndarray, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def noisy(pixels: np.ndarray, sigma: float, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    return encode_png(np.clip(pixels + rng.normal(0, sigma, pixels.shape), 0, 255).astype(np.uint8))
 
 
 def clusters(fashion, n_clusters: int, copies: int) -> list[list[bytes]]:

@@ -14,10 +14,10 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from labelstudio_helpers import TOKEN, LabelStudioServer
+from labelstudio_helpers import TOKEN
+from labelstudio_helpers import label_studio as server  # noqa: F401 - the fixture, under the name these tests use
 from sink_conformance import GROUP, SinkConformance, upload
 
-from triton_al.serving.server import free_port
 from triton_al.sinks import open_sink
 from triton_al.sinks.base import PermanentSinkError, TransientSinkError
 from triton_al.sinks.labelstudio import MAX_CLASSES, LabelStudioSink, Schema, SinkRedirectError, _finite, label_config
@@ -25,16 +25,6 @@ from triton_al.sinks.labelstudio import MAX_CLASSES, LabelStudioSink, Schema, Si
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = LabelStudioServer(tmp_path_factory.mktemp("label-studio"), free_port())
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def api(server, path, body=None, method=None):

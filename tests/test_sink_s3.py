@@ -9,19 +9,11 @@ import subprocess
 
 import pytest
 from s3_helpers import BUCKET, KEY, SECRET, RcloneS3, boto3  # noqa: F401
+from s3_helpers import s3 as server  # noqa: F401 - the fixture, under the name these tests use
 from sink_conformance import GROUP, SinkConformance, upload
 
 from triton_al.sinks import open_sink
 from triton_al.sinks.s3 import S3Sink
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = RcloneS3(tmp_path_factory.mktemp("s3"))
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture
