@@ -596,9 +596,8 @@ def drift_command(
         source = _Source(metrics_url, prometheus_url, prometheus_selector, url, version, scored_model, step)
         if not watch:
             model, served = source.served()
-            find_reference(load_references(reference), reference, step, model, served)  # before waiting
+            ref = find_reference(load_references(reference), reference, step, model, served)  # before waiting
             w = source.window(window)
-            ref = find_reference(load_references(reference), reference, step, model, served)
             verdict = evaluate(ref, w, psi_threshold=psi_threshold, min_items=min_items, n_bins=bins, where=str(reference))
         else:
             _watch(source, reference, window, min_items, psi_threshold, bins, serve_metrics, serve_address, record_first,

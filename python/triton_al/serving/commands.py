@@ -10,6 +10,14 @@ import typer
 from triton_al.config import ActiveLearningConfig
 
 
+
+def _checked(flag: str, parse, value):
+    """`parse(value)`, its ValueError reported as a bad value of `flag`."""
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=flag) from None
+
 def attach_command(
     model_repository: Annotated[Path, typer.Option("--model-repository", help="The Triton model repository.")],
     model: Annotated[str, typer.Option("--model", help="Name of the model to put active learning behind.")],
@@ -103,38 +111,27 @@ def serve_command(
         uploader_args += ["--pull-labels-every", f"{pull_labels_every:g}"]
         uploader_args += ["--labels-store", str(labels_store.absolute())] if labels_store is not None else []
         uploader_args += ["--labels", str(labels.absolute())] if labels is not None else []
+    # Uploader flags are checked here, with the uploader's own parsers, before Triton starts.
     if rate_limit:
         from triton_al.uploader.limits import parse_limits
 
-        try:
-            parse_limits(rate_limit)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--rate-limit") from None
+        _checked("--rate-limit", parse_limits, rate_limit)
         for spec in rate_limit:
             uploader_args += ["--rate-limit", spec]
     if budget_ledger is not None:
         from triton_al.uploader.ledger import parse_ledger_uri
 
-        try:
-            parse_ledger_uri(budget_ledger)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--budget-ledger") from None
+        _checked("--budget-ledger", parse_ledger_uri, budget_ledger)
         uploader_args += ["--budget-ledger", budget_ledger]
     if near_duplicate_distance is not None:
         from triton_al.uploader.near_duplicates import parse_distance
 
-        try:
-            parse_distance(near_duplicate_distance)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--near-duplicate-distance") from None
+        _checked("--near-duplicate-distance", parse_distance, near_duplicate_distance)
         uploader_args += ["--near-duplicate-distance", near_duplicate_distance]
     if selection is not None:
         from triton_al.uploader.selection import parse_selection
 
-        try:
-            uploader_args += ["--selection", parse_selection(selection)]
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--selection") from None
+        uploader_args += ["--selection", _checked("--selection", parse_selection, selection)]
     pipeline = Pipeline(
         model_repository, data_dir, sink=sink or (f"local:{store.absolute()}" if store else None), outbox=outbox,
         uploader=uploader, model_control_mode=model_control_mode, load_models=models, grpc_port=grpc_port,
