@@ -44,14 +44,14 @@ fi
 
 # Debian packages: Fashion-MNIST for the example model and the demo; SQLite's headers,
 # because the Python extension links the system SQLite that Python's sqlite3 module uses.
-ensure_debian_package() {
-    local package="$1" probe="$2"
+ensure_debian_package() {  # ensure_debian_package PACKAGE PROBE_FILE [apt-get install options]
+    local package="$1" probe="$2"; shift 2
     [ -e "$probe" ] && return 0
     log "installing Debian package $package"
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$package" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" "$package" >/dev/null
 }
 ensure_debian_package dataset-fashion-mnist /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 ensure_debian_package libsqlite3-dev /usr/include/sqlite3.h

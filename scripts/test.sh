@@ -20,6 +20,9 @@ sink_env() {  # sink_env NAME PACKAGE==VERSION
         "$dir/bin/pip" install --quiet "$spec"
     fi
 }
+# Prometheus' rule engine (promtool) for tests/test_alert_rules.py, and Prometheus itself for
+# the --prometheus-url path in tests/test_calibrate.py.
+ensure_debian_package prometheus /usr/bin/promtool --no-install-recommends
 sink_env label-studio "label-studio==1.23.2"
 sink_env nexus "datature==1.12.2"
 
