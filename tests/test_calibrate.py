@@ -3,8 +3,10 @@ prometheus_client itself, as Triton's /metrics presents it); and over many repli
 histograms added up bucket by bucket, checked against two real tritonservers serving the
 example (the fleet's numbers equal the sum of each replica's, read line by line from their
 /metrics), refusals naming the replica (unreachable, other bucket bounds), and the
---prometheus-url path against a Prometheus stand-in (FakePrometheus: a real Prometheus
-cannot run here)."""
+--prometheus-url path against a real Prometheus (Debian's) scraping both replicas; the
+answers Prometheus gives only when something is wrong (a query refused, a replica scraped
+by two jobs, other bucket bounds) come from a stand-in that evaluates the same queries
+(FakePrometheus), because a real one cannot be made to give them on demand."""
 
 from __future__ import annotations
 
@@ -534,3 +536,53 @@ def test_prometheus_errors_name_the_problem(fleet, prometheus):
         assert result.exit_code == 2 and complaint in result.output, (args, result.output)
     result = cli("report", "--out", "unused-report")
     assert result.exit_code == 2 and "give --store" in result.output
+
+
+def test_a_real_prometheus_scraping_both_replicas_gives_the_fleet_sums(fleet, tmp_path):
+    """--prometheus-url against a real Prometheus (Debian's) scraping both tritonservers every
+    second: the cumulative numbers equal scraping every replica directly, and with --window
+    the counts are Prometheus' increase over that range: the 16 items sent meanwhile, plus
+    at most the extrapolation `increase` does at the range's edges (≤ 1.6 scrape intervals
+    of the traffic's rate)."""
+    import math
+    import time
+
+    from outbox_helpers import wait_for
+    from prometheus_helpers import running_prometheus
+    from triton_helpers import fashion_pngs, grpcclient, infer_al, metric_sum, triton_metrics
+
+    urls = [s.metrics_url for s in fleet]
+    targets = [(u, {"namespace": "prod", "pod": f"triton-al-{i}"}) for i, u in enumerate(urls)]
+    with running_prometheus(tmp_path / "prometheus", targets) as prom:
+        started = time.monotonic()
+        scored = sum(metric_sum(triton_metrics(s), "triton_al_items_scored_total", model=STEP) for s in fleet)
+        prom.wait_for(f'sum(triton_al_items_scored_total{{model="{STEP}"}})', lambda v: v == scored, 30, f"{scored} items scored")
+
+        direct = cli("calibrate", *[a for u in urls for a in ("--metrics-url", u)], "--flag-rate", "0.3", "--window", "0")
+        via = cli("calibrate", "--prometheus-url", prom.url, "--prometheus-selector", 'namespace="prod"',
+                  "--flag-rate", "0.3", "--window", "0")
+        assert direct.exit_code == 0 and via.exit_code == 0, (direct.output, via.output)
+        direct, via = json.loads(direct.stdout), json.loads(via.stdout)
+        assert via["replicas"] == 2 and via["observed"] == direct["observed"] == scored
+        assert via["threshold"] == direct["threshold"]
+
+        time.sleep(3)  # a few scrapes of the counts before the window's traffic
+        for s in fleet:
+            pngs, _, _ = fashion_pngs(8, start=4000)
+            with grpcclient.InferenceServerClient(s.grpc_url) as client:
+                infer_al(client, pngs)
+        wait_for(lambda: sum(metric_sum(triton_metrics(s), "triton_al_items_scored_total", model=STEP) for s in fleet) == scored + 16,
+                 15, "the window's items in the step's metrics")
+        prom.wait_for(f'sum(triton_al_items_scored_total{{model="{STEP}"}})', lambda v: v == scored + 16, 30, "the window's items")
+        span = time.monotonic() - started
+        window = math.ceil(span) + 5  # every sample Prometheus has lies in the range
+        result = cli("calibrate", "--prometheus-url", prom.url, "--capacity", "100/day", "--window", str(window))
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.stdout)
+        assert 16 <= out["observed"] <= 16 * (1 + 1.6 / span) + 1, (out, span)
+        assert out["replicas"] == 2 and out["items_per_day"] > 0
+        assert out["flag_rate"] == pytest.approx(min(1.0, 100 / out["items_per_day"]))
+
+        # The same Prometheus names what it lacks: a step it does not scrape.
+        result = cli("calibrate", "--prometheus-url", prom.url, "--step", "other_step", "--flag-rate", "0.3", "--window", "0")
+        assert result.exit_code == 2 and "no triton_al_score_bucket series" in result.output

@@ -22,6 +22,7 @@ its process group (the Python-backend stubs).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -54,9 +55,20 @@ class ServerError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports on 127.0.0.1. The sockets are held until all are chosen: one
+    bound and closed at a time, the kernel may hand the same port out twice (seen: gRPC and
+    HTTP given one port, and tritonserver refusing to start)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 def _pytriton_root() -> Path | None:
@@ -224,7 +236,8 @@ class TritonServer:
         if model_control_mode not in ("none", "poll", "explicit"):
             raise ServerError(f"model_control_mode: expected none, poll or explicit, got {model_control_mode!r}")
         self.binary = find_tritonserver(binary)
-        self.ports = Ports(grpc_port or free_port(), http_port or free_port(), metrics_port or free_port())
+        chosen = iter(free_ports(3))
+        self.ports = Ports(grpc_port or next(chosen), http_port or next(chosen), metrics_port or next(chosen))
         self.model_control_mode = model_control_mode
         self.load_models = list(load_models)
         self.repository_poll_secs = repository_poll_secs
