@@ -163,7 +163,8 @@ def test_prometheus_selectors_are_label_matchers_only():
 
 
 # --------------------------------------------------------------------------------------------
-# Many replicas for real: two tritonservers serving the example, and a Prometheus stand-in
+# Many replicas for real: two tritonservers serving the example, a real Prometheus, and a
+# stand-in for the answers Prometheus gives only when something is wrong
 
 STEP = "active_learning"
 SAMPLE = re.compile(r'^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
@@ -220,8 +221,9 @@ class FakePrometheus:
     real replicas' /metrics scraped at two moments: an instant query reads the second
     scrape, `increase` is the second minus the first (the range is not checked: the test
     chooses the two moments). The queries are parsed with the real PromQL parser
-    (promql-parser); any other shape is answered with Prometheus' error format. A real
-    Prometheus cannot run here."""
+    (promql-parser); any other shape is answered with Prometheus' error format. Used for
+    the failures (a refused query, a replica scraped twice, other bounds) that a real
+    Prometheus cannot be made to give on demand; the normal path runs against a real one."""
 
     def __init__(self, before: dict[tuple, float], after: dict[tuple, float]):
         self.before, self.after, self.queries = before, after, []
