@@ -6,14 +6,19 @@ on PATH, compare the result with `kubectl kustomize`). It supports, and only sup
 
 - `resources`: YAML files (one or more documents) and directories holding a
   kustomization.yaml, rendered recursively, in order;
+- `components`: directories holding a `kind: Component` kustomization
+  (kustomize.config.k8s.io/v1alpha1), applied in order after the resources and before the
+  kustomization's own patches, images and labels (kustomize 5.1 and later): each adds its
+  resources to those accumulated so far, then applies its patches (and images, labels) to
+  all of them;
 - `labels`: `pairs` added to every object's metadata.labels (`includeSelectors` and
   `includeTemplates` false, their defaults);
 - `images`: `name` with `newName`, `newTag` and/or `digest`, applied to the containers and
   init containers of pod templates;
 - `patches`: from `path` or inline `patch`, either a strategic merge patch (a mapping,
   targeting the object of its kind and metadata.name, or `target`) or a JSON 6902 patch (a
-  list of `add`/`replace`/`remove` operations, with `target` kind and name; group and
-  version are checked when given).
+  list of `add`/`replace`/`remove`/`test` operations, with `target` kind and name; group and
+  version are checked when given; a failed `test` fails the build, as in kustomize).
 
 Strategic merge follows kustomize: mappings merge key by key, `null` deletes a key, lists
 of containers, init containers, volumes and env (by `name`), volume mounts (by
@@ -34,7 +39,8 @@ from typing import Any
 import yaml
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
-SUPPORTED_FIELDS = {"apiVersion", "kind", "resources", "labels", "images", "patches"}
+SUPPORTED_FIELDS = {"apiVersion", "kind", "resources", "components", "labels", "images", "patches"}
+KINDS = {"Kustomization": "kustomize.config.k8s.io/v1beta1", "Component": "kustomize.config.k8s.io/v1alpha1"}
 SUPPORTED_LABEL_FIELDS = {"pairs", "includeSelectors", "includeTemplates"}
 SUPPORTED_IMAGE_FIELDS = {"name", "newName", "newTag", "digest"}
 SUPPORTED_PATCH_FIELDS = {"path", "patch", "target"}
@@ -81,6 +87,10 @@ def check_supported(kustomization: dict, where: Path) -> None:
     unknown = set(kustomization) - SUPPORTED_FIELDS
     if unknown:
         raise UnsupportedFeature(f"{where}: kustomize field(s) {sorted(unknown)} are not supported by tests/deploy_kustomize.py")
+    kind = kustomization.get("kind", "Kustomization")
+    if kind not in KINDS or kustomization.get("apiVersion", KINDS[kind]) != KINDS[kind]:
+        raise UnsupportedFeature(f"{where}: {kustomization.get('apiVersion')}/{kind} is not a Kustomization "
+                                 f"({KINDS['Kustomization']}) nor a Component ({KINDS['Component']})")
     for entry in kustomization.get("labels") or []:
         if set(entry) - SUPPORTED_LABEL_FIELDS:
             raise UnsupportedFeature(f"{where}: labels field(s) {sorted(set(entry) - SUPPORTED_LABEL_FIELDS)} are not supported")
@@ -96,13 +106,17 @@ def check_supported(kustomization: dict, where: Path) -> None:
             raise UnsupportedFeature(f"{where}: patch target fields {sorted(set(entry['target']) - SUPPORTED_TARGET_FIELDS)} are not supported")
 
 
-def render(directory: str | Path) -> list[dict]:
+def render(directory: str | Path, *, _accumulated: list[dict] | None = None) -> list[dict]:
     """The objects `kubectl kustomize DIRECTORY` would print, in resource order."""
     directory = Path(directory)
     path = kustomization_file(directory)
     kustomization = yaml.safe_load(path.read_text()) or {}
     check_supported(kustomization, path)
-    objects: list[dict] = []
+    is_component = kustomization.get("kind") == "Component"
+    if is_component != (_accumulated is not None):
+        raise ValueError(f"{path}: a Component is listed under `components`, a Kustomization under `resources`"
+                         f" (this one is a {'Component' if is_component else 'Kustomization'})")
+    objects: list[dict] = list(_accumulated or [])
     for resource in kustomization.get("resources") or []:
         target = (directory / resource).resolve()
         if target.is_dir():
@@ -114,6 +128,11 @@ def render(directory: str | Path) -> list[dict]:
     keys = [identity(o) for o in objects]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{path}: the same object twice: {sorted(k for k in keys if keys.count(k) > 1)}")
+    for component in kustomization.get("components") or []:
+        target = (directory / component).resolve()
+        if not target.is_dir():
+            raise FileNotFoundError(f"{path}: component {component} is not a directory")
+        objects = render(target, _accumulated=objects)
     for entry in kustomization.get("patches") or []:
         if "path" in entry:
             patches = load_documents(directory / entry["path"])
@@ -239,9 +258,14 @@ def _walk(doc: Any, parts: list[str], path: str) -> Any:
 def json6902(obj: dict, operations: list, where: Path) -> None:
     for op in operations:
         kind = op.get("op")
-        if kind not in ("add", "replace", "remove") or set(op) - {"op", "path", "value"}:
-            raise UnsupportedFeature(f"{where}: JSON 6902 operation {op} is not supported (add, replace, remove)")
+        if kind not in ("add", "replace", "remove", "test") or set(op) - {"op", "path", "value"}:
+            raise UnsupportedFeature(f"{where}: JSON 6902 operation {op} is not supported (add, replace, remove, test)")
         parts = _pointer(op["path"])
+        if kind == "test":
+            found = _walk(obj, parts, op["path"])
+            if found != op.get("value"):
+                raise ValueError(f"{where}: JSON 6902 test {op['path']}: expected {op.get('value')!r}, found {found!r}")
+            continue
         parent = _walk(obj, parts[:-1], op["path"])
         last = parts[-1]
         value = copy.deepcopy(op.get("value"))

@@ -49,7 +49,8 @@ import deploy_kustomize  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
-OVERLAYS = ["cpu", "gpu"]
+OVERLAYS = ["cpu", "gpu", "fleet"]
+COMPONENTS = ["ledger"]
 KUBERNETES_VERSION = "1.30"
 ADAPTER_RULES = K8S / "prometheus-adapter" / "rules.yaml"
 SECRET_EXAMPLE = K8S / "secret.example.yaml"
@@ -69,8 +70,13 @@ READ_WHERE = {
     "DATATURE_SECRET_KEY": "python/triton_al/sinks/nexus_worker.py",
     "TRITON_AL_NUM_THREADS": "rust/kernels/src/parallel.rs",
     "TRITON_AL_NEXUS_PYTHON": "python/triton_al/sinks/nexus.py",
+    "TRITON_AL_LEDGER_PASSWORD": "python/triton_al/uploader/ledger.py",
 }
-SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY|CREDENTIAL)", re.I)
+SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY|CREDENTIAL|AUTH)", re.I)
+# The fleet's ledger (components/ledger): its Redis and what the uploader needs to reach it.
+LEDGER = "triton-al-ledger"
+LEDGER_PASSWORD_ENV = "TRITON_AL_LEDGER_PASSWORD"
+WORKLOAD_KINDS = ("StatefulSet", "Deployment")
 # A batch in flight when SIGTERM arrives: what the shutdown budget leaves for it.
 BATCH_IN_FLIGHT_S = 30
 # tritonserver's flags that the pod's ports depend on: port flag, address flag.
@@ -111,6 +117,19 @@ def container(objects: list[dict], name: str) -> dict:
     found = [c for c in (spec.get("initContainers") or []) + (spec.get("containers") or []) if c.get("name") == name]
     assert len(found) == 1, f"expected one container {name}"
     return found[0]
+
+
+def workloads(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if o.get("kind") in WORKLOAD_KINDS]
+
+
+def workload_containers(workload: dict) -> list[dict]:
+    spec = workload["spec"]["template"]["spec"]
+    return list(spec.get("initContainers") or []) + list(spec.get("containers") or [])
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
 def env_of(c: dict) -> dict[str, dict]:
@@ -403,16 +422,25 @@ def port_problems(objects: list[dict]) -> list[str]:
                         problems.append(f"{c['name']} {probe_kind}: port {port!r} is not declared by this container")
                     if isinstance(port, int) and port not in own.values():
                         problems.append(f"{c['name']} {probe_kind}: port {port} is not declared by this container")
-    # Services and their selectors.
+    # Services and their selectors: each selects the pods of one workload (the triton-al
+    # StatefulSet's, or another's such as the ledger's), and targets that pod's ports.
     for svc in objects_of(objects, "Service"):
         selector = svc["spec"].get("selector") or {}
-        if not selector or any(pod_labels.get(k) != v for k, v in selector.items()):
-            problems.append(f"Service/{svc['metadata']['name']}: selector {selector} does not select the pods {pod_labels}")
+        selected = [w for w in workloads(objects) if selects(selector, w["spec"]["template"]["metadata"]["labels"])]
+        if len(selected) != 1:
+            problems.append(f"Service/{svc['metadata']['name']}: selector {selector} does not select the pods of exactly one "
+                            f"workload (it selects {[w['metadata']['name'] for w in selected]})")
+            continue
+        if selected[0] is sts:
+            names, nums = set(by_name), numbers
+        else:
+            declared = [p for c in workload_containers(selected[0]) for p in c.get("ports") or []]
+            names, nums = {p.get("name") for p in declared}, {p["containerPort"] for p in declared}
         for p in svc["spec"].get("ports") or []:
             target = p.get("targetPort", p["port"])
-            if isinstance(target, str) and target not in by_name:
+            if isinstance(target, str) and target not in names:
                 problems.append(f"Service/{svc['metadata']['name']}: targetPort {target!r} is not a declared container port")
-            if isinstance(target, int) and target not in numbers:
+            if isinstance(target, int) and target not in nums:
                 problems.append(f"Service/{svc['metadata']['name']}: targetPort {target} is not a declared container port")
     headless = [s["metadata"]["name"] for s in objects_of(objects, "Service") if s["spec"].get("clusterIP") == "None"]
     if sts["spec"].get("serviceName") not in headless:
@@ -497,6 +525,14 @@ def env_problems(objects: list[dict]) -> list[str]:
         problems.append(f"uploader: {ADMIN_TOKEN_ENV} is optional, but --admin-require-token refuses to start without it")
     # No literal secrets anywhere, and none for tritonserver (nor its Python-backend processes).
     example = yaml.safe_load(SECRET_EXAMPLE.read_text())
+    others = [c for w in workloads(objects) if w is not sts for c in workload_containers(w)]
+    for c in others:  # the ledger's Redis and the like: the same rules for secrets
+        for entry in c.get("env") or []:
+            ref = (entry.get("valueFrom") or {}).get("secretKeyRef")
+            if "value" in entry and SECRET_NAME.search(entry["name"]):
+                problems.append(f"{c['name']}: {entry['name']} is a literal value; secrets come from a secretKeyRef")
+            if ref and (ref.get("name") != example["metadata"]["name"] or ref.get("key") not in example["stringData"]):
+                problems.append(f"{c['name']}: {entry['name']} reads {ref.get('name')}/{ref.get('key')}, not in {SECRET_EXAMPLE.name}")
     for c in (spec.get("initContainers") or []) + spec["containers"]:
         for entry in c.get("env") or []:
             ref = (entry.get("valueFrom") or {}).get("secretKeyRef")
@@ -595,6 +631,134 @@ def autoscaling_problems(objects: list[dict], rules_text: str) -> list[str]:
     return problems
 
 
+def redis_config(text: str) -> dict[str, str]:
+    """redis.conf directives: name (lower case) -> the rest of its line (the last one wins)."""
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, rest = line.partition(" ")
+            out[name.lower()] = rest.strip()
+    return out
+
+
+def _memory_bytes(text: str) -> int:
+    """A Kubernetes quantity (Mi, Gi, M, G) or a redis.conf size (mb, gb) in bytes."""
+    m = re.fullmatch(r"(\d+)\s*([KMGkmg]i?|[kmg]b)?", str(text).strip())
+    if not m:
+        raise ValueError(f"not a memory size: {text!r}")
+    unit = (m.group(2) or "").lower()
+    scale = {"": 1, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "ki": 1024, "mi": 1024 ** 2, "gi": 1024 ** 3,
+             "kb": 1024, "mb": 1024 ** 2, "gb": 1024 ** 3}[unit]  # redis' kb/mb/gb are powers of 1024
+    return int(m.group(1)) * scale
+
+
+def ledger_redis(objects: list[dict]) -> tuple[dict, dict, str, str]:
+    """The ledger's Deployment, its Redis container, the start script and the redis.conf text it reads."""
+    deployment = next(o for o in objects_of(objects, "Deployment") if o["metadata"]["name"] == LEDGER)
+    redis = next(c for c in workload_containers(deployment) if c["name"] == "redis")
+    script = (redis.get("args") or [""])[-1]
+    m = re.search(r"redis-server (\S+)", script)
+    path = m.group(1) if m else ""
+    text = ""
+    for mount in redis.get("volumeMounts") or []:
+        if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            volume = next((v for v in deployment["spec"]["template"]["spec"].get("volumes") or [] if v["name"] == mount["name"]), {})
+            data = configmaps(objects).get((volume.get("configMap") or {}).get("name"), {})
+            text = data.get(path[len(mount["mountPath"].rstrip("/")) + 1:], "")
+    return deployment, redis, script, text
+
+
+def ledger_problems(objects: list[dict]) -> list[str]:
+    """The fleet's ledger (components/ledger): a Redis that keeps what it is told (append-only,
+    fsync always, no eviction, on a claim), a password from the Secret given to it without a
+    command line, and the uploader pointed at its Service with the same password."""
+    from triton_al.uploader.ledger import parse_ledger_uri
+
+    problems = []
+    if not any(o["metadata"]["name"] == LEDGER for o in objects_of(objects, "Deployment")):
+        return [f"no Deployment {LEDGER}"]
+    deployment, redis, script, text = ledger_redis(objects)
+    if deployment["spec"].get("replicas", 1) != 1:
+        problems.append(f"{LEDGER}: replicas must be 1 (one ledger; replicas of a Redis are not the same counts)")
+    if (deployment["spec"].get("strategy") or {}).get("type") != "Recreate":
+        problems.append(f"{LEDGER}: strategy must be Recreate (a rolling update would start a second Redis on the ReadWriteOnce volume)")
+    if not text:
+        return problems + [f"{LEDGER}: the redis.conf its script starts with ({script!r}) is not in a mounted ConfigMap"]
+    conf = redis_config(text)
+    if conf.get("appendonly") != "yes":
+        problems.append(f"{LEDGER}: appendonly is {conf.get('appendonly')!r}: a restart would forget the window's counts")
+    if conf.get("appendfsync") != "always":
+        problems.append(f"{LEDGER}: appendfsync is {conf.get('appendfsync')!r}, not always: a crash loses acknowledged grants")
+    if conf.get("maxmemory-policy") != "noeviction":
+        problems.append(f"{LEDGER}: maxmemory-policy is {conf.get('maxmemory-policy')!r}, not noeviction: an evicted counter is an overshoot")
+    limit = (redis.get("resources") or {}).get("limits", {}).get("memory")
+    if not conf.get("maxmemory") or not limit or _memory_bytes(conf["maxmemory"]) >= _memory_bytes(limit):
+        problems.append(f"{LEDGER}: maxmemory {conf.get('maxmemory')} must be set below the container's memory limit {limit}")
+    if "requirepass" in conf or "user" in conf:
+        problems.append(f"{LEDGER}: a password in the ConfigMap; it comes from the Secret")
+    mounts = {m["mountPath"].rstrip("/"): m["name"] for m in redis.get("volumeMounts") or []}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"].get("volumes") or []}
+    claims = {o["metadata"]["name"] for o in objects_of(objects, "PersistentVolumeClaim")}
+    data = volumes.get(mounts.get(conf.get("dir", "").rstrip("/"), ""), {})
+    if (data.get("persistentVolumeClaim") or {}).get("claimName") not in claims:
+        problems.append(f"{LEDGER}: dir {conf.get('dir')} is not on a PersistentVolumeClaim of this deployment")
+    # The password: from the Secret, to redis-server on stdin; never on a command line.
+    env = env_of(redis)
+    password_var = next((name for name in env if re.search(rf"requirepass \$\{{?{name}\b", script)), None)
+    if password_var is None:
+        problems.append(f"{LEDGER}: the start script does not give redis-server `requirepass $VAR` from the container's env")
+    if re.search(r"--requirepass|redis-server[^\n]*\$", script) or any("requirepass" in a for a in redis.get("command") or []):
+        problems.append(f"{LEDGER}: the password is on redis-server's command line (visible to every process of the pod)")
+    if not re.search(r"redis-server \S+ - <<", script):
+        problems.append(f"{LEDGER}: redis-server must read the password from its standard input (`redis-server FILE - <<EOF`)")
+    redis_ref = ((env.get(password_var or "") or {}).get("valueFrom") or {}).get("secretKeyRef")
+    if not redis_ref:
+        problems.append(f"{LEDGER}: the password variable {password_var} is not from a secretKeyRef")
+    probe = " ".join(((redis.get("readinessProbe") or {}).get("exec") or {}).get("command") or [])
+    if "redis-cli" not in probe or "PONG" not in probe or password_var != "REDISCLI_AUTH":
+        problems.append(f"{LEDGER}: the readiness probe must PING with redis-cli, authenticated by REDISCLI_AUTH")
+    ports = {p.get("name"): p["containerPort"] for p in redis.get("ports") or []}
+    if str(ports.get("redis")) != conf.get("port"):
+        problems.append(f"{LEDGER}: containerPort redis {ports.get('redis')} is not redis.conf's port {conf.get('port')}")
+    # The uploader reaches it: its Service, its port, the same password.
+    service = next((o for o in objects_of(objects, "Service") if o["metadata"]["name"] == LEDGER), None)
+    try:
+        params = uploader_params(objects)
+        address = parse_ledger_uri(params.get("budget_ledger") or "")
+    except ValueError as e:
+        return problems + [f"uploader --budget-ledger: {e}"]
+    if service is None:
+        return problems + [f"no Service {LEDGER}"]
+    service_port = next((p["port"] for p in service["spec"]["ports"] if p.get("targetPort") in ("redis", ports.get("redis"))), None)
+    if address.host.split(".")[0] != LEDGER or address.host.count(".") not in (0, 1, 2, 4):
+        problems.append(f"uploader --budget-ledger {address}: the host is not the Service {LEDGER}")
+    if address.port != service_port:
+        problems.append(f"uploader --budget-ledger {address}: port {address.port} is not the Service's {service_port}")
+    uploader_ref = ((env_of(container(objects, UPLOADER)).get(LEDGER_PASSWORD_ENV) or {}).get("valueFrom") or {}).get("secretKeyRef")
+    if not uploader_ref:
+        problems.append(f"uploader: {LEDGER_PASSWORD_ENV} is not set from a secretKeyRef")
+    elif redis_ref and (uploader_ref.get("name"), uploader_ref.get("key")) != (redis_ref.get("name"), redis_ref.get("key")):
+        problems.append(f"uploader: {LEDGER_PASSWORD_ENV} reads {uploader_ref.get('name')}/{uploader_ref.get('key')}, "
+                        f"not the key the ledger's Redis reads ({redis_ref.get('name')}/{redis_ref.get('key')})")
+    elif uploader_ref.get("optional"):
+        problems.append(f"uploader: {LEDGER_PASSWORD_ENV} is optional, but the ledger refuses an uploader without it")
+    # Only the triton-al pods reach it.
+    pod_labels = one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    policies = [o for o in objects_of(objects, "NetworkPolicy")
+                if selects((o["spec"].get("podSelector") or {}).get("matchLabels") or {}, deployment["spec"]["template"]["metadata"]["labels"])]
+    if not policies:
+        problems.append(f"no NetworkPolicy selects the {LEDGER} pods")
+    for policy in policies:
+        for rule in policy["spec"].get("ingress") or []:
+            sources = [f.get("podSelector", {}).get("matchLabels") or {} for f in rule.get("from") or []]
+            if not sources or not all(selects(src, pod_labels) for src in sources):
+                problems.append(f"NetworkPolicy/{policy['metadata']['name']}: ingress from {sources}, not only the triton-al pods")
+            if [p.get("port") for p in rule.get("ports") or []] not in (["redis"], [ports.get("redis")]):
+                problems.append(f"NetworkPolicy/{policy['metadata']['name']}: ports {rule.get('ports')} are not the ledger's port")
+    return problems
+
+
 # --------------------------------------------------------------------------------------------
 # Tests on the real manifests
 
@@ -605,7 +769,8 @@ def kustomization_dirs() -> list[Path]:
 
 def test_kustomizations_use_only_what_the_renderer_supports():
     dirs = kustomization_dirs()
-    assert {d.relative_to(K8S).as_posix() for d in dirs} == {"base", "overlays/cpu", "overlays/gpu"}
+    assert {d.relative_to(K8S).as_posix() for d in dirs} == {"base", *(f"overlays/{o}" for o in OVERLAYS),
+                                                             *(f"components/{c}" for c in COMPONENTS)}
     for d in dirs:
         deploy_kustomize.check_supported(yaml.safe_load((d / "kustomization.yaml").read_text()), d)
 
@@ -614,13 +779,41 @@ def test_kustomizations_use_only_what_the_renderer_supports():
 def test_overlay_renders(overlay):
     objects = rendered(overlay)
     kinds = sorted(o["kind"] for o in objects)
+    ledger = ["ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "NetworkPolicy"] if overlay == "fleet" else []
     assert kinds == sorted(["ConfigMap", "StatefulSet", "Service", "Service", "PodDisruptionBudget",
-                            "HorizontalPodAutoscaler", "PodMonitor"])
+                            "HorizontalPodAutoscaler", "PodMonitor", *ledger])
     assert not objects_of(objects, "Secret"), "no credential belongs in the rendered manifests"
     images = {c["image"] for c in deploy_kustomize.all_containers(one(objects, "StatefulSet"))}
     assert len(images) == 1 and ":" in next(iter(images)), f"both containers run the one image built from deploy/Containerfile: {images}"
     for o in objects:
-        assert o["metadata"]["labels"].get("triton-al/variant") == overlay
+        if o["metadata"]["name"] == LEDGER:  # the component's own objects
+            assert o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "triton-al"
+        else:  # the fleet overlay is the cpu overlay plus the ledger
+            assert o["metadata"]["labels"].get("triton-al/variant") == {"fleet": "cpu"}.get(overlay, overlay)
+
+
+def test_the_fleet_overlay_is_the_cpu_overlay_plus_the_ledger():
+    cpu, fleet = rendered("cpu"), rendered("fleet")
+    assert ledger_problems(fleet) == []
+    assert [o for o in fleet if o["metadata"]["name"] != LEDGER and o["kind"] != "StatefulSet"] == \
+        [o for o in cpu if o["kind"] != "StatefulSet"]
+    uploader, cpu_uploader = container(fleet, UPLOADER), container(cpu, UPLOADER)
+    assert uploader["args"] == cpu_uploader["args"] + ["--budget-ledger", "redis://triton-al-ledger:6379/0"]
+    assert [e["name"] for e in uploader["env"]] == [e["name"] for e in cpu_uploader["env"]] + [LEDGER_PASSWORD_ENV]
+    params = uploader_params(fleet)
+    assert params["budget_ledger"] == "redis://triton-al-ledger:6379/0" and params["fleet_claims"] is True
+    assert uploader_params(cpu)["budget_ledger"] is None
+    assert ledger_problems(cpu) == [f"no Deployment {LEDGER}"]
+
+
+def test_the_ledger_component_applies_to_the_gpu_overlay_too(tmp_path):
+    """Components compose: the same component on top of overlays/gpu (as README section 6 shows)."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(K8S / "overlays" / "gpu")], "components": [str(K8S / "components" / "ledger")]}))
+    objects = deploy_kustomize.render(tmp_path)
+    assert ledger_problems(objects) == [] and schema_problems(objects) == [] and cli_problems(objects) == []
+    assert container(objects, TRITONSERVER)["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
 def test_overlays_differ_as_intended():
@@ -696,6 +889,10 @@ def test_the_variables_are_the_ones_the_code_reads():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_shutdown_budget(overlay):
     assert shutdown_problems(rendered(overlay)) == []
+
+
+def test_ledger():
+    assert ledger_problems(rendered("fleet")) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -873,6 +1070,54 @@ BROKEN = {
 }
 
 
+def _ledger_conf(objects, old, new):
+    cm = next(o for o in objects_of(objects, "ConfigMap") if o["metadata"]["name"] == LEDGER)
+    assert old in cm["data"]["redis.conf"], old
+    cm["data"]["redis.conf"] = cm["data"]["redis.conf"].replace(old, new)
+
+
+def _ledger_script(objects, old, new):
+    redis = ledger_redis(objects)[1]
+    assert old in redis["args"][-1], old
+    redis["args"][-1] = redis["args"][-1].replace(old, new)
+
+
+def _ledger_object(objects, kind):
+    return next(o for o in objects_of(objects, kind) if o["metadata"]["name"] == LEDGER)
+
+
+BROKEN_FLEET = {
+    # name: (how to break the rendered fleet overlay, the check, what the complaint says)
+    "no append-only file": (lambda o: _ledger_conf(o, "appendonly yes", "appendonly no"), "ledger", "appendonly"),
+    "fsync every second": (lambda o: _ledger_conf(o, "appendfsync always", "appendfsync everysec"), "ledger", "not always"),
+    "evicting": (lambda o: _ledger_conf(o, "maxmemory-policy noeviction", "maxmemory-policy volatile-lru"), "ledger", "noeviction"),
+    "maxmemory over the limit": (lambda o: _ledger_conf(o, "maxmemory 768mb", "maxmemory 2gb"), "ledger", "below the container's memory limit"),
+    "password in the ConfigMap": (lambda o: _ledger_conf(o, "port 6379", "port 6379\nrequirepass hunter2"), "ledger", "password in the ConfigMap"),
+    "config port differs": (lambda o: _ledger_conf(o, "port 6379", "port 6380"), "ledger", "is not redis.conf's port"),
+    "data not on the claim": (lambda o: _ledger_conf(o, "dir /data", "dir /tmp"), "ledger", "not on a PersistentVolumeClaim"),
+    "password on the command line": (lambda o: _ledger_script(o, "redis-server /etc/redis/redis.conf - <<EOF", 'redis-server /etc/redis/redis.conf --requirepass "$REDISCLI_AUTH" <<EOF'), "ledger", "command line"),
+    "config not mounted": (lambda o: _ledger_script(o, "/etc/redis/redis.conf", "/etc/redis.conf"), "ledger", "not in a mounted ConfigMap"),
+    "rolling update": (lambda o: _ledger_object(o, "Deployment")["spec"].update(strategy={"type": "RollingUpdate"}), "ledger", "Recreate"),
+    "two ledgers": (lambda o: _ledger_object(o, "Deployment")["spec"].update(replicas=2), "ledger", "replicas must be 1"),
+    "probe without auth": (lambda o: ledger_redis(o)[1]["env"][0].update(name="REDIS_PASSWORD"), "ledger", "REDISCLI_AUTH"),
+    "uploader at another host": (lambda o: _replace_arg(_uploader(o), "redis://triton-al-ledger:6379/0", "redis://redis:6379/0"), "ledger", "is not the Service"),
+    "uploader at another port": (lambda o: _replace_arg(_uploader(o), "redis://triton-al-ledger:6379/0", "redis://triton-al-ledger:6380/0"), "ledger", "is not the Service's"),
+    "uploader URI with the password": (lambda o: _replace_arg(_uploader(o), "redis://triton-al-ledger:6379/0", "redis://:pw@triton-al-ledger:6379/0"), "ledger", "credentials do not go in the URI"),
+    "uploader without the password": (lambda o: _uploader(o).update(env=[e for e in _uploader(o)["env"] if e["name"] != LEDGER_PASSWORD_ENV]), "ledger", f"{LEDGER_PASSWORD_ENV} is not set"),
+    "uploader password from another key": (lambda o: _env_entry(_uploader(o), LEDGER_PASSWORD_ENV)["valueFrom"]["secretKeyRef"].update(key="TRITON_AL_ADMIN_TOKEN"), "ledger", "not the key the ledger's Redis reads"),
+    "uploader password optional": (lambda o: _env_entry(_uploader(o), LEDGER_PASSWORD_ENV)["valueFrom"]["secretKeyRef"].update(optional=True), "ledger", "optional"),
+    "uploader password literal": (lambda o: _make_literal(_env_entry(_uploader(o), LEDGER_PASSWORD_ENV), "hunter2"), "env", "literal value"),
+    "ledger password literal": (lambda o: _make_literal(ledger_redis(o)[1]["env"][0], "hunter2"), "env", "redis: REDISCLI_AUTH is a literal value"),
+    "ledger password from an unknown key": (lambda o: ledger_redis(o)[1]["env"][0]["valueFrom"]["secretKeyRef"].update(key="REDIS"), "env", "not in secret.example.yaml"),
+    "policy open to all": (lambda o: _ledger_object(o, "NetworkPolicy")["spec"]["ingress"][0]["from"][0].update(podSelector={}), "ledger", "not only the triton-al pods"),
+    "policy selects other pods": (lambda o: _ledger_object(o, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"].update({"app.kubernetes.io/name": "redis"}), "ledger", "no NetworkPolicy selects"),
+    "ledger Service targets an undeclared port": (lambda o: _ledger_object(o, "Service")["spec"]["ports"][0].update(targetPort="rediss"), "ports", "'rediss' is not a declared container port"),
+    "ledger Service selects the inference pods": (lambda o: _ledger_object(o, "Service")["spec"].update(selector={"app.kubernetes.io/name": "triton-al"}), "ports", "targetPort 'redis' is not a declared"),
+    "ledger Service selects nothing": (lambda o: _ledger_object(o, "Service")["spec"]["selector"].update({"app.kubernetes.io/component": "redis"}), "ports", "exactly one workload"),
+    "schema: PVC misspelled": (lambda o: _ledger_object(o, "PersistentVolumeClaim")["spec"].update(accesModes=["ReadWriteOnce"]), "schema", "accesModes"),
+}
+
+
 def _run_check(name: str, objects: list[dict]) -> list[str]:
     if name == "cli":
         return cli_problems(objects)
@@ -891,12 +1136,14 @@ def _run_check(name: str, objects: list[dict]) -> list[str]:
         return shutdown_problems(objects)
     if name == "autoscaling":
         return autoscaling_problems(objects, ADAPTER_RULES.read_text())
+    if name == "ledger":
+        return ledger_problems(objects)
     raise AssertionError(name)
 
 
 @functools.cache
-def _unbroken_problems(check: str) -> tuple[str, ...]:
-    return tuple(_run_check(check, rendered("cpu")))
+def _unbroken_problems(check: str, overlay: str = "cpu") -> tuple[str, ...]:
+    return tuple(_run_check(check, rendered(overlay)))
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
@@ -904,6 +1151,16 @@ def test_broken_manifest_is_caught(case):
     breaker, check, complaint = BROKEN[case]
     assert _unbroken_problems(check) == (), "the unbroken manifests must pass first"
     objects = rendered("cpu")
+    breaker(objects)
+    problems = _run_check(check, objects)
+    assert any(complaint in p for p in problems), f"{case}: expected a complaint with {complaint!r}, got {problems}"
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_FLEET))
+def test_broken_fleet_manifest_is_caught(case):
+    breaker, check, complaint = BROKEN_FLEET[case]
+    assert _unbroken_problems(check, "fleet") == (), "the unbroken manifests must pass first"
+    objects = rendered("fleet")
     breaker(objects)
     problems = _run_check(check, objects)
     assert any(complaint in p for p in problems), f"{case}: expected a complaint with {complaint!r}, got {problems}"
@@ -958,3 +1215,54 @@ def test_unsupported_kustomize_features_are_refused(tmp_path):
         with pytest.raises(deploy_kustomize.UnsupportedFeature):
             deploy_kustomize.render(tmp_path)
         assert feature
+
+
+def test_components_are_applied_after_the_resources_and_before_the_patches(tmp_path):
+    """kustomize's order (5.1 and later): resources, then each component (its resources, then
+    its patches over everything so far), then the kustomization's own patches and labels."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\ndata:\n  a: base\n")
+    (tmp_path / "base" / "kustomization.yaml").write_text("resources: [cm.yaml]\n")
+    (tmp_path / "comp").mkdir()
+    (tmp_path / "comp" / "cm2.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: y\n")
+    (tmp_path / "comp" / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\nresources: [cm2.yaml]\n"
+        "patches:\n- target: {kind: ConfigMap, name: x}\n  patch: |\n    - op: test\n      path: /data/a\n      value: base\n"
+        "    - op: replace\n      path: /data/a\n      value: component\n")
+    (tmp_path / "top").mkdir()
+    (tmp_path / "top" / "kustomization.yaml").write_text(
+        "resources: [../base]\ncomponents: [../comp]\nlabels:\n- pairs: {l: top}\n"
+        "patches:\n- target: {kind: ConfigMap, name: x}\n  patch: |\n    - op: test\n      path: /data/a\n      value: component\n"
+        "    - op: add\n      path: /data/b\n      value: top\n")
+    objects = deploy_kustomize.render(tmp_path / "top")
+    assert [(o["metadata"]["name"], o.get("data"), o["metadata"]["labels"]) for o in objects] == [
+        ("x", {"a": "component", "b": "top"}, {"l": "top"}), ("y", None, {"l": "top"})]
+    # A failed `test` stops the build (as kustomize does); so does a Component under
+    # `resources` and a Kustomization under `components`.
+    broken = (tmp_path / "top" / "kustomization.yaml").read_text().replace("value: component", "value: base", 1)
+    (tmp_path / "top" / "kustomization.yaml").write_text(broken)
+    with pytest.raises(ValueError, match="JSON 6902 test /data/a"):
+        deploy_kustomize.render(tmp_path / "top")
+    (tmp_path / "top" / "kustomization.yaml").write_text("resources: [../base, ../comp]\n")
+    with pytest.raises(ValueError, match="a Component is listed under `components`"):
+        deploy_kustomize.render(tmp_path / "top")
+    (tmp_path / "top" / "kustomization.yaml").write_text("resources: [../comp]\ncomponents: [../base]\n")
+    with pytest.raises(ValueError, match="a Component is listed under `components`"):
+        deploy_kustomize.render(tmp_path / "top")
+    (tmp_path / "top" / "kustomization.yaml").write_text("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Component\n")
+    with pytest.raises(deploy_kustomize.UnsupportedFeature):
+        deploy_kustomize.render(tmp_path / "top")
+
+
+def test_the_ledger_component_refuses_a_statefulset_whose_first_init_container_is_not_the_uploader(tmp_path):
+    """The component's JSON 6902 patch appends to init container 0: its `test` makes the build
+    fail, rather than give --budget-ledger to another container, if that ever changes."""
+    (tmp_path / "base").mkdir()
+    sts = copy.deepcopy(one(rendered("cpu"), "StatefulSet"))
+    spec = sts["spec"]["template"]["spec"]
+    spec["initContainers"].insert(0, {"name": "init-volume", "image": "busybox", "command": ["true"]})
+    (tmp_path / "base" / "sts.yaml").write_text(yaml.safe_dump(sts))
+    (tmp_path / "base" / "kustomization.yaml").write_text("resources: [sts.yaml]\n")
+    (tmp_path / "kustomization.yaml").write_text(f"resources: [base]\ncomponents: [{K8S / 'components' / 'ledger'}]\n")
+    with pytest.raises(ValueError, match="expected 'uploader', found 'init-volume'"):
+        deploy_kustomize.render(tmp_path)
