@@ -1091,7 +1091,7 @@ BROKEN_FLEET = {
     "no append-only file": (lambda o: _ledger_conf(o, "appendonly yes", "appendonly no"), "ledger", "appendonly"),
     "fsync every second": (lambda o: _ledger_conf(o, "appendfsync always", "appendfsync everysec"), "ledger", "not always"),
     "evicting": (lambda o: _ledger_conf(o, "maxmemory-policy noeviction", "maxmemory-policy volatile-lru"), "ledger", "noeviction"),
-    "maxmemory over the limit": (lambda o: _ledger_conf(o, "maxmemory 768mb", "maxmemory 2gb"), "ledger", "below the container's memory limit"),
+    "maxmemory over the limit": (lambda o: _ledger_conf(o, "maxmemory 1536mb", "maxmemory 2gb"), "ledger", "below the container's memory limit"),
     "password in the ConfigMap": (lambda o: _ledger_conf(o, "port 6379", "port 6379\nrequirepass hunter2"), "ledger", "password in the ConfigMap"),
     "config port differs": (lambda o: _ledger_conf(o, "port 6379", "port 6380"), "ledger", "is not redis.conf's port"),
     "data not on the claim": (lambda o: _ledger_conf(o, "dir /data", "dir /tmp"), "ledger", "not on a PersistentVolumeClaim"),

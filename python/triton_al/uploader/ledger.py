@@ -33,7 +33,13 @@ items (a replica restarted on the same outbox takes its own claims back at once:
 is named by host and outbox path). Replicas must agree on the limits: each applies its own
 caps to the shared counters.
 
-Credentials never go in the URI: the password comes from `TRITON_AL_LEDGER_PASSWORD`.
+Credentials never go in the URI (it is logged) nor on the command line; they come from the
+environment: `TRITON_AL_LEDGER_PASSWORD` (Redis `requirepass`, or an ACL user's password with
+`TRITON_AL_LEDGER_USERNAME`). With `rediss://` the server's certificate is checked against the
+system's CAs, or the PEM bundle in `TRITON_AL_LEDGER_CA`; `TRITON_AL_LEDGER_CERT` (and
+`TRITON_AL_LEDGER_KEY`, when the key is a file of its own) is the client certificate for a
+server that asks for one (Redis' `tls-auth-clients yes`, its default). A refused password or
+certificate is reported as such (naming the variable to check), and the items wait.
 """
 
 from __future__ import annotations
@@ -55,6 +61,11 @@ from triton_al.uploader.limits import RateLimit, limits_for
 
 log = logging.getLogger("triton_al.uploader")
 PASSWORD_ENV = "TRITON_AL_LEDGER_PASSWORD"
+USERNAME_ENV = "TRITON_AL_LEDGER_USERNAME"
+CA_ENV = "TRITON_AL_LEDGER_CA"
+CERT_ENV = "TRITON_AL_LEDGER_CERT"
+KEY_ENV = "TRITON_AL_LEDGER_KEY"
+TLS_ENVS = (CA_ENV, CERT_ENV, KEY_ENV)
 USAGE = "expected redis://HOST[:PORT][/DB] or rediss://HOST[:PORT][/DB] (password from $TRITON_AL_LEDGER_PASSWORD)"
 WINDOW_SLACK_S = 300
 """A budget counter lives this long past its window (a late release still finds it)."""
@@ -165,6 +176,36 @@ def parse_ledger_uri(uri: str) -> LedgerAddress:
     return LedgerAddress(parts.hostname, port or 6379, int(path or 0), parts.scheme == "rediss")
 
 
+def connection_settings(address: LedgerAddress, environ: Any = None) -> dict[str, Any]:
+    """The Redis client's credentials and TLS settings, from the environment (never the URI);
+    a clear error for a setting that cannot work (a missing file, TLS files without rediss://)."""
+    env = os.environ if environ is None else environ
+    settings: dict[str, Any] = {"password": env.get(PASSWORD_ENV) or None}
+    username = env.get(USERNAME_ENV) or None
+    if username is not None:
+        if settings["password"] is None:
+            raise ValueError(f"--budget-ledger: {USERNAME_ENV} is set but {PASSWORD_ENV} is not (an ACL user logs in with a password)")
+        settings["username"] = username
+    files = {name: env.get(name) or None for name in TLS_ENVS}
+    if not address.tls:
+        given = [name for name, value in files.items() if value]
+        if given:
+            raise ValueError(f"--budget-ledger {address}: {', '.join(given)} set, but the URI is redis:// (no TLS): use rediss://")
+        return settings
+    for name, value in files.items():
+        if value and not os.path.isfile(value):
+            raise ValueError(f"--budget-ledger: {name}={value}: no such file")
+    if files[KEY_ENV] and not files[CERT_ENV]:
+        raise ValueError(f"--budget-ledger: {KEY_ENV} is set without {CERT_ENV} (the client certificate)")
+    settings.update(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True)
+    if files[CA_ENV]:
+        settings["ssl_ca_certs"] = files[CA_ENV]
+    if files[CERT_ENV]:
+        settings["ssl_certfile"] = files[CERT_ENV]
+        settings["ssl_keyfile"] = files[KEY_ENV]
+    return settings
+
+
 def owner_id(outbox: str | os.PathLike[str]) -> str:
     """Who holds a claim: this host and this outbox (one uploader per outbox), so that a
     replica restarted on its outbox takes its own claims back."""
@@ -195,8 +236,11 @@ class Ledger:
         self._settle = client.register_script(_SETTLE)
 
     @classmethod
-    def open(cls, uri: str, namespace: str, owner: str, *, timeout_s: float = 2.0, **kwargs: Any) -> Ledger:
+    def open(cls, uri: str, namespace: str, owner: str, *, timeout_s: float = 2.0,
+             environ: dict[str, str] | None = None, **kwargs: Any) -> Ledger:
         address = parse_ledger_uri(uri)
+        env = os.environ if environ is None else environ
+        connection = connection_settings(address, env)
         try:
             import redis
         except ImportError:
@@ -205,10 +249,14 @@ class Ledger:
         from redis.retry import Retry
 
         # One quick retry (a connection the server closed); the uploader does the real retrying.
-        client = redis.Redis(host=address.host, port=address.port, db=address.db, ssl=address.tls,
-                             password=os.environ.get(PASSWORD_ENV) or None, socket_timeout=timeout_s,
-                             socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1), health_check_interval=30)
-        return cls(client, namespace, owner, where=str(address), **kwargs)
+        client = redis.Redis(host=address.host, port=address.port, db=address.db, socket_timeout=timeout_s,
+                             socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1), health_check_interval=30,
+                             **connection)
+        ledger = cls(client, namespace, owner, where=str(address), **kwargs)
+        ledger._auth = (connection.get("username"), connection.get("password") is not None)
+        ledger._tls = address.tls
+        ledger._client_cert = "ssl_certfile" in connection
+        return ledger
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         import redis
@@ -216,7 +264,44 @@ class Ledger:
         try:
             return fn()
         except redis.exceptions.RedisError as e:
-            raise LedgerError(f"budget ledger {self.where}: {what} failed ({type(e).__name__}: {e})") from None
+            raise LedgerError(f"budget ledger {self.where}: {what} failed ({type(e).__name__}: {e}){self._hint(e)}") from None
+
+    _auth: tuple[str | None, bool] = (None, False)
+    _tls = False
+    _client_cert = False
+
+    def _hint(self, error: Exception) -> str:
+        """What to check, for the errors whose message does not say it (an empty string otherwise)."""
+        import redis
+
+        text = str(error)
+        username, has_password = self._auth
+        if isinstance(error, redis.exceptions.AuthenticationError) or "NOAUTH" in text or "WRONGPASS" in text \
+                or "without any password configured" in text:
+            if not has_password:
+                return (f"; the ledger requires a password and none is set: set {PASSWORD_ENV}"
+                        + (f" (and {USERNAME_ENV} for an ACL user)" if username is None else ""))
+            if "without any password configured" in text:
+                return f"; {PASSWORD_ENV} is set but the ledger has no password: unset it, or set requirepass on the server"
+            who = f"user {username!r}" if username else "the default user"
+            return f"; the ledger refused the password of {who}: check {PASSWORD_ENV}" + (f" and {USERNAME_ENV}" if username else "")
+        if isinstance(error, redis.exceptions.NoPermissionError) or "NOPERM" in text:
+            return "; the ledger's ACL user lacks a permission the ledger needs (its keys tal:*, EVAL/EVALSHA, TIME, PING, MGET)"
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            return (f"; the server's TLS certificate is not trusted: put the CA that signed it in a PEM file and point "
+                    f"{CA_ENV} at it (the host name in the URI must be in the certificate)")
+        lower = text.lower()
+        if "certificate required" in lower or ("alert" in lower and "certificate" in lower):
+            return f"; the server asks for a client certificate: set {CERT_ENV} (and {KEY_ENV})"
+        if self._tls and not self._client_cert and ("eof occurred in violation of protocol" in lower or "unexpected_eof" in lower):
+            # TLS 1.3: a server refusing a client without a certificate may just close the connection.
+            return (f"; the server closed the TLS connection: if it asks for a client certificate (Redis' "
+                    f"tls-auth-clients yes, its default), set {CERT_ENV} (and {KEY_ENV})")
+        if self._tls and isinstance(error, redis.exceptions.TimeoutError):
+            return "; is this port a TLS port (rediss:// speaks TLS; a plain Redis port does not answer it)?"
+        if not self._tls and "reset by peer" in text:
+            return "; if the port is a TLS port, use rediss://"
+        return ""
 
     def ping(self) -> None:
         if self._call("ping", self.client.ping) is not True:
