@@ -6,8 +6,12 @@
   variables such as `$__rate_interval` and `$pod` are replaced by sample values first).
 - Every metric name those expressions select is one the code really exports: the test
   serves the example repository (with the native step, as the example ships it, and with
-  the Python step) with the uploader beside it, sends some traffic, and reads Triton's
-  /metrics and the uploader's /metrics (and the drift watcher's gauges); the names come from those scrapes, not from a list. A family declared with no
+  the Python step) with the uploader beside it (with a fleet ledger, a real redis-server, and
+  near-duplicate suppression on), sends traffic that gets flagged, uploaded and, for
+  near-copies of flagged images, suppressed, runs the real drift watcher (`triton-al drift
+  --serve-metrics`) until it has recorded a reference and judged a window, and reads
+  Triton's /metrics, the uploader's and the watcher's; the names come from those scrapes,
+  not from a list. A family declared with no
   series yet (a labelled counter such as the sink failures, before the first failure) is
   exported by its `# TYPE` line and counts. The only names allowed without a scrape are
   Prometheus' own per-target series (`up`). Label names used in matchers and in `by (...)`
@@ -27,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import promql_parser  # the test extra: promql-parser
 import pytest
 import yaml
@@ -53,6 +58,10 @@ DASHBOARD_MUST_SHOW = {
     "upload rate": "triton_al_uploader_uploaded_total",
     "sink errors": "triton_al_uploader_sink_failures_total",
     "step outbox errors": "triton_al_outbox_errors_total",
+    "score drift": "triton_al_score_drift",
+    "flag rate against its band": "triton_al_flag_rate_out_of_band",
+    "near-duplicates": "triton_al_uploader_near_duplicates_total",
+    "fleet ledger": "triton_al_uploader_ledger_up",
 }
 ALERTS_MUST_COVER = {
     "backlog age": "triton_al_uploader_oldest_item_age_seconds",
@@ -60,6 +69,9 @@ ALERTS_MUST_COVER = {
     "uploader down": "up",
     "step outbox errors": "triton_al_outbox_errors_total",
     "flag rate out of band": "triton_al_items_flagged_total",
+    "score drift": "triton_al_score_drift",
+    "calibrated band": "triton_al_flag_rate_out_of_band",
+    "ledger down": "triton_al_uploader_ledger_up",
 }
 SEVERITIES = {"critical", "warning", "info"}
 DURATION = re.compile(r"(\d+(ms|s|m|h|d|w|y))+")
@@ -419,6 +431,8 @@ def test_broken_dashboards_and_rules_are_caught():
         (lambda d: d["panels"][1]["targets"][0].update(datasource="Prometheus"), "is not the $datasource variable"),
         (lambda d: d.update(panels=[p for p in d["panels"] if p.get("type") != "heatmap"]), "no heatmap"),
         (lambda d: d["panels"][1].update(gridPos={"h": 8, "w": 12, "x": 16, "y": 0}), "24-column grid"),
+        (lambda d: d.update(panels=[p for p in d["panels"] if p.get("title") != "Score drift (PSI)"]), "nothing shows the score drift"),
+        (lambda d: d.update(panels=[p for p in d["panels"] if "Near-duplicates" not in p.get("title", "")]), "nothing shows the near-duplicates"),
     ]
     for breaker, complaint in cases:
         d = copy.deepcopy(load_dashboard())
@@ -439,6 +453,7 @@ def test_broken_dashboards_and_rules_are_caught():
         (lambda r: r["spec"]["groups"][0].update(rulez=[]), "unknown fields"),
         (lambda r: r["spec"]["groups"][1].update(name=r["spec"]["groups"][0]["name"]), "unique name"),
         (lambda r: r["spec"]["groups"].pop(0), "no alert on the uploader down"),
+        (lambda r: r["spec"].update(groups=[g for g in r["spec"]["groups"] if g["name"] != "triton-al.fleet"]), "no alert on the ledger down"),
     ]
     for breaker, complaint in cases:
         r = copy.deepcopy(load_rules())
@@ -454,14 +469,18 @@ def test_broken_dashboards_and_rules_are_caught():
 @pytest.fixture(scope="module", params=["native", "python"])
 def scraped(tmp_path_factory, request):
     """Triton's /metrics (the example, with the step of each kind: the native backend it
-    ships, and the Python-backend model) and the uploader's, after traffic that flags,
-    stores and uploads some items."""
+    ships, and the Python-backend model), the uploader's (with a fleet ledger and
+    near-duplicate suppression) and the drift watcher's, after traffic that flags, stores,
+    uploads and suppresses some items and a judged drift window."""
+    import urllib.request
+
     from outbox_helpers import wait_for
+    from test_fleet import RedisServer
     from triton_helpers import copy_repository, fashion_pngs, grpcclient, infer_al, metric_sum, set_parameter, triton_metrics
 
-    from triton_al.serving.pipeline import Pipeline
-
     from triton_al.attach import attach
+    from triton_al.example.data import encode_png
+    from triton_al.serving.pipeline import Pipeline
 
     tmp = tmp_path_factory.mktemp(f"observability-{request.param}")
     repository = copy_repository(tmp)
@@ -469,38 +488,105 @@ def scraped(tmp_path_factory, request):
     assert ('backend: "python"' in (repository / "active_learning" / "config.pbtxt").read_text()) == (request.param == "python")
     set_parameter(repository / "active_learning" / "config.pbtxt", "threshold", "0.85")  # small traffic flags some
     models = ["fashion_cnn_al", "fashion_cnn", "preprocess", "active_learning"]
-    with Pipeline(repository, tmp / "data", model_control_mode="explicit", load_models=models) as p:
-        pngs, _, _ = fashion_pngs(48, start=300)
+    ledger = RedisServer(tmp / "redis")
+    try:
+        with Pipeline(repository, tmp / "data", model_control_mode="explicit", load_models=models,
+                      uploader_args=["--budget-ledger", ledger.url, "--near-duplicate-distance", "4"]) as p:
+            pngs, pixels, _ = fashion_pngs(48, start=300)
+            with grpcclient.InferenceServerClient(p.server.grpc_url) as client:
+                flags = np.concatenate([infer_al(client, pngs[i:i + 16])[2] for i in range(0, 48, 16)])
+                assert flags.sum() > 0, "nothing flagged: pick other images"
+                wait_for(lambda: metric_sum(triton_metrics(p.server), "triton_al_items_scored_total") >= 48, 15, "the step's metrics")
+                assert p.flush(30).complete
+                # Near-copies (one pixel changed) of flagged images: flagged again, not uploaded again.
+                copies = []
+                for i in np.flatnonzero(flags)[:4]:
+                    near = pixels[i].copy()
+                    near[0, 0] = 1 if near[0, 0] == 0 else near[0, 0] - 1
+                    copies.append([encode_png(near)])
+                again = infer_al(client, np.array(copies, dtype=object))[2]
+            assert again.sum() > 0, "no near-copy was flagged"
+            assert p.flush(30).complete
+            with urllib.request.urlopen(p.uploader.metrics_url, timeout=5) as r:
+                uploader_text = r.read().decode()
+            drift_text = drift_watcher_scrape(tmp, p)
+            yield triton_metrics(p.server), uploader_text, drift_text
+    finally:
+        ledger.stop()
+
+
+def drift_watcher_scrape(tmp: Path, p) -> str:
+    """The real watcher (`triton-al drift --serve-metrics`, a child process stopped by PID):
+    it records the first 32 scores as version 1's reference, then judges a window of 16 or
+    more; its /metrics once the drift gauge has a series."""
+    import subprocess
+    import urllib.request
+
+    from outbox_helpers import wait_for
+    from process_helpers import stop_process
+    from triton_helpers import fashion_pngs, grpcclient, infer_al
+
+    ports, reference, log = tmp / "drift-ports.json", tmp / "drift-reference.json", tmp / "drift.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "triton_al.cli", "drift", "--reference", str(reference),
+                                 "--metrics-url", p.server.metrics_url, "--url", p.server.grpc_url, "--window", "1",
+                                 "--serve-metrics", "0", "--ports-file", str(ports), "--record-first", "32",
+                                 "--min-items", "16"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "a window starts" in log.read_text() or proc.poll() is not None, 60, "the drift watcher's first scrape")
+        assert proc.poll() is None, log.read_text()
+        url = f"http://127.0.0.1:{json.loads(ports.read_text())['metrics']}/metrics"
+        pngs, _, _ = fashion_pngs(96, start=500)
         with grpcclient.InferenceServerClient(p.server.grpc_url) as client:
-            flagged = sum(int(infer_al(client, pngs[i:i + 16])[2].sum()) for i in range(0, 48, 16))
-        assert flagged > 0, "nothing flagged: pick other images"
-        wait_for(lambda: metric_sum(triton_metrics(p.server), "triton_al_items_scored_total") >= 48, 15, "the step's metrics")
-        assert p.flush(30).complete
-        import urllib.request
+            for i in range(0, 48, 16):
+                infer_al(client, pngs[i:i + 16])
+            wait_for(reference.exists, 30, "the reference of the first 32 scores")
+            for i in range(48, 96, 16):
+                infer_al(client, pngs[i:i + 16])
 
-        with urllib.request.urlopen(p.uploader.metrics_url, timeout=5) as r:
-            uploader_text = r.read().decode()
-        # The drift watcher's gauges (`triton-al drift --serve-metrics`), declared by their TYPE
-        # lines; tests/test_drift.py checks their labels on a judged window.
-        from triton_al.drift import Exporter
+        def judged():
+            with urllib.request.urlopen(url, timeout=5) as r:
+                text = r.read().decode()
+            return text if "triton_al_score_drift{" in text else None
 
-        drift = Exporter(0)
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{drift.port}/metrics", timeout=5) as r:
-                drift_text = r.read().decode()
-        finally:
-            drift.close()
-        yield triton_metrics(p.server), uploader_text, drift_text
+        return wait_for(judged, 30, "a judged window in the watcher's gauges")
+    finally:
+        stop_process(proc)
+
+
+def sample_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples (those with these labels) in an exposition text."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        m = SAMPLE.match(line)
+        if m and m.group(1) == name:
+            own = dict(LABEL.findall(m.group(2) or ""))
+            if all(own.get(k) == v for k, v in labels.items()):
+                total, found = total + float(line.split("}")[-1].split()[0] if "}" in line else line.split()[1]), True
+    assert found, f"no sample of {name} {labels or ''}"
+    return total
 
 
 def test_scrapes_hold_the_step_and_uploader_metrics(scraped):
-    triton_text, uploader_text, _ = scraped
+    triton_text, uploader_text, drift_text = scraped
     series = exported_series(triton_text, uploader_text)
     # The scrapes are real: the step's histogram and the uploader's deliveries are there.
     assert any(s.get("le") == "+Inf" for s in series["triton_al_score_bucket"])
     assert any(s.get("reason") == "uncertain" for s in series["triton_al_items_flagged_total"])
     assert "triton_al_uploader_uploaded_total" in series and "nv_inference_request_success" in series
     assert "triton_al_uploader_uploaded_total" in exported_series(uploader_text)
+    # Near-copies were suppressed, the ledger answered, the watcher judged a window.
+    assert sample_sum(uploader_text, "triton_al_uploader_near_duplicates_total") >= 1
+    assert all(s.get("group") for s in series["triton_al_uploader_near_duplicates_total"])
+    assert sample_sum(uploader_text, "triton_al_uploader_ledger_up") == 1
+    assert sample_sum(uploader_text, "triton_al_uploader_fleet_items_total", outcome="uploaded") >= 1
+    drift = exported_series(drift_text)
+    labels = {"model": "active_learning", "scored_model": "fashion_cnn", "version": "1"}
+    for name in ("triton_al_score_drift", "triton_al_score_drift_ks", "triton_al_flag_rate_out_of_band",
+                 "triton_al_drift_flag_rate", "triton_al_drift_window_items"):
+        assert drift[name] == [labels], (name, drift.get(name))
+    assert drift["triton_al_drift_up"] == [{"model": "active_learning"}]
+    assert {s["edge"] for s in drift["triton_al_drift_flag_rate_band"]} == {"low", "high"}
 
 
 def test_every_metric_the_dashboard_and_the_alerts_name_is_exported(scraped):
