@@ -17,8 +17,8 @@ on PATH, compare the result with `kubectl kustomize`). It supports, and only sup
   init containers of pod templates;
 - `patches`: from `path` or inline `patch`, either a strategic merge patch (a mapping,
   targeting the object of its kind and metadata.name, or `target`) or a JSON 6902 patch (a
-  list of `add`/`replace`/`remove`/`test` operations, with `target` kind and name; group and
-  version are checked when given; a failed `test` fails the build, as in kustomize).
+  list of `add`/`replace`/`remove`/`copy`/`test` operations, with `target` kind and name;
+  group and version are checked when given; a failed `test` fails the build, as in kustomize).
 
 Strategic merge follows kustomize: mappings merge key by key, `null` deletes a key, lists
 of containers, init containers, volumes and env (by `name`), volume mounts (by
@@ -258,9 +258,13 @@ def _walk(doc: Any, parts: list[str], path: str) -> Any:
 def json6902(obj: dict, operations: list, where: Path) -> None:
     for op in operations:
         kind = op.get("op")
-        if kind not in ("add", "replace", "remove", "test") or set(op) - {"op", "path", "value"}:
-            raise UnsupportedFeature(f"{where}: JSON 6902 operation {op} is not supported (add, replace, remove, test)")
+        if kind not in ("add", "replace", "remove", "copy", "test") or set(op) - {"op", "path", "value", "from"} \
+                or ("from" in op) != (kind == "copy"):
+            raise UnsupportedFeature(f"{where}: JSON 6902 operation {op} is not supported (add, replace, remove, copy, test)")
         parts = _pointer(op["path"])
+        if kind == "copy":  # RFC 6902: an add of the value found at `from`
+            op = {"op": "add", "path": op["path"], "value": _walk(obj, _pointer(op["from"]), op["from"])}
+            kind = "add"
         if kind == "test":
             found = _walk(obj, parts, op["path"])
             if found != op.get("value"):

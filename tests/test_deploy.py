@@ -36,6 +36,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -50,7 +51,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 OVERLAYS = ["cpu", "gpu", "fleet"]
-COMPONENTS = ["ledger"]
+COMPONENTS = ["ledger", "drift-watcher"]
+# Overlays with optional components on top ("OVERLAY+COMPONENT+..."), rendered from a
+# kustomization made for the test, as a user's overlay would list them.
+COMBINED = ["gpu+ledger", "cpu+drift-watcher", "fleet+drift-watcher"]
+RENDERED = OVERLAYS + COMBINED
 KUBERNETES_VERSION = "1.30"
 ADAPTER_RULES = K8S / "prometheus-adapter" / "rules.yaml"
 SECRET_EXAMPLE = K8S / "secret.example.yaml"
@@ -58,6 +63,7 @@ CONTAINERFILE = DEPLOY / "Containerfile"
 
 TRITONSERVER = "tritonserver"  # container names
 UPLOADER = "uploader"
+DRIFT = "drift-watcher"  # components/drift-watcher
 # What the containers read from the environment, and where the code reads it (so that a
 # rename in the code fails here too).
 OUTBOX_ENV = "TRITON_AL_OUTBOX"
@@ -90,7 +96,14 @@ TRITON_LISTENERS = {"http": ("--http-port", "--http-address"), "grpc": ("--grpc-
 
 @functools.cache
 def _rendered(overlay: str) -> tuple:
-    return tuple(deploy_kustomize.render(K8S / "overlays" / overlay))
+    if "+" not in overlay:
+        return tuple(deploy_kustomize.render(K8S / "overlays" / overlay))
+    base, *components = overlay.split("+")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [str(K8S / "overlays" / base)], "components": [str(K8S / "components" / c) for c in components]}))
+        return tuple(deploy_kustomize.render(tmp))
 
 
 def rendered(overlay: str) -> list[dict]:
@@ -187,6 +200,8 @@ def parse_triton_al(argv: list[str]) -> tuple[list[str], dict]:
         raise ValueError(f"not a triton-al command line: {argv}")
     command, ctx, args, path = root, root.context_class(root, info_name="triton-al"), list(argv[1:]), []
     while hasattr(command, "get_command") and hasattr(command, "list_commands"):  # a group
+        if path and getattr(command, "invoke_without_command", False) and (not args or args[0].startswith("-")):
+            break  # a group that is a command too (`triton-al drift --reference ...`): parse its own options
         if not args or args[0].startswith("-"):
             raise ValueError(f"triton-al {' '.join(path)}: no subcommand in {argv}")
         sub = command.get_command(ctx, args[0])
@@ -482,6 +497,18 @@ def port_problems(objects: list[dict]) -> list[str]:
                     problems.append(f"uploader: port {name} is declared but the admin API listens on loopback only")
             else:
                 problems.append(f"uploader: port {name} ({number}) is neither --metrics-port nor --admin-port")
+        elif owner == DRIFT:
+            try:
+                params = drift_params(objects)
+            except ValueError as e:
+                problems.append(str(e))
+                continue
+            if params.get("serve_metrics") != number:
+                problems.append(f"{DRIFT}: port {name} ({number}) is not its --serve-metrics ({params.get('serve_metrics')})")
+            elif _is_loopback(params.get("serve_address", "127.0.0.1")):
+                problems.append(f"{DRIFT}: --serve-address is loopback, but port {name} is probed and scraped")
+        else:
+            problems.append(f"{owner} declares port {name!r}, but no check here knows what listens on it")
     return problems
 
 
@@ -631,6 +658,51 @@ def autoscaling_problems(objects: list[dict], rules_text: str) -> list[str]:
     return problems
 
 
+def drift_params(objects: list[dict]) -> dict:
+    c = container(objects, DRIFT)
+    argv = [_expand(a, env_of(c), configmaps(objects), [], "") for a in (c.get("command") or []) + (c.get("args") or [])]
+    path, params = parse_triton_al(argv)
+    if path != ["drift"]:
+        raise ValueError(f"{DRIFT}: runs `triton-al {' '.join(path)}`, not `triton-al drift`")
+    return params
+
+
+def drift_problems(objects: list[dict]) -> list[str]:
+    """The drift watcher (components/drift-watcher) reads this pod's tritonserver, keeps its
+    reference on the pod's claim, exports its gauges where the PodMonitor scrapes, and runs
+    the pod's image."""
+    problems = []
+    try:
+        params = drift_params(objects)
+    except ValueError as e:
+        return [str(e)]
+    triton = tritonserver_options(tritonserver_argv(container(objects, TRITONSERVER)))
+    wanted = f"http://127.0.0.1:{triton.get('--metrics-port')}/metrics"
+    if list(params.get("metrics_url") or []) != [wanted]:
+        problems.append(f"{DRIFT}: --metrics-url {params.get('metrics_url')} is not this pod's tritonserver ({wanted})")
+    if params.get("url") != f"127.0.0.1:{triton.get('--grpc-port')}":
+        problems.append(f"{DRIFT}: --url {params.get('url')} is not this pod's tritonserver gRPC port ({triton.get('--grpc-port')})")
+    if params.get("serve_metrics") is None:
+        problems.append(f"{DRIFT}: no --serve-metrics: nothing exports the gauges")
+    if not params.get("watch") and params.get("serve_metrics") is None:
+        problems.append(f"{DRIFT}: neither --watch nor --serve-metrics: it would check once and exit (and be restarted)")
+    reference = str(params.get("reference") or "")
+    c = container(objects, DRIFT)
+    claims = {t["metadata"]["name"] for t in one(objects, "StatefulSet")["spec"].get("volumeClaimTemplates") or []}
+    mounts = [m for m in c.get("volumeMounts") or [] if reference.startswith(m["mountPath"].rstrip("/") + "/")]
+    if not mounts:
+        problems.append(f"{DRIFT}: --reference {reference} is on no mounted volume (a recorded reference would be lost on restart)")
+    elif params.get("record_first") and mounts[0]["name"] not in claims:
+        problems.append(f"{DRIFT}: --reference {reference} is recorded (--record-first) on {mounts[0]['name']!r}, not on the pod's claim")
+    if c.get("image") != container(objects, TRITONSERVER).get("image"):
+        problems.append(f"{DRIFT}: image {c.get('image')} is not the pod's ({container(objects, TRITONSERVER).get('image')})")
+    port = next((p.get("name") for p in c.get("ports") or [] if p["containerPort"] == params.get("serve_metrics")), None)
+    scraped = {ep.get("port") for pm in objects_of(objects, "PodMonitor") for ep in pm["spec"].get("podMetricsEndpoints") or []}
+    if port is None or port not in scraped:
+        problems.append(f"{DRIFT}: the PodMonitor does not scrape its gauges (port {port!r} for --serve-metrics {params.get('serve_metrics')})")
+    return problems
+
+
 def redis_config(text: str) -> dict[str, str]:
     """redis.conf directives: name (lower case) -> the rest of its line (the last one wins)."""
     out = {}
@@ -775,21 +847,25 @@ def test_kustomizations_use_only_what_the_renderer_supports():
         deploy_kustomize.check_supported(yaml.safe_load((d / "kustomization.yaml").read_text()), d)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERED)
 def test_overlay_renders(overlay):
     objects = rendered(overlay)
     kinds = sorted(o["kind"] for o in objects)
-    ledger = ["ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "NetworkPolicy"] if overlay == "fleet" else []
+    with_ledger = overlay.startswith("fleet") or "+ledger" in overlay
+    ledger = ["ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "NetworkPolicy"] if with_ledger else []
     assert kinds == sorted(["ConfigMap", "StatefulSet", "Service", "Service", "PodDisruptionBudget",
                             "HorizontalPodAutoscaler", "PodMonitor", *ledger])
     assert not objects_of(objects, "Secret"), "no credential belongs in the rendered manifests"
     images = {c["image"] for c in deploy_kustomize.all_containers(one(objects, "StatefulSet"))}
-    assert len(images) == 1 and ":" in next(iter(images)), f"both containers run the one image built from deploy/Containerfile: {images}"
+    assert len(images) == 1 and ":" in next(iter(images)), f"the pod's containers run the one image built from deploy/Containerfile: {images}"
+    base = overlay.split("+")[0]
     for o in objects:
         if o["metadata"]["name"] == LEDGER:  # the component's own objects
             assert o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "triton-al"
         else:  # the fleet overlay is the cpu overlay plus the ledger
-            assert o["metadata"]["labels"].get("triton-al/variant") == {"fleet": "cpu"}.get(overlay, overlay)
+            assert o["metadata"]["labels"].get("triton-al/variant") == {"fleet": "cpu"}.get(base, base)
+    names = {c["name"] for c in deploy_kustomize.all_containers(one(objects, "StatefulSet"))}
+    assert names == {TRITONSERVER, UPLOADER} | ({DRIFT} if "+drift-watcher" in overlay else set())
 
 
 def test_the_fleet_overlay_is_the_cpu_overlay_plus_the_ledger():
@@ -806,13 +882,11 @@ def test_the_fleet_overlay_is_the_cpu_overlay_plus_the_ledger():
     assert ledger_problems(cpu) == [f"no Deployment {LEDGER}"]
 
 
-def test_the_ledger_component_applies_to_the_gpu_overlay_too(tmp_path):
-    """Components compose: the same component on top of overlays/gpu (as README section 6 shows)."""
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [str(K8S / "overlays" / "gpu")], "components": [str(K8S / "components" / "ledger")]}))
-    objects = deploy_kustomize.render(tmp_path)
-    assert ledger_problems(objects) == [] and schema_problems(objects) == [] and cli_problems(objects) == []
+def test_the_ledger_component_applies_to_the_gpu_overlay_too():
+    """Components compose: the same component on top of overlays/gpu (as README section 6
+    shows); every other check runs on it through RENDERED."""
+    objects = rendered("gpu+ledger")
+    assert ledger_problems(objects) == []
     assert container(objects, TRITONSERVER)["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
@@ -841,7 +915,7 @@ def test_renderer_agrees_with_kubectl_kustomize(overlay):
         assert ours[key] == theirs[key], f"{key} differs from kubectl kustomize"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERED)
 def test_schemas(overlay):
     assert schema_problems(rendered(overlay)) == []
 
@@ -855,12 +929,12 @@ def test_secret_example_matches_the_schema_and_the_pods():
         assert "secret.example" not in text
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERED)
 def test_triton_al_command_lines_parse_with_the_real_cli(overlay):
     assert cli_problems(rendered(overlay)) == []
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERED)
 def test_tritonserver_flags_are_real(overlay):
     help_text = tritonserver_help()
     if help_text is None:
@@ -868,12 +942,12 @@ def test_tritonserver_flags_are_real(overlay):
     assert tritonserver_problems(rendered(overlay), tritonserver_flags(help_text)) == []
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERED)
 def test_ports_probes_services_and_selectors(overlay):
     assert port_problems(rendered(overlay)) == []
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERED)
 def test_environment_and_secrets(overlay):
     assert env_problems(rendered(overlay)) == []
 
@@ -886,16 +960,22 @@ def test_the_variables_are_the_ones_the_code_reads():
     assert "ENV TRITON_AL_NEXUS_PYTHON=" in CONTAINERFILE.read_text()
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERED)
 def test_shutdown_budget(overlay):
     assert shutdown_problems(rendered(overlay)) == []
 
 
-def test_ledger():
-    assert ledger_problems(rendered("fleet")) == []
+@pytest.mark.parametrize("overlay", [o for o in RENDERED if o.startswith("fleet") or "+ledger" in o])
+def test_ledger(overlay):
+    assert ledger_problems(rendered(overlay)) == []
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [o for o in RENDERED if "+drift-watcher" in o])
+def test_drift_watcher(overlay):
+    assert drift_problems(rendered(overlay)) == []
+
+
+@pytest.mark.parametrize("overlay", RENDERED)
 def test_autoscaling(overlay):
     assert autoscaling_problems(rendered(overlay), ADAPTER_RULES.read_text()) == []
 
@@ -1118,6 +1198,26 @@ BROKEN_FLEET = {
 }
 
 
+def _drift(objects):
+    return container(objects, DRIFT)
+
+
+BROKEN_DRIFT = {
+    # name: (how to break the rendered cpu overlay with the drift watcher, the check, the complaint)
+    "another pod's metrics": (lambda o: _replace_arg(_drift(o), "http://127.0.0.1:8002/metrics", "http://triton-al:8002/metrics"), "drift", "is not this pod's tritonserver"),
+    "the HTTP port for gRPC": (lambda o: _replace_arg(_drift(o), "127.0.0.1:8001", "127.0.0.1:8000"), "drift", "gRPC port"),
+    "reference off the claim": (lambda o: _replace_arg(_drift(o), "/var/lib/triton-al/drift-reference.json", "/tmp/drift-reference.json"), "drift", "on no mounted volume"),
+    "gauges not scraped": (lambda o: one(o, "PodMonitor")["spec"]["podMetricsEndpoints"].pop(), "drift", "does not scrape its gauges"),
+    "another image": (lambda o: _drift(o).update(image="triton-al:latest"), "drift", "is not the pod's"),
+    "a misspelled drift flag": (lambda o: _replace_arg(_drift(o), "--record-first", "--record-frist"), "cli", "No such option"),
+    "a drift subcommand": (lambda o: _drift(o)["args"].insert(1, "record"), "drift", "triton-al drift record: No such option"),
+    "gauges on loopback": (lambda o: _replace_arg(_drift(o), "0.0.0.0", "127.0.0.1"), "ports", "--serve-address is loopback"),
+    "port is not --serve-metrics": (lambda o: _replace_arg(_drift(o), "9092", "9093"), "ports", "is not its --serve-metrics"),
+    "probe on another container's port": (lambda o: _drift(o)["readinessProbe"]["httpGet"].update(port="upload-metrics"), "ports", "not declared by this container"),
+    "port name twice": (lambda o: _drift(o)["ports"][0].update(name="metrics"), "ports", "declared twice"),
+}
+
+
 def _run_check(name: str, objects: list[dict]) -> list[str]:
     if name == "cli":
         return cli_problems(objects)
@@ -1138,6 +1238,8 @@ def _run_check(name: str, objects: list[dict]) -> list[str]:
         return autoscaling_problems(objects, ADAPTER_RULES.read_text())
     if name == "ledger":
         return ledger_problems(objects)
+    if name == "drift":
+        return drift_problems(objects)
     raise AssertionError(name)
 
 
@@ -1151,6 +1253,16 @@ def test_broken_manifest_is_caught(case):
     breaker, check, complaint = BROKEN[case]
     assert _unbroken_problems(check) == (), "the unbroken manifests must pass first"
     objects = rendered("cpu")
+    breaker(objects)
+    problems = _run_check(check, objects)
+    assert any(complaint in p for p in problems), f"{case}: expected a complaint with {complaint!r}, got {problems}"
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_DRIFT))
+def test_broken_drift_watcher_is_caught(case):
+    breaker, check, complaint = BROKEN_DRIFT[case]
+    assert _unbroken_problems(check, "cpu+drift-watcher") == (), "the unbroken manifests must pass first"
+    objects = rendered("cpu+drift-watcher")
     breaker(objects)
     problems = _run_check(check, objects)
     assert any(complaint in p for p in problems), f"{case}: expected a complaint with {complaint!r}, got {problems}"
