@@ -13,6 +13,7 @@ from s3_helpers import s3 as server  # noqa: F401 - the fixture, under the name 
 from sink_conformance import GROUP, SinkConformance, upload
 
 from triton_al.sinks import open_sink
+from triton_al.sinks.base import PermanentSinkError, SinkAuthError, TransientSinkError
 from triton_al.sinks.s3 import S3Sink
 
 
@@ -94,8 +95,6 @@ def test_layout_content_types_and_annotations_read_back(sink, server, prefix):
 
 
 def test_a_missing_bucket_is_transient_and_says_so(env):
-    from triton_al.sinks.base import TransientSinkError
-
     with pytest.raises(TransientSinkError, match="bucket 'no-such-bucket' does not exist"):
         open_sink("s3://no-such-bucket/x").upload([upload(2)])
 
@@ -240,3 +239,226 @@ def test_labels_pull_reads_only_label_objects_changed_since_the_last_pull(sink, 
         assert result.relabelled == 1 and sorted(read) == sorted([ups[0].content_hash, ups[2].content_hash])
     finally:
         script.close()
+
+
+# Concurrent delivery ------------------------------------------------------------------
+
+def big_png(seed: int) -> bytes:
+    """A PNG of noise larger than HEAD_FIRST_BYTES: the path that checks with HEAD first."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from triton_al.sinks.s3 import HEAD_FIRST_BYTES
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (640, 640, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) >= HEAD_FIRST_BYTES
+    return buffer.getvalue()
+
+
+def on_disk(server, prefix: str, group: str = GROUP, strict: bool = True) -> dict[str, dict]:
+    """What the server holds, read from its files: sidecar metadata by hash, every sidecar's
+    asset present with the bytes of its hash. `strict`: no other file (no partial upload, no
+    asset without its sidecar)."""
+    import hashlib
+
+    folder = server.root / BUCKET / prefix / group
+    names = {p.name for p in folder.iterdir()} if folder.exists() else set()
+    out: dict[str, dict] = {}
+    for name in sorted(n for n in names if n.endswith(".json")):
+        meta = json.loads((folder / name).read_text())
+        asset = (folder / meta["file"]).read_bytes()
+        assert hashlib.sha256(asset).hexdigest() == name[:-5] == meta["content_hash"], f"{name}: asset incomplete"
+        out[name[:-5]] = meta
+    if strict:
+        expected = {f"{h}.json" for h in out} | {m["file"] for m in out.values()}
+        assert names == expected, f"other files: {sorted(names - expected)[:5]}"
+    return out
+
+
+def counting(sink, calls: list[tuple[str, str]]) -> None:
+    """Record the sink's requests as ("put" | "head", key)."""
+    put, exists = sink._put, sink._exists
+
+    def counted_put(key, body, content_type):
+        calls.append(("put", key))
+        return put(key, body, content_type)
+
+    def counted_exists(key):
+        calls.append(("head", key))
+        return exists(key)
+
+    sink._put, sink._exists = counted_put, counted_exists
+
+
+def test_the_uri_sets_the_concurrency_and_refuses_what_it_does_not_know(env):
+    from triton_al.sinks.s3 import DEFAULT_CONCURRENCY
+
+    assert open_sink(f"s3://{BUCKET}/x").concurrency == DEFAULT_CONCURRENCY
+    assert open_sink(f"s3://{BUCKET}/x?concurrency=4").concurrency == 4
+    one = open_sink(f"s3://{BUCKET}?concurrency=1")
+    assert (one.prefix, one.concurrency) == ("", 1)
+    for bad, message in [("?concurrency=0", "from 1 to"), ("?concurrency=65", "from 1 to"), ("?concurrency=x", "from 1 to"),
+                         ("?threads=4", "unknown option"), ("?concurrency=", "from 1 to")]:
+        with pytest.raises(ValueError, match=message):
+            open_sink(f"s3://{BUCKET}/x{bad}")
+
+
+def test_results_come_back_in_the_batch_order(env, server, prefix):
+    """A large asset first (a HEAD and a big PUT: it finishes last), items the sink refuses
+    and items the server refuses (a key made longer than S3's 1,024 bytes: 400) among good
+    ones and a repeat, 8 at a time: every verdict stands at its item's place."""
+    sink = open_sink(f"s3://{BUCKET}/{prefix}?concurrency=8")
+    try:
+        batch = [upload(0, asset=big_png(0))] + [upload(100 + k) for k in range(30)]
+        batch[7] = upload(7, asset=b"\x89PNG\r\n\x1a\ntruncated")
+        batch[13] = upload(13, group="../escape")
+        batch[21] = upload(21, metadata={"score": object()})
+        batch[25] = batch[3]  # the same item twice in one batch
+        doomed = {f"{prefix}/{GROUP}/{batch[i].filename}" for i in (2, 29)}
+        real_put = sink._put
+        sink._put = lambda key, body, media: real_put(key + "/" + "x" * 1100 if key in doomed else key, body, media)
+        results = sink.upload(batch)
+        bad = {2, 7, 13, 21, 29}
+        assert [i for i, r in enumerate(results) if r is not None] == sorted(bad), results
+        assert all(isinstance(results[i], PermanentSinkError) for i in bad)
+        assert "not allowed" in str(results[13]) and batch[7].content_hash in str(results[7])
+        assert all(batch[i].filename in str(results[i]) for i in (2, 29))
+        held = on_disk(server, prefix)
+        assert set(held) == {u.content_hash for i, u in enumerate(batch) if i not in bad}
+        assert held[batch[30].content_hash]["score"] == batch[30].metadata["score"]
+    finally:
+        sink.close()
+
+
+def test_small_assets_are_written_without_a_head_large_ones_once(env, server, prefix):
+    """Two requests per small item (asset, then sidecar); a large asset is checked with HEAD
+    and, when present, not sent again. The sidecar always follows its asset."""
+    sink = open_sink(f"s3://{BUCKET}/{prefix}?concurrency=4")
+    calls: list[tuple[str, str]] = []
+    counting(sink, calls)
+    try:
+        small, large = [upload(200 + k) for k in range(5)], upload(1, asset=big_png(1))
+        assert sink.upload(small + [large]) == [None] * 6
+        assert sorted(c[0] for c in calls) == ["head"] + ["put"] * 12
+        for up in small + [large]:
+            keys = [k for _, k in calls if up.content_hash in k]
+            assert keys[-1] == f"{prefix}/{GROUP}/{up.content_hash}.json" and len(keys) == (3 if up is large else 2), keys
+        calls.clear()
+        assert sink.upload(small + [large]) == [None] * 6  # delivered again: idempotent
+        large_key = f"{prefix}/{GROUP}/{large.filename}"
+        assert ("head", large_key) in calls and ("put", large_key) not in calls
+        assert sum(1 for c in calls if c[0] == "put") == 11
+        assert set(on_disk(server, prefix)) == {u.content_hash for u in small + [large]}
+    finally:
+        sink.close()
+
+
+def test_one_item_refused_by_the_server_among_good_ones_fails_alone(env, server, prefix):
+    """A per-item answer from the server is that item's error, the rest are delivered: here
+    one item's key is made longer than S3 allows (1,024 bytes), which the server refuses
+    (400 KeyTooLongError)."""
+    sink = open_sink(f"s3://{BUCKET}/{prefix}?concurrency=8")
+    batch = [upload(300 + k) for k in range(20)]
+    doomed = f"{prefix}/{GROUP}/{batch[9].filename}"
+    real_put = sink._put
+
+    def put(key, body, content_type):
+        return real_put(key + "/" + "x" * 1100 if key == doomed else key, body, content_type)
+
+    sink._put = put
+    try:
+        results = sink.upload(batch)
+        assert [i for i, r in enumerate(results) if r is not None] == [9], results
+        assert isinstance(results[9], PermanentSinkError) and "KeyTooLong" in str(results[9]), results[9]
+        assert set(on_disk(server, prefix)) == {u.content_hash for i, u in enumerate(batch) if i != 9}
+    finally:
+        sink.close()
+
+
+def test_a_server_dying_mid_batch_never_reports_an_undelivered_item_as_delivered(env, server, prefix):
+    """The server is stopped while a batch of 300 is being delivered 4 at a time: every item
+    reported None is on disk with its sidecar; every other one carries a transient error;
+    the batch is then delivered completely once the server is back."""
+    import threading
+    import time
+
+    sink = open_sink(f"s3://{BUCKET}/{prefix}?concurrency=4")
+    batch = [upload(1000 + k) for k in range(300)]
+    folder = server.root / BUCKET / prefix / GROUP
+    outcome: dict = {}
+
+    def deliver():
+        try:
+            outcome["results"] = sink.upload(batch)
+        except Exception as e:  # noqa: BLE001 - looked at below
+            outcome["raised"] = e
+
+    worker = threading.Thread(target=deliver)
+    try:
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not (folder.exists() and sum(1 for _ in folder.glob("*.json")) >= 20):
+            assert time.monotonic() < deadline and worker.is_alive(), "the batch did not start landing"
+            time.sleep(0.002)
+        server.stop()
+        worker.join(120)
+        assert not worker.is_alive()
+        assert "raised" not in outcome, outcome.get("raised")  # the first item was delivered before the stop
+        results = outcome["results"]
+        delivered = [i for i, r in enumerate(results) if r is None]
+        failed = [i for i, r in enumerate(results) if r is not None]
+        assert len(delivered) >= 20 and failed, (len(delivered), len(failed))
+        assert all(isinstance(results[i], TransientSinkError) for i in failed), {type(results[i]) for i in failed}
+        held = on_disk(server, prefix, strict=False)  # a PUT cut short may leave a partial file
+        missing = [i for i in delivered if batch[i].content_hash not in held]
+        assert not missing, f"{len(missing)} items reported delivered are not stored"
+    finally:
+        if server.proc.poll() is not None:
+            server.start()
+    assert sink.upload(batch) == [None] * len(batch)
+    assert set(on_disk(server, prefix, strict=False)) == {u.content_hash for u in batch}
+    sink.close()
+
+
+def test_two_sinks_delivering_the_same_batch_at_once_store_each_item_once(env, server, prefix):
+    """Two replicas' sinks send the same 60 items at the same moment, 8 at a time each
+    (a large asset among them): both report every item delivered, and the server holds
+    exactly one complete asset and one sidecar per item, nothing else."""
+    import threading
+
+    batch = [upload(400 + k) for k in range(59)] + [upload(2, asset=big_png(2))]
+    sinks = [open_sink(f"s3://{BUCKET}/{prefix}?concurrency=8") for _ in range(2)]
+    results: list = [None, None]
+    go = threading.Barrier(2)
+
+    def deliver(n: int) -> None:
+        go.wait()
+        results[n] = sinks[n].upload(batch)
+
+    threads = [threading.Thread(target=deliver, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for s in sinks:
+        s.close()
+    assert results == [[None] * 60, [None] * 60]
+    assert set(on_disk(server, prefix)) == {u.content_hash for u in batch}
+    assert len(list((server.root / BUCKET / prefix / GROUP).iterdir())) == 120
+
+
+def test_wrong_credentials_fail_a_concurrent_batch_and_store_nothing(bad_credentials_sink, server, prefix):
+    bad_credentials_sink.concurrency = 8
+    with pytest.raises(SinkAuthError, match="rejected"):
+        bad_credentials_sink.upload([upload(500 + k) for k in range(20)])
+    assert not on_disk(server, prefix)
+    bad_credentials_sink.close()
+
+
+def test_a_server_down_fails_a_concurrent_batch_as_a_whole(sink, outage):
+    with outage():
+        with pytest.raises(TransientSinkError, match="unreachable"):
+            sink.upload([upload(600 + k) for k in range(20)])

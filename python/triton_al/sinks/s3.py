@@ -22,10 +22,15 @@ the pull lists may carry an earlier LastModified than one listed); an object tha
 JSON, or holds no label, is reported. An item labelled here that is not in the local store
 is fetched back (`fetch`: its sidecar, then its asset, checked against its hash).
 
-Keys are content hashes, so a retry writes the same bytes to the same key; the asset is
-checked with HEAD first and not sent again when present. Idempotency does not rely on
-conditional writes (some S3-compatible servers ignore them). The sidecar is written after
-the asset: a sidecar means the asset is complete.
+Keys are content hashes, so a retry writes the same bytes to the same key: an asset smaller
+than `HEAD_FIRST_BYTES` (1 MiB) is simply written again, a larger one is checked with HEAD
+first and not sent again when present (a HEAD costs a request like a small PUT, and retries
+are rare). Idempotency does not rely on conditional writes (some S3-compatible servers
+ignore them). The sidecar is written after its asset: a sidecar means the asset is complete.
+
+A batch's items are delivered concurrently, `concurrency` at a time (default 16; one shared
+client, connections kept open), each item's asset then its sidecar; the results come back in
+the batch's order. Set it in the URI: `s3://bucket/prefix?concurrency=4` (1 to 64).
 
 Credentials and endpoint come from the environment (never the URI or the command line):
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` (default
@@ -38,10 +43,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from triton_al.config import validate_group_name
 from triton_al.sinks.base import Annotation, PermanentSinkError, Sink, SinkAuthError, SinkError, TransientSinkError, Upload
@@ -54,11 +61,22 @@ MAX_LABEL_BYTES = 1024**2
 """A label object larger than this is reported, not read."""
 MAX_ASSET_BYTES = 256 * 1024**2
 """An asset larger than this is not fetched back."""
+HEAD_FIRST_BYTES = 1024**2
+"""An asset of at least this size is checked with HEAD before it is sent (and not sent again
+when present); a smaller one is written again, same bytes to the same key."""
+DEFAULT_CONCURRENCY = 16
+MAX_CONCURRENCY = 64
 TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
                    "Throttling", "ThrottlingException", "500", "502", "503", "504"}
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
+    bucket, prefix, _ = parse_uri_options(uri)
+    return bucket, prefix
+
+
+def parse_uri_options(uri: str) -> tuple[str, str, dict[str, int]]:
+    """Bucket, prefix and the options of the query (`concurrency`)."""
     parts = urlsplit(uri)
     if parts.scheme != "s3" or not parts.netloc:
         raise ValueError(f"sink {uri!r}: expected s3://bucket[/prefix]")
@@ -68,7 +86,17 @@ def parse_uri(uri: str) -> tuple[str, str]:
     prefix = parts.path.strip("/")
     if any(p in ("", ".", "..") for p in prefix.split("/")) and prefix:
         raise ValueError(f"sink {uri!r}: the prefix must not contain empty, '.' or '..' segments")
-    return bucket, prefix
+    options: dict[str, int] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)):
+        if name != "concurrency":
+            raise ValueError(f"sink {uri!r}: unknown option {name!r} (known: concurrency)")
+        try:
+            options[name] = int(value)
+        except ValueError:
+            options[name] = 0
+        if not 1 <= options[name] <= MAX_CONCURRENCY:
+            raise ValueError(f"sink {uri!r}: concurrency must be an integer from 1 to {MAX_CONCURRENCY}")
+    return bucket, prefix, options
 
 
 def _iso(when) -> str:
@@ -103,15 +131,21 @@ class S3Sink(Sink):
     """Label objects changed up to this long before the newest one seen last time are read
     again: a PUT in flight while the previous pull listed may carry an earlier LastModified."""
 
-    def __init__(self, bucket: str, prefix: str = "", *, client=None, endpoint_url: str | None = None) -> None:
+    def __init__(self, bucket: str, prefix: str = "", *, client=None, endpoint_url: str | None = None,
+                 concurrency: int = DEFAULT_CONCURRENCY) -> None:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.endpoint_url = endpoint_url or os.environ.get("TRITON_AL_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        if not 1 <= concurrency <= MAX_CONCURRENCY:
+            raise ValueError(f"concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
+        self.concurrency = concurrency
         self._client = client
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def from_uri(cls, uri: str) -> S3Sink:
-        bucket, prefix = parse_uri(uri)
-        return cls(bucket, prefix)
+        bucket, prefix, options = parse_uri_options(uri)
+        return cls(bucket, prefix, **options)
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -124,8 +158,10 @@ class S3Sink(Sink):
             from botocore.config import Config
 
             # Few, short retries: the uploader does the real retrying, with backoff and order.
+            # One connection per concurrent item (urllib3 keeps them open between batches).
             config = Config(s3={"addressing_style": "path"}, connect_timeout=5, read_timeout=30,
-                            retries={"max_attempts": 2, "mode": "standard"}, signature_version="s3v4")
+                            retries={"max_attempts": 2, "mode": "standard"}, signature_version="s3v4",
+                            max_pool_connections=max(10, self.concurrency))
             # A session of our own: boto3's default one caches credentials process-wide.
             session = boto3.session.Session()
             self._client = session.client("s3", endpoint_url=self.endpoint_url,
@@ -157,6 +193,9 @@ class S3Sink(Sink):
             return TransientSinkError(f"{self.describe()}: unreachable ({type(e).__name__}) on {what}")
         return TransientSinkError(f"{self.describe()}: {type(e).__name__} on {what}")
 
+    def _put(self, key: str, body: bytes, content_type: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+
     def _exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
@@ -168,37 +207,78 @@ class S3Sink(Sink):
                 return False
             raise
 
+    def _sidecar(self, up: Upload) -> bytes | SinkError:
+        """The item's sidecar, or why it is refused (this item only)."""
+        try:
+            validate_group_name(up.group)
+            check_asset(up)
+            return json.dumps({**dict(up.metadata), "content_hash": up.content_hash, "group": up.group,
+                               "file": up.filename, "media_type": up.media_type,
+                               "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, sort_keys=True).encode()
+        except (ValueError, TypeError, RecursionError) as e:  # not JSON, or nested beyond reason: this item only
+            return PermanentSinkError(f"{up.group}/{up.content_hash}: metadata refused: {e}")
+        except PermanentSinkError as e:
+            return e
+
+    def _deliver(self, up: Upload, sidecar: bytes) -> SinkError | None:
+        """One item: its asset (HEAD first when large), then its sidecar. The error, classified."""
+        try:
+            asset_key = self.key(up.group, up.filename)
+            if len(up.asset) < HEAD_FIRST_BYTES or not self._exists(asset_key):
+                self._put(asset_key, bytes(up.asset), up.media_type)
+            self._put(self.key(up.group, f"{up.content_hash}.json"), sidecar, "application/json")
+            return None
+        except Exception as e:  # noqa: BLE001 - classified here
+            return self._error(e, f"{up.group}/{up.filename}")
+
     def upload(self, batch: Sequence[Upload]) -> list[SinkError | None]:
-        results: list[SinkError | None] = []
-        for up in batch:
-            try:
-                validate_group_name(up.group)
-                check_asset(up)
-                sidecar = json.dumps({**dict(up.metadata), "content_hash": up.content_hash, "group": up.group,
-                                      "file": up.filename, "media_type": up.media_type,
-                                      "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                                     sort_keys=True).encode()
-            except (ValueError, TypeError, RecursionError) as e:  # not JSON, or nested beyond reason: this item only
-                results.append(PermanentSinkError(f"{up.group}/{up.content_hash}: metadata refused: {e}"))
-                continue
-            except PermanentSinkError as e:
-                results.append(e)
-                continue
-            try:
-                asset_key = self.key(up.group, up.filename)
-                if not self._exists(asset_key):
-                    self.client.put_object(Bucket=self.bucket, Key=asset_key, Body=bytes(up.asset), ContentType=up.media_type)
-                self.client.put_object(Bucket=self.bucket, Key=self.key(up.group, f"{up.content_hash}.json"),
-                                       Body=sidecar, ContentType="application/json")
-                results.append(None)
-            except Exception as e:  # noqa: BLE001 - classified below
-                error = self._error(e, f"{up.group}/{up.filename}")
-                if isinstance(error, (SinkAuthError, TransientSinkError)) and not results:
-                    raise error from None  # the first item says the whole sink is unusable now
+        """Every item of the batch, `concurrency` at a time (items of the same group and hash
+        one after the other, in the batch's order). An auth error, or a transient one on the
+        batch's first item, fails the whole batch (raised): the sink is unusable now. An item
+        reported None was completely delivered; any other item is reported with its error."""
+        results: list[SinkError | None] = [None] * len(batch)
+        todo: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
+        for i, up in enumerate(batch):
+            sidecar = self._sidecar(up)
+            if isinstance(sidecar, SinkError):
+                results[i] = sidecar
+            else:
+                todo.setdefault((up.group, up.content_hash), []).append((i, sidecar))
+        if not todo:
+            return results
+        _ = self.client  # made once, here, before any thread uses it
+        refused = threading.Event()  # credentials rejected: the rest of the batch is not sent
+
+        def run(items: list[tuple[int, bytes]]) -> None:
+            for i, sidecar in items:
+                if refused.is_set():
+                    results[i] = SinkAuthError(f"{self.describe()}: not sent (credentials rejected on another item)")
+                    continue
+                results[i] = error = self._deliver(batch[i], sidecar)
                 if isinstance(error, SinkAuthError):
-                    raise error from None
-                results.append(error)
+                    refused.set()
+
+        tasks = list(todo.values())
+        if self.concurrency == 1 or len(tasks) == 1:
+            for items in tasks:
+                run(items)
+        else:
+            for future in [self.pool.submit(run, items) for items in tasks]:
+                future.result()
+        first = results[0]
+        if isinstance(first, (SinkAuthError, TransientSinkError)):
+            raise first  # the first item says the whole sink is unusable now
+        for error in results:
+            if isinstance(error, SinkAuthError):
+                raise error
         return results
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="s3-sink")
+            return self._pool
 
     def annotations(self, group: str, since: str | None = None) -> Iterator[Annotation]:
         """The label objects under `<prefix>/<group>/labels/` (see the module docstring);
@@ -272,6 +352,9 @@ class S3Sink(Sink):
         return Upload(group, content_hash, asset, meta["media_type"], meta)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._client is not None:
             self._client.close()
             self._client = None
