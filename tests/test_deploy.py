@@ -1043,6 +1043,13 @@ def containerfile_problems(instructions: list[tuple[str, str]], objects: list[di
         problems.append("the wheel must be built with `maturin build --release ... --auditwheel skip` (a repair would bundle a second SQLite)")
     if '"numpy>=1.26,<2"' not in runs:
         problems.append("numpy is not pinned below 2 in the image (the Python backend's stub needs numpy < 2)")
+    # What the optional components run needs its clients in the image: the fleet extra (the
+    # ledger's Redis client) and the triton extra's tritonclient (the drift watcher).
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    wanted = list(extras["fleet"]) + [r for r in extras["triton"] if r.startswith("tritonclient")]
+    for requirement in wanted:
+        if f'"{requirement}"' not in runs:
+            problems.append(f"{requirement} is not installed in the image (components/ledger and components/drift-watcher need it)")
     rust = re.match(r"(\d+)\.(\d+)", args.get("RUST_VERSION", ""))
     minimum = tuple(int(x) for x in tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["rust-version"].split("."))
     if not rust or (int(rust.group(1)), int(rust.group(2))) < minimum[:2]:
@@ -1303,6 +1310,8 @@ def test_broken_containerfile_is_caught():
         ("1000:1000", "0:0", "USER"),
         ("libsqlite3-dev", "libsqlite3-0", "libsqlite3-dev"),
         ("RUST_VERSION=1.95.0", "RUST_VERSION=1.80.0", "rust-version"),
+        ('"redis>=5" ', "", "redis>=5 is not installed"),
+        ('"tritonclient[grpc]==2.51.0"', '"tritonclient==2.51.0"', "tritonclient[grpc]==2.51.0 is not installed"),
     ]
     for old, new, complaint in cases:
         broken = [(k, r.replace(old, new)) for k, r in good]
