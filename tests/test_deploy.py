@@ -1406,3 +1406,26 @@ def test_the_ledger_component_refuses_a_statefulset_whose_first_init_container_i
     (tmp_path / "kustomization.yaml").write_text(f"resources: [base]\ncomponents: [{K8S / 'components' / 'ledger'}]\n")
     with pytest.raises(ValueError, match="expected 'uploader', found 'init-volume'"):
         deploy_kustomize.render(tmp_path)
+
+
+def test_the_readmes_fleet_overlay_renders_and_passes_the_checks(tmp_path):
+    """The example overlay of deploy/kubernetes/README.md section 6 (GPU + ledger + a
+    budget), its paths made relative to a temporary folder (kubectl too refuses absolute ones)."""
+    readme = (K8S / "README.md").read_text()
+    section = readme[readme.index("## 6. A fleet"):readme.index("### The drift watcher")]
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", section, flags=re.S) if "overlays/my-fleet" in b)
+    kustomization = yaml.safe_load(block)
+    here = K8S / "overlays" / "my-fleet"  # where the README puts it
+
+    def rel(path: str) -> str:
+        return os.path.relpath(os.path.normpath(here / path), tmp_path.resolve())
+
+    kustomization["resources"] = [rel(r) for r in kustomization["resources"]]
+    kustomization["components"] = [rel(c) for c in kustomization["components"]]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    objects = deploy_kustomize.render(tmp_path)
+    assert ledger_problems(objects) == [] and cli_problems(objects) == [] and schema_problems(objects) == []
+    assert env_problems(objects) == [] and port_problems(objects) == []
+    params = uploader_params(objects)
+    assert params["budget_ledger"] == "redis://triton-al-ledger:6379/0" and params["rate_limit"] == ["needs-review=500/day"]
+    assert container(objects, TRITONSERVER)["resources"]["limits"]["nvidia.com/gpu"] == 1
