@@ -62,6 +62,8 @@ CASES = [
     ("TritonALLabelPullsFailing", [series("triton_al_label_pulls_total", {**UPLOADER, "outcome": "failed"}, "0+1x120"),
                                    series("triton_al_label_pulls_total", {**UPLOADER, "outcome": "ok"}, "0+1x120")],
      "90m", POD, None, False),
+    ("TritonALLedgerDown", [series("triton_al_uploader_ledger_up", UPLOADER, "0x20")], "6m", POD, None, True),
+    ("TritonALLedgerDown", [series("triton_al_uploader_ledger_up", UPLOADER, "0 0 1x20")], "10m", POD, None, False),
     ("TritonALStepOutboxErrors", [series("triton_al_outbox_errors_total", STEP, "0+2x60")],
      "30m", {"namespace": "prod", "pod": "triton-al-0", "model": "active_learning"}, "20", True),
     # 30 of every 100 items flagged: above the 20% band; 5 of 100: inside it.
