@@ -321,3 +321,36 @@ def test_the_components_redis_refuses_a_password_it_could_not_pass_on(tmp_path, 
         server.stop()
     assert rc == 1 and says in err, (rc, err)
     assert not (tmp_path / "data" / "appendonlydir").exists()
+
+
+def test_the_gate_counts_refused_passwords_and_certificates_as_their_own_kinds(secured):
+    """triton_al_uploader_ledger_errors_total{kind}: auth and tls apart from connection
+    failures, so that an alert or a dashboard tells a wrong Secret from a Redis that is down."""
+    from prometheus_client import CollectorRegistry
+
+    from triton_al.uploader.ledger import FleetGate
+
+    cases = [(secured.url, {PASSWORD_ENV: "not-the-password"}, "auth"),
+             (secured.url, {PASSWORD_ENV: ACL_PASSWORD, USERNAME_ENV: "elsewhere"}, "auth")]
+    if secured.tls_port is not None:
+        cases.append((secured.tls_url, {k: v for k, v in tls_env(secured.certs).items() if k != CA_ENV}, "tls"))
+    for uri, environ, kind in cases:
+        registry = CollectorRegistry()
+        gate = FleetGate(Ledger.open(uri, "auth", "me", environ=environ), {"budget": RULES}, registry=registry)
+        try:
+            queued = SimpleNamespace(id=1, upload_group="budget", content_hash="ab" * 32)  # as the outbox hands it over
+            admission = gate.admit([queued], time.time())
+            assert admission.upload == [] and len(admission.held) == 1, "the item is held, not uploaded or dropped"
+            assert registry.get_sample_value("triton_al_uploader_ledger_up") == 0
+            assert registry.get_sample_value("triton_al_uploader_ledger_errors_total", {"kind": kind}) == 1, (uri, environ)
+            assert "none dropped" in gate.error
+        finally:
+            gate.ledger.close()
+    # A ledger that is down is a connection error, as before.
+    registry = CollectorRegistry()
+    gate = FleetGate(Ledger.open(f"redis://127.0.0.1:{free_port()}/0", "auth", "me", environ={}), {}, registry=registry)
+    try:
+        gate.admit([SimpleNamespace(id=2, upload_group="any", content_hash="cd" * 32)], time.time())
+        assert registry.get_sample_value("triton_al_uploader_ledger_errors_total", {"kind": "connection"}) == 1
+    finally:
+        gate.ledger.close()

@@ -140,7 +140,14 @@ return 1
 
 
 class LedgerError(Exception):
-    """The ledger could not be reached or gave an answer that cannot be used."""
+    """The ledger could not be reached or gave an answer that cannot be used. `kind` (for the
+    triton_al_uploader_ledger_errors_total metric): connection, timeout, auth (a missing or
+    refused password, an ACL user without a permission), tls (an untrusted certificate, a
+    client certificate asked for) or error."""
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -264,7 +271,23 @@ class Ledger:
         try:
             return fn()
         except redis.exceptions.RedisError as e:
-            raise LedgerError(f"budget ledger {self.where}: {what} failed ({type(e).__name__}: {e}){self._hint(e)}") from None
+            hint = self._hint(e)
+            raise LedgerError(f"budget ledger {self.where}: {what} failed ({type(e).__name__}: {e}){hint}",
+                              kind=self._kind(e, hint)) from None
+
+    @staticmethod
+    def _kind(error: Exception, hint: str) -> str:
+        import redis
+
+        if "password" in hint or "permission" in hint:
+            return "auth"
+        if "certificate" in hint:
+            return "tls"
+        if isinstance(error, redis.exceptions.TimeoutError):
+            return "timeout"
+        if isinstance(error, redis.exceptions.ConnectionError):
+            return "connection"
+        return "error"
 
     _auth: tuple[str | None, bool] = (None, False)
     _tls = False
@@ -600,7 +623,7 @@ class _GateMetrics:
                                "1 while the fleet's budget ledger answers, 0 while it does not (items that need it stay queued)",
                                registry=registry)
         self.ledger_up.set(1)
-        self.ledger_errors = Counter("triton_al_uploader_ledger_errors", "Failed calls to the budget ledger, by kind",
+        self.ledger_errors = Counter("triton_al_uploader_ledger_errors", "Failed calls to the budget ledger, by kind: connection, timeout, auth (password, ACL), tls (certificates), error",
                                      ["kind"], registry=registry)
         self.fleet = Counter("triton_al_uploader_fleet_items",
                              "Items by what the ledger said: uploaded (claimed and in budget), elsewhere (another replica "
@@ -611,9 +634,7 @@ class _GateMetrics:
 
     def down(self, error: LedgerError) -> None:
         self.ledger_up.set(0)
-        text = str(error)
-        kind = "timeout" if "Timeout" in text else "connection" if "Connection" in text else "error"
-        self.ledger_errors.labels(kind).inc()
+        self.ledger_errors.labels(getattr(error, "kind", "error")).inc()
 
     def set_up(self) -> None:
         self.ledger_up.set(1)
