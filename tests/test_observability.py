@@ -28,7 +28,6 @@ import copy
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
