@@ -30,9 +30,33 @@ def prefix(request):
     return f"run-{abs(hash(request.node.nodeid)) % 10**8}"
 
 
+def _has_obstore() -> bool:
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# The two ways uploads reach the server: obstore (the default when installed) and boto3.
+TRANSPORTS = [pytest.param("obstore", marks=pytest.mark.skipif(not _has_obstore(), reason="obstore is not installed")), "boto3"]
+
+
 @pytest.fixture
-def sink(env, prefix):
-    s = open_sink(f"s3://{BUCKET}/{prefix}")
+def transport():
+    """The upload transport; tests that must hold for both parametrize it (TRANSPORTS)."""
+    return "obstore" if _has_obstore() else "boto3"
+
+
+def make_sink(uri: str, transport: str):
+    sink = open_sink(uri)
+    sink.transport = transport
+    return sink
+
+
+@pytest.fixture
+def sink(env, prefix, transport):
+    s = make_sink(f"s3://{BUCKET}/{prefix}", transport)
     yield s
     s.close()
 
@@ -68,9 +92,9 @@ def outage(server):
 
 
 @pytest.fixture
-def bad_credentials_sink(env, prefix, monkeypatch, server):
+def bad_credentials_sink(env, prefix, monkeypatch, server, transport):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-" + SECRET)
-    return S3Sink(BUCKET, prefix, endpoint_url=server.url)
+    return S3Sink(BUCKET, prefix, endpoint_url=server.url, transport=transport)
 
 
 @pytest.fixture
@@ -78,6 +102,7 @@ def secret():
     return SECRET
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 class TestS3Sink(SinkConformance):
     pass
 
@@ -94,9 +119,10 @@ def test_layout_content_types_and_annotations_read_back(sink, server, prefix):
     assert (a.content_hash, a.label, a.annotator) == (up.content_hash, 4, "bob")
 
 
-def test_a_missing_bucket_is_transient_and_says_so(env):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_missing_bucket_is_transient_and_says_so(env, transport):
     with pytest.raises(TransientSinkError, match="bucket 'no-such-bucket' does not exist"):
-        open_sink("s3://no-such-bucket/x").upload([upload(2)])
+        make_sink("s3://no-such-bucket/x", transport).upload([upload(2)])
 
 
 @pytest.mark.parametrize("uri, message", [
@@ -306,11 +332,12 @@ def test_the_uri_sets_the_concurrency_and_refuses_what_it_does_not_know(env):
             open_sink(f"s3://{BUCKET}/x{bad}")
 
 
-def test_results_come_back_in_the_batch_order(env, server, prefix):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_results_come_back_in_the_batch_order(env, server, prefix, transport):
     """A large asset first (a HEAD and a big PUT: it finishes last), items the sink refuses
     and items the server refuses (a key made longer than S3's 1,024 bytes: 400) among good
     ones and a repeat, 8 at a time: every verdict stands at its item's place."""
-    sink = open_sink(f"s3://{BUCKET}/{prefix}?concurrency=8")
+    sink = make_sink(f"s3://{BUCKET}/{prefix}?concurrency=8", transport)
     try:
         batch = [upload(0, asset=big_png(0))] + [upload(100 + k) for k in range(30)]
         batch[7] = upload(7, asset=b"\x89PNG\r\n\x1a\ntruncated")
@@ -333,10 +360,11 @@ def test_results_come_back_in_the_batch_order(env, server, prefix):
         sink.close()
 
 
-def test_small_assets_are_written_without_a_head_large_ones_once(env, server, prefix):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_small_assets_are_written_without_a_head_large_ones_once(env, server, prefix, transport):
     """Two requests per small item (asset, then sidecar); a large asset is checked with HEAD
     and, when present, not sent again. The sidecar always follows its asset."""
-    sink = open_sink(f"s3://{BUCKET}/{prefix}?concurrency=4")
+    sink = make_sink(f"s3://{BUCKET}/{prefix}?concurrency=4", transport)
     calls: list[tuple[str, str]] = []
     counting(sink, calls)
     try:
@@ -356,11 +384,12 @@ def test_small_assets_are_written_without_a_head_large_ones_once(env, server, pr
         sink.close()
 
 
-def test_one_item_refused_by_the_server_among_good_ones_fails_alone(env, server, prefix):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_one_item_refused_by_the_server_among_good_ones_fails_alone(env, server, prefix, transport):
     """A per-item answer from the server is that item's error, the rest are delivered: here
     one item's key is made longer than S3 allows (1,024 bytes), which the server refuses
     (400 KeyTooLongError)."""
-    sink = open_sink(f"s3://{BUCKET}/{prefix}?concurrency=8")
+    sink = make_sink(f"s3://{BUCKET}/{prefix}?concurrency=8", transport)
     batch = [upload(300 + k) for k in range(20)]
     doomed = f"{prefix}/{GROUP}/{batch[9].filename}"
     real_put = sink._put
@@ -378,14 +407,15 @@ def test_one_item_refused_by_the_server_among_good_ones_fails_alone(env, server,
         sink.close()
 
 
-def test_a_server_dying_mid_batch_never_reports_an_undelivered_item_as_delivered(env, server, prefix):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_server_dying_mid_batch_never_reports_an_undelivered_item_as_delivered(env, server, prefix, transport):
     """The server is stopped while a batch of 300 is being delivered 4 at a time: every item
     reported None is on disk with its sidecar; every other one carries a transient error;
     the batch is then delivered completely once the server is back."""
     import threading
     import time
 
-    sink = open_sink(f"s3://{BUCKET}/{prefix}?concurrency=4")
+    sink = make_sink(f"s3://{BUCKET}/{prefix}?concurrency=4", transport)
     batch = [upload(1000 + k) for k in range(300)]
     folder = server.root / BUCKET / prefix / GROUP
     outcome: dict = {}
@@ -423,14 +453,15 @@ def test_a_server_dying_mid_batch_never_reports_an_undelivered_item_as_delivered
     sink.close()
 
 
-def test_two_sinks_delivering_the_same_batch_at_once_store_each_item_once(env, server, prefix):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_two_sinks_delivering_the_same_batch_at_once_store_each_item_once(env, server, prefix, transport):
     """Two replicas' sinks send the same 60 items at the same moment, 8 at a time each
     (a large asset among them): both report every item delivered, and the server holds
     exactly one complete asset and one sidecar per item, nothing else."""
     import threading
 
     batch = [upload(400 + k) for k in range(59)] + [upload(2, asset=big_png(2))]
-    sinks = [open_sink(f"s3://{BUCKET}/{prefix}?concurrency=8") for _ in range(2)]
+    sinks = [make_sink(f"s3://{BUCKET}/{prefix}?concurrency=8", transport) for _ in range(2)]
     results: list = [None, None]
     go = threading.Barrier(2)
 
@@ -450,6 +481,7 @@ def test_two_sinks_delivering_the_same_batch_at_once_store_each_item_once(env, s
     assert len(list((server.root / BUCKET / prefix / GROUP).iterdir())) == 120
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_wrong_credentials_fail_a_concurrent_batch_and_store_nothing(bad_credentials_sink, server, prefix):
     bad_credentials_sink.concurrency = 8
     with pytest.raises(SinkAuthError, match="rejected"):
@@ -458,6 +490,7 @@ def test_wrong_credentials_fail_a_concurrent_batch_and_store_nothing(bad_credent
     bad_credentials_sink.close()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_server_down_fails_a_concurrent_batch_as_a_whole(sink, outage):
     with outage():
         with pytest.raises(TransientSinkError, match="unreachable"):

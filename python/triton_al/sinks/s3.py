@@ -30,12 +30,16 @@ ignore them). The sidecar is written after its asset: a sidecar means the asset 
 
 A batch's items are delivered concurrently, `concurrency` at a time (default 16; one shared
 client, connections kept open), each item's asset then its sidecar; the results come back in
-the batch's order. Set it in the URI: `s3://bucket/prefix?concurrency=4` (1 to 64).
+the batch's order. Set it in the URI: `s3://bucket/prefix?concurrency=4` (1 to 64). Uploads
+go through obstore (Rust's object_store, in the `s3` extra) when it is installed, boto3
+otherwise: the same requests, at about a fifth of boto3's CPU per request; listing and
+reading labels back use boto3.
 
 Credentials and endpoint come from the environment (never the URI or the command line):
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` (default
 us-east-1), `AWS_ENDPOINT_URL` or `TRITON_AL_S3_ENDPOINT_URL` (for MinIO, rclone, Ceph…), or
-a shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`, `AWS_PROFILE`), as boto3 reads them.
+a shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`, `AWS_PROFILE`), as boto3 reads them
+(obstore is handed boto3's credentials, refreshed when they are temporary).
 """
 
 from __future__ import annotations
@@ -68,6 +72,18 @@ DEFAULT_CONCURRENCY = 16
 MAX_CONCURRENCY = 64
 TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
                    "Throttling", "ThrottlingException", "500", "502", "503", "504"}
+
+
+_STATUS = re.compile(r"status code: (\d{3})")
+_CODE = re.compile(r"<Code>([A-Za-z0-9.]{1,64})</Code>")
+
+
+def _obstore_installed() -> bool:
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -132,13 +148,19 @@ class S3Sink(Sink):
     again: a PUT in flight while the previous pull listed may carry an earlier LastModified."""
 
     def __init__(self, bucket: str, prefix: str = "", *, client=None, endpoint_url: str | None = None,
-                 concurrency: int = DEFAULT_CONCURRENCY) -> None:
+                 concurrency: int = DEFAULT_CONCURRENCY, transport: str | None = None) -> None:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.endpoint_url = endpoint_url or os.environ.get("TRITON_AL_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
         if not 1 <= concurrency <= MAX_CONCURRENCY:
             raise ValueError(f"concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
         self.concurrency = concurrency
+        if transport is None:
+            transport = "obstore" if client is None and _obstore_installed() else "boto3"
+        if transport not in ("obstore", "boto3"):
+            raise ValueError(f"transport must be 'obstore' or 'boto3', got {transport!r}")
+        self.transport = transport
         self._client = client
+        self._store = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -161,20 +183,53 @@ class S3Sink(Sink):
             # One connection per concurrent item (urllib3 keeps them open between batches).
             config = Config(s3={"addressing_style": "path"}, connect_timeout=5, read_timeout=30,
                             retries={"max_attempts": 2, "mode": "standard"}, signature_version="s3v4",
-                            max_pool_connections=max(10, self.concurrency))
+                            max_pool_connections=max(10, self.concurrency), request_checksum_calculation="when_required")
             # A session of our own: boto3's default one caches credentials process-wide.
             session = boto3.session.Session()
             self._client = session.client("s3", endpoint_url=self.endpoint_url,
                                           region_name=os.environ.get("AWS_REGION", "us-east-1"), config=config)
         return self._client
 
+    @property
+    def store(self):
+        """The obstore S3Store that uploads go through (transport "obstore"): the same
+        endpoint, region and credentials as `client` (boto3 resolves them, this store asks
+        for them again every few minutes), path-style addressing, few and short retries."""
+        with self._lock:
+            if self._store is None:
+                from datetime import timedelta
+
+                import boto3
+                from obstore.store import S3Store
+
+                credentials = boto3.session.Session().get_credentials()
+                if credentials is None:
+                    raise SinkAuthError(f"{self.describe()}: no credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a credentials file)")
+
+                def provide() -> dict:
+                    frozen = credentials.get_frozen_credentials()  # refreshed by botocore when temporary
+                    return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key, "token": frozen.token,
+                            "expires_at": datetime.now(timezone.utc) + timedelta(minutes=5)}
+
+                endpoint = {"endpoint": self.endpoint_url} if self.endpoint_url else {}
+                self._store = S3Store(
+                    self.bucket, region=os.environ.get("AWS_REGION", "us-east-1"), credential_provider=provide,
+                    virtual_hosted_style_request=False, **endpoint,
+                    client_options={"allow_http": (self.endpoint_url or "").startswith("http://"),
+                                    "connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=30)},
+                    retry_config={"max_retries": 1, "retry_timeout": timedelta(seconds=10),
+                                  "backoff": {"init_backoff": timedelta(seconds=0.1), "max_backoff": timedelta(seconds=1), "base": 2.0}})
+            return self._store
+
     def key(self, group: str, name: str) -> str:
         return "/".join(p for p in (self.prefix, validate_group_name(group), name) if p)
 
     def _error(self, e: Exception, what: str) -> SinkError:
-        """Classify a boto error; the message names the object, never a credential."""
+        """Classify a boto or obstore error; the message names the object, never a credential."""
         from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
+        if isinstance(e, SinkError):
+            return e
         if isinstance(e, NoCredentialsError):
             return SinkAuthError(f"{self.describe()}: no credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a credentials file)")
         if isinstance(e, ClientError):
@@ -193,12 +248,52 @@ class S3Sink(Sink):
             return TransientSinkError(f"{self.describe()}: unreachable ({type(e).__name__}) on {what}")
         return TransientSinkError(f"{self.describe()}: {type(e).__name__} on {what}")
 
+    def _obstore_error(self, e: Exception, what: str) -> SinkError:
+        """Classify an error from the obstore transport. Its exceptions are by kind (a
+        FileNotFoundError for 404, PermissionDeniedError, GenericError…) and carry the HTTP
+        status and the server's error document in their text."""
+        from obstore.exceptions import BaseError, PermissionDeniedError, UnauthenticatedError
+
+        if isinstance(e, SinkError):
+            return e
+        if not isinstance(e, (BaseError, OSError)):
+            return TransientSinkError(f"{self.describe()}: {type(e).__name__} on {what}")
+        text = str(e)
+        status_match, code_match = _STATUS.search(text), _CODE.search(text)
+        status = status_match.group(1) if status_match else ""
+        code = code_match.group(1) if code_match else ""
+        if isinstance(e, (PermissionDeniedError, UnauthenticatedError)) or code in AUTH_CODES or status in ("401", "403"):
+            return SinkAuthError(f"{self.describe()}: credentials rejected ({code or status or type(e).__name__}) on {what}")
+        if code == "NoSuchBucket":
+            return TransientSinkError(f"{self.describe()}: bucket {self.bucket!r} does not exist")
+        if code in TRANSIENT_CODES or status.startswith("5"):
+            return TransientSinkError(f"{self.describe()}: {code or status} on {what}")
+        if not status:  # no answer: refused, reset, timed out
+            return TransientSinkError(f"{self.describe()}: unreachable ({type(e).__name__}) on {what}")
+        return PermanentSinkError(f"{self.describe()}: {what} rejected ({code or status})")
+
     def _put(self, key: str, body: bytes, content_type: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+        if self.transport == "obstore":
+            import obstore
+
+            obstore.put(self.store, key, body, attributes={"Content-Type": content_type})
+        else:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
 
     def _exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
+        if self.transport == "obstore":
+            import obstore
+            from obstore.exceptions import NotFoundError
+
+            try:
+                obstore.head(self.store, key)
+                return True
+            except (NotFoundError, FileNotFoundError) as e:
+                if _CODE.search(str(e)):  # a 404 with an error document: NoSuchBucket, say
+                    raise
+                return False
         try:
             self.client.head_object(Bucket=self.bucket, Key=key)
             return True
@@ -229,7 +324,8 @@ class S3Sink(Sink):
             self._put(self.key(up.group, f"{up.content_hash}.json"), sidecar, "application/json")
             return None
         except Exception as e:  # noqa: BLE001 - classified here
-            return self._error(e, f"{up.group}/{up.filename}")
+            what = f"{up.group}/{up.filename}"
+            return self._obstore_error(e, what) if self.transport == "obstore" else self._error(e, what)
 
     def upload(self, batch: Sequence[Upload]) -> list[SinkError | None]:
         """Every item of the batch, `concurrency` at a time (items of the same group and hash
@@ -246,7 +342,12 @@ class S3Sink(Sink):
                 todo.setdefault((up.group, up.content_hash), []).append((i, sidecar))
         if not todo:
             return results
-        _ = self.client  # made once, here, before any thread uses it
+        try:
+            _ = self.store if self.transport == "obstore" else self.client  # made once, here, before any thread uses it
+        except SinkError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._error(e, "connecting") from None
         refused = threading.Event()  # credentials rejected: the rest of the batch is not sent
 
         def run(items: list[tuple[int, bytes]]) -> None:
@@ -355,6 +456,7 @@ class S3Sink(Sink):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self._store = None  # obstore closes its connections when the store is dropped
         if self._client is not None:
             self._client.close()
             self._client = None
