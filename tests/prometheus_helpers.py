@@ -53,15 +53,16 @@ class Prometheus:
 @contextlib.contextmanager
 def running_prometheus(tmp: Path, targets: Sequence[tuple[str, dict[str, str]]], *, job: str = "triton-al",
                        scrape_interval: str = "1s") -> Iterator[Prometheus]:
-    """Prometheus scraping each `(metrics_url, extra target labels)`, one job."""
+    """Prometheus scraping each `(metrics_url, extra target labels)`: one job per metrics
+    path (`job`, then `job-2`, ... for the other paths)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    configs = []
+    by_path: dict[str, list[dict]] = {}
     for metrics_url, labels in targets:
         parts = urllib.parse.urlsplit(metrics_url)
-        configs.append({"targets": [parts.netloc], "labels": dict(labels)})
-        path = parts.path or "/metrics"
-    config = {"global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
-              "scrape_configs": [{"job_name": job, "metrics_path": path, "static_configs": configs}]}
+        by_path.setdefault(parts.path or "/metrics", []).append({"targets": [parts.netloc], "labels": dict(labels)})
+    jobs = [{"job_name": job if i == 0 else f"{job}-{i + 1}", "metrics_path": path, "static_configs": configs}
+            for i, (path, configs) in enumerate(by_path.items())]
+    config = {"global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval}, "scrape_configs": jobs}
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log = tmp / "prometheus.log"
@@ -85,7 +86,7 @@ def running_prometheus(tmp: Path, targets: Sequence[tuple[str, dict[str, str]]],
                 raise AssertionError(f"Prometheus not ready in 60 s: {log.read_text()[-2000:]}")
             time.sleep(0.2)
         prometheus = Prometheus(url, proc, log)
-        prometheus.wait_for(f'count(up{{job="{job}"}} == 1)', lambda v: v == len(targets), 30, "every target up")
+        prometheus.wait_for("count(up == 1)", lambda v: v == len(targets), 30, "every target up")
         yield prometheus
     finally:
         stop_process(proc)

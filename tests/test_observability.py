@@ -16,6 +16,10 @@
   exported by its `# TYPE` line and counts. The only names allowed without a scrape are
   Prometheus' own per-target series (`up`). Label names used in matchers and in `by (...)`
   must be on the series too, except the target labels Prometheus adds (namespace, pod, ...).
+- A real Prometheus (Debian's) scraping those texts evaluates every dashboard query (the
+  variables set as a user would) and every alert expression: none fails, and every panel
+  the traffic feeds shows data. (tests/test_alert_rules.py runs the alerts themselves in
+  promtool.)
 - The rules file is a PrometheusRule of the right shape (kustomize-rendered by
   tests/deploy_kustomize.py), and the dashboard's datasource is a variable.
 
@@ -620,3 +624,60 @@ def test_exported_series_reads_type_lines_and_samples():
     assert series["a_total"] == [] and series["h_bucket"] == [] and series["h_count"] == []
     assert series["g"] == [{"group": "x", "le": "1"}] and series["c_total"] == [{"model": "m"}]
     assert "h" not in series and "a" not in series
+
+
+# --------------------------------------------------------------------------------------------
+# In a real Prometheus
+
+# Grafana's variables as a user looking at one pod's step would set them.
+VARIABLES = {"namespace": "prod", "pod": "triton-al-0", "step": "active_learning"}
+# Panels that must show data after the fixture's traffic (each selects series the scrapes hold).
+PANELS_WITH_DATA = {"Items scored / s", "Flag rate", "Flagged / s by pod", "Score distribution (heatmap)",
+                    "Requests / s (Triton)", "Outbox depth", "Dead letters", "Uploads / s", "Batch latency",
+                    "Backoff and health", "Outbox size", "Score drift (PSI)", "Flag rate against its band", "Drift watcher",
+                    "Near-duplicates not uploaded / s", "Fleet ledger"}
+
+
+def with_variables(expr: str, interval: str = "1m") -> str:
+    expr = re.sub(r"\$\{?__(rate_interval|interval|range)(_ms|_s)?\}?", interval, expr)
+    return re.sub(r"\$\{?([A-Za-z0-9_]+)(:[a-z]+)?\}?", lambda m: VARIABLES[m.group(1)], expr)
+
+
+def test_the_dashboard_and_the_alerts_evaluate_in_a_real_prometheus(scraped, tmp_path):
+    """Debian's Prometheus scrapes the fixture's real exposition texts (Triton's, the
+    uploader's, the drift watcher's, as the PodMonitor labels them) every second; every
+    dashboard query (the variables set as a user would) and every alert expression is
+    evaluated: none fails (a many-to-many match, a vector where a scalar goes, ... only show
+    when evaluated), and every panel that the traffic feeds returns series."""
+    from prometheus_helpers import running_prometheus
+
+    from test_calibrate import http_server
+
+    triton_text, uploader_text, drift_text = scraped
+    texts = {"/tritonserver": triton_text, "/uploader": uploader_text, "/drift-watcher": drift_text}
+    with http_server(lambda path, query: (200, texts[path]) if path in texts else (404, "not found")) as base:
+        targets = [(base + path, {"namespace": "prod", "pod": "triton-al-0", "container": path[1:]}) for path in texts]
+        with running_prometheus(tmp_path / "prometheus", targets) as prom:
+            prom.wait_for("min(count_over_time(up[1m]))", lambda v: v >= 4, 30, "four scrapes of every target")
+            failed, shown, titles = [], set(), set()
+            for key, expr in dashboard_expressions(load_dashboard()):
+                title = re.match(r"panel '(.*)' target|(variable .*)", key)
+                title = title.group(1) or title.group(2)
+                titles.add(title)
+                try:
+                    if prom.query(with_variables(expr)):  # a panel with several queries shows data when one does
+                        shown.add(title)
+                except Exception as e:  # noqa: BLE001 - collected, reported together
+                    failed.append(f"{key}: {with_variables(expr)}: {getattr(e, 'read', lambda: b'')().decode()[:300] or e}")
+            for name, expr in rule_expressions(load_rules()):
+                try:
+                    prom.query(expr)
+                except Exception as e:  # noqa: BLE001
+                    failed.append(f"{name}: {expr}: {getattr(e, 'read', lambda: b'')().decode()[:300] or e}")
+            for variable in load_dashboard()["templating"]["list"]:
+                inner = variable_query(variable) if variable.get("type") == "query" else None
+                if inner is not None:
+                    assert prom.query(f"count({with_variables(inner)})"), f"variable {variable['name']} lists nothing"
+    assert failed == []
+    assert PANELS_WITH_DATA <= titles, PANELS_WITH_DATA - titles
+    assert PANELS_WITH_DATA - shown == set(), f"no data in: {sorted(PANELS_WITH_DATA - shown)}"
