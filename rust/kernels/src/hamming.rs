@@ -1,5 +1,9 @@
-//! Hamming distances between 64-bit hashes: the lookup of a perceptual hash among a group's
+//! Hamming distances between hashes: the lookup of a perceptual hash among a group's
 //! (near-duplicate suppression in the uploader, `python/triton_al/uploader/near_duplicates.py`).
+//! `nearest_hamming` scans 64-bit hashes; `nearest_hamming_rows` scans rows of several 64-bit
+//! words made of one or more hashes each (the nearest by the closest of a row's hashes).
+
+use crate::KernelError;
 
 const CHUNK: usize = 1024;
 
@@ -35,6 +39,97 @@ fn nearest_in(hashes: &[u64], h: u64) -> Option<(usize, u32)> {
                 break;
             }
         }
+    }
+    best
+}
+
+/// The position and distance of the row of `rows` nearest to `h` (the first of equals), or
+/// None when there is no row. `rows` holds rows of `width` words each, row-major; a row is
+/// `parts` hashes of `width / parts` words, and its distance to `h` (laid out the same way) is
+/// the smallest of the Hamming distances between its hashes and the corresponding ones of `h`.
+/// With `parts` = 1 a row is one hash of `width * 64` bits.
+pub fn nearest_hamming_rows(rows: &[u64], width: usize, parts: usize, h: &[u64]) -> Result<Option<(usize, u32)>, KernelError> {
+    if width == 0 || parts == 0 || width % parts != 0 {
+        return Err(KernelError(format!("parts: expected a divisor of the row width ({width} words), got {parts}")));
+    }
+    if h.len() != width {
+        return Err(KernelError(format!("h: expected {width} words (the row width), got {}", h.len())));
+    }
+    if rows.len() % width != 0 {
+        return Err(KernelError(format!("rows: expected a multiple of {width} words, got {}", rows.len())));
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("popcnt") {
+            // SAFETY: the CPU has POPCNT (checked just above).
+            return Ok(unsafe { rows_popcnt(rows, width, parts, h) });
+        }
+    }
+    Ok(rows_dispatch(rows, width, parts, h))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "popcnt")]
+unsafe fn rows_popcnt(rows: &[u64], width: usize, parts: usize, h: &[u64]) -> Option<(usize, u32)> {
+    rows_dispatch(rows, width, parts, h)
+}
+
+/// Fixed shapes (the uploader's: two 256-bit hashes; one 256-bit hash) get loops the compiler
+/// unrolls; any other shape goes through the general one.
+#[inline(always)]
+fn rows_dispatch(rows: &[u64], width: usize, parts: usize, h: &[u64]) -> Option<(usize, u32)> {
+    match (width, parts) {
+        (8, 2) => rows_fixed::<8, 2>(rows, h),
+        (4, 1) => rows_fixed::<4, 1>(rows, h),
+        (8, 1) => rows_fixed::<8, 1>(rows, h),
+        _ => nearest_by(rows.len() / width, |i| row_distance(&rows[i * width..(i + 1) * width], h, width / parts)),
+    }
+}
+
+#[inline(always)]
+fn row_distance(row: &[u64], h: &[u64], part_width: usize) -> u32 {
+    row.chunks_exact(part_width)
+        .zip(h.chunks_exact(part_width))
+        .map(|(r, q)| r.iter().zip(q).map(|(a, b)| (a ^ b).count_ones()).sum::<u32>())
+        .min()
+        .unwrap_or(0)
+}
+
+#[inline(always)]
+fn rows_fixed<const W: usize, const P: usize>(rows: &[u64], h: &[u64]) -> Option<(usize, u32)> {
+    let q: [u64; W] = h.try_into().expect("h has the row width (checked)");
+    let part = W / P;
+    let distance = |row: &[u64]| -> u32 {
+        let mut best = u32::MAX;
+        for p in 0..P {
+            let mut d = 0;
+            for w in p * part..(p + 1) * part {
+                d += (row[w] ^ q[w]).count_ones();
+            }
+            best = best.min(d);
+        }
+        best
+    };
+    nearest_by(rows.len() / W, |i| distance(&rows[i * W..(i + 1) * W]))
+}
+
+/// The first index of the smallest `distance(i)` for i in 0..n: the minimum per chunk of
+/// 1024 first, positions looked for only in a chunk that improves on the best so far.
+#[inline(always)]
+fn nearest_by(n: usize, distance: impl Fn(usize) -> u32) -> Option<(usize, u32)> {
+    let mut best: Option<(usize, u32)> = None;
+    let mut start = 0;
+    while start < n {
+        let end = (start + CHUNK).min(n);
+        let least = (start..end).map(&distance).min().unwrap_or(u32::MAX);
+        if best.map_or(true, |(_, d)| least < d) {
+            let at = (start..end).find(|&i| distance(i) == least).unwrap_or(start);
+            best = Some((at, least));
+            if least == 0 {
+                break;
+            }
+        }
+        start = end;
     }
     best
 }
@@ -76,5 +171,69 @@ mod tests {
         }
         assert_eq!(nearest_hamming(&[0, u64::MAX, 3], u64::MAX), Some((1, 0)));
         assert_eq!(nearest_hamming(&[0b11, 0b01, 0b01], 0), Some((1, 1)));
+    }
+
+    fn naive_rows(rows: &[u64], width: usize, parts: usize, h: &[u64]) -> Option<(usize, u32)> {
+        let pw = width / parts;
+        let mut best: Option<(usize, u32)> = None;
+        for (i, row) in rows.chunks(width).enumerate() {
+            let mut d = u32::MAX;
+            for p in 0..parts {
+                let bits: u32 = (p * pw..(p + 1) * pw).map(|w| (row[w] ^ h[w]).count_ones()).sum();
+                d = d.min(bits);
+            }
+            if best.map_or(true, |(_, b)| d < b) {
+                best = Some((i, d));
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn rows_match_a_naive_scan_for_fixed_and_general_shapes() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for (width, parts) in [(8usize, 2usize), (4, 1), (8, 1), (1, 1), (6, 3), (6, 2), (2, 2)] {
+            assert_eq!(nearest_hamming_rows(&[], width, parts, &vec![0; width]), Ok(None));
+            for n in [1usize, 3, 1023, 1024, 1025, 3000] {
+                let rows: Vec<u64> = (0..n * width).map(|_| next()).collect();
+                for _ in 0..5 {
+                    let h: Vec<u64> = (0..width).map(|_| next()).collect();
+                    assert_eq!(nearest_hamming_rows(&rows, width, parts, &h).unwrap(), naive_rows(&rows, width, parts, &h));
+                }
+                // One part of a row 3 bits from the query, the others far: found, at 3 bits.
+                let at = n / 2;
+                let mut h: Vec<u64> = (0..width).map(|_| next()).collect();
+                let pw = width / parts;
+                let p = parts - 1;
+                h[p * pw..(p + 1) * pw].copy_from_slice(&rows[at * width + p * pw..at * width + (p + 1) * pw]);
+                h[p * pw] ^= 0b1011;
+                let found = nearest_hamming_rows(&rows, width, parts, &h).unwrap();
+                assert_eq!(found, naive_rows(&rows, width, parts, &h));
+                assert!(found.unwrap().1 <= 3);
+            }
+        }
+        // One word per row, one part: the same as the 64-bit scan.
+        let rows: Vec<u64> = (0..777).map(|_| next()).collect();
+        let h = next();
+        assert_eq!(nearest_hamming_rows(&rows, 1, 1, &[h]).unwrap(), nearest_hamming(&rows, h));
+        // The first of equals; a row's distance is its closest part's.
+        assert_eq!(nearest_hamming_rows(&[0, 0, 0, 0, 1, 1, 1, 1], 4, 1, &[0, 0, 0, 1]).unwrap(), Some((0, 1)));
+        assert_eq!(nearest_hamming_rows(&[u64::MAX, 7, 0, 0, 5, 5], 2, 2, &[0, 0]).unwrap(), Some((1, 0)));
+        assert_eq!(nearest_hamming_rows(&[u64::MAX, 7, 3, 3], 2, 2, &[0, 0]).unwrap(), Some((1, 2)));
+    }
+
+    #[test]
+    fn rows_refuse_inconsistent_shapes() {
+        assert!(nearest_hamming_rows(&[0; 8], 8, 3, &[0; 8]).unwrap_err().0.contains("parts"));
+        assert!(nearest_hamming_rows(&[0; 8], 8, 0, &[0; 8]).unwrap_err().0.contains("parts"));
+        assert!(nearest_hamming_rows(&[0; 8], 0, 1, &[]).unwrap_err().0.contains("parts"));
+        assert!(nearest_hamming_rows(&[0; 8], 8, 2, &[0; 4]).unwrap_err().0.contains("h: expected 8 words"));
+        assert!(nearest_hamming_rows(&[0; 9], 8, 2, &[0; 8]).unwrap_err().0.contains("rows: expected a multiple of 8"));
     }
 }

@@ -10,7 +10,7 @@ mod options;
 mod outbox;
 mod step;
 
-use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -169,6 +169,22 @@ fn nearest_hamming(py: Python<'_>, hashes: PyReadonlyArray1<'_, u64>, h: u64) ->
     run(py, slice.len(), || kernels::nearest_hamming(slice, h))
 }
 
+/// The position and distance (bits) of the row of ``rows`` nearest to ``h``, the first of
+/// equals; ``None`` when ``rows`` has no row. ``rows``: 2-D uint64, C-contiguous, one hash (or
+/// ``parts`` hashes side by side) per row; ``h``: 1-D uint64 of the row's width. With ``parts``
+/// > 1 a row's distance is the smallest over its hashes (each compared with the same slice of
+/// ``h``). The near-duplicate lookup of the uploader; the GIL is released for big ones.
+#[pyfunction]
+#[pyo3(signature = (rows, h, parts = 1))]
+fn nearest_hamming_rows(py: Python<'_>, rows: PyReadonlyArray2<'_, u64>, h: PyReadonlyArray1<'_, u64>, parts: usize) -> PyResult<Option<(usize, u32)>> {
+    let width = rows.shape()[1];
+    let slice = rows
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("rows: expected a C-contiguous 2-D uint64 array"))?;
+    let query = h.as_slice().map_err(|_| PyValueError::new_err("h: expected a C-contiguous 1-D uint64 array"))?;
+    run(py, slice.len(), || kernels::nearest_hamming_rows(slice, width, parts, query))?.map_err(kernel_error)
+}
+
 #[pyfunction]
 fn simd_level() -> &'static str {
     kernels::level().name()
@@ -186,6 +202,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(flag, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(nearest_hamming, m)?)?;
+    m.add_function(wrap_pyfunction!(nearest_hamming_rows, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(step::parse_step_parameters, m)?)?;
     m.add_function(wrap_pyfunction!(step::prediction_json, m)?)?;
