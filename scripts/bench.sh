@@ -23,6 +23,14 @@ if [ "$what" = near-duplicates ] || [ "$what" = all ]; then
     args=(); if [ "$what" = near-duplicates ]; then args=("$@"); fi  # --originals N --background N --entries N
     "$VENV/bin/python" benchmarks/bench_near_duplicates.py --json benchmarks/results/near_duplicates.json "${args[@]}"
 fi
+if [ "$what" = fleet ] || [ "$what" = all ]; then
+    # The fleet benchmark measures S3 delivery on rclone and on s3s-fs (the s3s project's
+    # file-backed S3 server, Rust, from crates.io), built once into ~/.cargo, outside the checkout.
+    if ! command -v s3s-fs >/dev/null && [ ! -x "$HOME/.cargo/bin/s3s-fs" ]; then
+        log "installing s3s-fs (cargo install, a few minutes)"
+        cargo install --quiet --locked s3s-fs@0.14.1 --features binary
+    fi
+fi
 for name in outbox pipeline loop fleet; do
     if { [ "$what" = "$name" ] || [ "$what" = all ]; } && [ -f "benchmarks/bench_$name.py" ]; then
         "$VENV/bin/python" -m pytest "benchmarks/bench_$name.py" -q -p no:cacheprovider \

@@ -60,6 +60,32 @@ class RcloneS3:
         stop_process(self.proc)
 
 
+class S3sFs(RcloneS3):
+    """`s3s-fs`, the s3s project's file-backed S3 server (Rust, from crates.io: `cargo install
+    s3s-fs --features binary`), the same way: objects under root/bucket/key. Only the fleet
+    benchmark uses it (scripts/bench.sh fleet installs it); it skips when it is absent."""
+
+    @staticmethod
+    def binary() -> str:
+        path = shutil.which("s3s-fs") or shutil.which("s3s-fs", path=str(Path.home() / ".cargo" / "bin"))
+        if path is None:
+            pytest.skip("s3s-fs is not installed (cargo install s3s-fs --features binary)")
+        return path
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary(), "--host", "127.0.0.1", "--port", str(self.port), "--access-key", KEY,
+                                      "--secret-key", SECRET, str(self.root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, "s3s-fs exited"
+                assert time.monotonic() < deadline, "s3s-fs did not listen"
+                time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """One real S3 server per test module (import this fixture where it is used)."""
