@@ -48,9 +48,11 @@ def transport():
     return "obstore" if _has_obstore() else "boto3"
 
 
-def make_sink(uri: str, transport: str):
+def make_sink(uri: str, transport: str, concurrency: int | None = None):
     sink = open_sink(uri)
     sink.transport = transport
+    if concurrency is not None:
+        sink.concurrency = concurrency
     return sink
 
 
@@ -319,17 +321,20 @@ def counting(sink, calls: list[tuple[str, str]]) -> None:
     sink._put, sink._exists = counted_put, counted_exists
 
 
-def test_the_uri_sets_the_concurrency_and_refuses_what_it_does_not_know(env):
+def test_the_concurrency_comes_from_the_environment_and_the_uri_takes_no_options(env, monkeypatch):
     from triton_al.sinks.s3 import DEFAULT_CONCURRENCY
 
     assert open_sink(f"s3://{BUCKET}/x").concurrency == DEFAULT_CONCURRENCY
-    assert open_sink(f"s3://{BUCKET}/x?concurrency=4").concurrency == 4
-    one = open_sink(f"s3://{BUCKET}?concurrency=1")
-    assert (one.prefix, one.concurrency) == ("", 1)
-    for bad, message in [("?concurrency=0", "from 1 to"), ("?concurrency=65", "from 1 to"), ("?concurrency=x", "from 1 to"),
-                         ("?threads=4", "unknown option"), ("?concurrency=", "from 1 to")]:
-        with pytest.raises(ValueError, match=message):
-            open_sink(f"s3://{BUCKET}/x{bad}")
+    monkeypatch.setenv("TRITON_AL_S3_CONCURRENCY", "4")
+    assert open_sink(f"s3://{BUCKET}/x").concurrency == 4
+    for bad in ("0", "65", "x", "1.5"):
+        monkeypatch.setenv("TRITON_AL_S3_CONCURRENCY", bad)
+        with pytest.raises(ValueError, match="TRITON_AL_S3_CONCURRENCY=.*from 1 to 64"):
+            open_sink(f"s3://{BUCKET}/x")
+    monkeypatch.delenv("TRITON_AL_S3_CONCURRENCY")
+    for uri in (f"s3://{BUCKET}/x?concurrency=4", f"s3://{BUCKET}?a=b", f"s3://{BUCKET}/x#y"):
+        with pytest.raises(ValueError, match="takes no options"):
+            open_sink(uri)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -337,7 +342,7 @@ def test_results_come_back_in_the_batch_order(env, server, prefix, transport):
     """A large asset first (a HEAD and a big PUT: it finishes last), items the sink refuses
     and items the server refuses (a key made longer than S3's 1,024 bytes: 400) among good
     ones and a repeat, 8 at a time: every verdict stands at its item's place."""
-    sink = make_sink(f"s3://{BUCKET}/{prefix}?concurrency=8", transport)
+    sink = make_sink(f"s3://{BUCKET}/{prefix}", transport, concurrency=8)
     try:
         batch = [upload(0, asset=big_png(0))] + [upload(100 + k) for k in range(30)]
         batch[7] = upload(7, asset=b"\x89PNG\r\n\x1a\ntruncated")
@@ -364,7 +369,7 @@ def test_results_come_back_in_the_batch_order(env, server, prefix, transport):
 def test_small_assets_are_written_without_a_head_large_ones_once(env, server, prefix, transport):
     """Two requests per small item (asset, then sidecar); a large asset is checked with HEAD
     and, when present, not sent again. The sidecar always follows its asset."""
-    sink = make_sink(f"s3://{BUCKET}/{prefix}?concurrency=4", transport)
+    sink = make_sink(f"s3://{BUCKET}/{prefix}", transport, concurrency=4)
     calls: list[tuple[str, str]] = []
     counting(sink, calls)
     try:
@@ -389,7 +394,7 @@ def test_one_item_refused_by_the_server_among_good_ones_fails_alone(env, server,
     """A per-item answer from the server is that item's error, the rest are delivered: here
     one item's key is made longer than S3 allows (1,024 bytes), which the server refuses
     (400 KeyTooLongError)."""
-    sink = make_sink(f"s3://{BUCKET}/{prefix}?concurrency=8", transport)
+    sink = make_sink(f"s3://{BUCKET}/{prefix}", transport, concurrency=8)
     batch = [upload(300 + k) for k in range(20)]
     doomed = f"{prefix}/{GROUP}/{batch[9].filename}"
     real_put = sink._put
@@ -415,7 +420,7 @@ def test_a_server_dying_mid_batch_never_reports_an_undelivered_item_as_delivered
     import threading
     import time
 
-    sink = make_sink(f"s3://{BUCKET}/{prefix}?concurrency=4", transport)
+    sink = make_sink(f"s3://{BUCKET}/{prefix}", transport, concurrency=4)
     batch = [upload(1000 + k) for k in range(300)]
     folder = server.root / BUCKET / prefix / GROUP
     outcome: dict = {}
@@ -461,7 +466,7 @@ def test_two_sinks_delivering_the_same_batch_at_once_store_each_item_once(env, s
     import threading
 
     batch = [upload(400 + k) for k in range(59)] + [upload(2, asset=big_png(2))]
-    sinks = [make_sink(f"s3://{BUCKET}/{prefix}?concurrency=8", transport) for _ in range(2)]
+    sinks = [make_sink(f"s3://{BUCKET}/{prefix}", transport, concurrency=8) for _ in range(2)]
     results: list = [None, None]
     go = threading.Barrier(2)
 

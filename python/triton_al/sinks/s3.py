@@ -30,7 +30,9 @@ ignore them). The sidecar is written after its asset: a sidecar means the asset 
 
 A batch's items are delivered concurrently, `concurrency` at a time (default 16; one shared
 client, connections kept open), each item's asset then its sidecar; the results come back in
-the batch's order. Set it in the URI: `s3://bucket/prefix?concurrency=4` (1 to 64). Uploads
+the batch's order. Set it with `TRITON_AL_S3_CONCURRENCY` (1 to 64) in the uploader's
+environment, not in the URI: an outbox records the URI it delivers to, and a URI that
+changed would stop it (`SinkChanged`) though the items go to the same place. Uploads
 go through obstore (Rust's object_store, in the `s3` extra) when it is installed, boto3
 otherwise: the same requests, at about a fifth of boto3's CPU per request; listing and
 reading labels back use boto3.
@@ -52,7 +54,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from triton_al.config import validate_group_name
 from triton_al.sinks.base import Annotation, PermanentSinkError, Sink, SinkAuthError, SinkError, TransientSinkError, Upload
@@ -87,12 +89,6 @@ def _obstore_installed() -> bool:
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
-    bucket, prefix, _ = parse_uri_options(uri)
-    return bucket, prefix
-
-
-def parse_uri_options(uri: str) -> tuple[str, str, dict[str, int]]:
-    """Bucket, prefix and the options of the query (`concurrency`)."""
     parts = urlsplit(uri)
     if parts.scheme != "s3" or not parts.netloc:
         raise ValueError(f"sink {uri!r}: expected s3://bucket[/prefix]")
@@ -102,17 +98,23 @@ def parse_uri_options(uri: str) -> tuple[str, str, dict[str, int]]:
     prefix = parts.path.strip("/")
     if any(p in ("", ".", "..") for p in prefix.split("/")) and prefix:
         raise ValueError(f"sink {uri!r}: the prefix must not contain empty, '.' or '..' segments")
-    options: dict[str, int] = {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)):
-        if name != "concurrency":
-            raise ValueError(f"sink {uri!r}: unknown option {name!r} (known: concurrency)")
-        try:
-            options[name] = int(value)
-        except ValueError:
-            options[name] = 0
-        if not 1 <= options[name] <= MAX_CONCURRENCY:
-            raise ValueError(f"sink {uri!r}: concurrency must be an integer from 1 to {MAX_CONCURRENCY}")
-    return bucket, prefix, options
+    if parts.query or parts.fragment:
+        raise ValueError(f"sink {uri!r}: an s3:// URI takes no options (the concurrency is TRITON_AL_S3_CONCURRENCY)")
+    return bucket, prefix
+
+
+def concurrency_from_env() -> int:
+    """`TRITON_AL_S3_CONCURRENCY`, or the default; a value out of 1..64 is refused."""
+    raw = os.environ.get("TRITON_AL_S3_CONCURRENCY", "").strip()
+    if not raw:
+        return DEFAULT_CONCURRENCY
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_CONCURRENCY:
+        raise ValueError(f"TRITON_AL_S3_CONCURRENCY={raw[:20]!r}: expected an integer from 1 to {MAX_CONCURRENCY}")
+    return value
 
 
 def _iso(when) -> str:
@@ -148,9 +150,11 @@ class S3Sink(Sink):
     again: a PUT in flight while the previous pull listed may carry an earlier LastModified."""
 
     def __init__(self, bucket: str, prefix: str = "", *, client=None, endpoint_url: str | None = None,
-                 concurrency: int = DEFAULT_CONCURRENCY, transport: str | None = None) -> None:
+                 concurrency: int | None = None, transport: str | None = None) -> None:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.endpoint_url = endpoint_url or os.environ.get("TRITON_AL_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        if concurrency is None:
+            concurrency = concurrency_from_env()
         if not 1 <= concurrency <= MAX_CONCURRENCY:
             raise ValueError(f"concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
         self.concurrency = concurrency
@@ -166,8 +170,8 @@ class S3Sink(Sink):
 
     @classmethod
     def from_uri(cls, uri: str) -> S3Sink:
-        bucket, prefix, options = parse_uri_options(uri)
-        return cls(bucket, prefix, **options)
+        bucket, prefix = parse_uri(uri)
+        return cls(bucket, prefix)
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
