@@ -98,19 +98,31 @@ fn row_distance(row: &[u64], h: &[u64], part_width: usize) -> u32 {
 #[inline(always)]
 fn rows_fixed<const W: usize, const P: usize>(rows: &[u64], h: &[u64]) -> Option<(usize, u32)> {
     let q: [u64; W] = h.try_into().expect("h has the row width (checked)");
-    let part = W / P;
     let distance = |row: &[u64]| -> u32 {
+        let row: &[u64; W] = row.try_into().expect("rows of W words");
+        let part = W / P;
         let mut best = u32::MAX;
         for p in 0..P {
             let mut d = 0;
-            for w in p * part..(p + 1) * part {
-                d += (row[w] ^ q[w]).count_ones();
+            for w in 0..part {
+                d += (row[p * part + w] ^ q[p * part + w]).count_ones();
             }
             best = best.min(d);
         }
         best
     };
-    nearest_by(rows.len() / W, |i| distance(&rows[i * W..(i + 1) * W]))
+    let mut best: Option<(usize, u32)> = None;
+    for (c, chunk) in rows.chunks(CHUNK * W).enumerate() {
+        let least = chunk.chunks_exact(W).map(distance).min().unwrap_or(u32::MAX);
+        if best.map_or(true, |(_, d)| least < d) {
+            let at = chunk.chunks_exact(W).position(|r| distance(r) == least).unwrap_or(0);
+            best = Some((c * CHUNK + at, least));
+            if least == 0 {
+                break;
+            }
+        }
+    }
+    best
 }
 
 /// The first index of the smallest `distance(i)` for i in 0..n: the minimum per chunk of
