@@ -1,4 +1,4 @@
-"""Near-duplicate suppression (issue 15): how well the 64-bit pHash and the per-group index
+"""Near-duplicate suppression (issue 15): how well perceptual hashes and the per-group index
 tell near-copies from distinct images on Fashion-MNIST, and what it costs per flagged item.
 
     scripts/bench.sh near-duplicates [--originals N] [--background N] [--json PATH]
@@ -8,19 +8,24 @@ tell near-copies from distinct images on Fashion-MNIST, and what it costs per fl
   side and scaled back to 28x28, re-encoded as JPEG at quality 75 and 40, Gaussian noise of
   sigma 8 and 16 (grey levels). Everything is PNG except the JPEGs.
 - The index holds the originals plus a background of distinct images already delivered (from
-  the training split: none, 2,000, 10,000 and `--background`), as a group's index would after
-  a while.
-- Queries: every near-copy (recall: the share suppressed) and as many *other* distinct test
-  images, in no index (false suppression: the share suppressed). Precision is given for an
-  even mix (as many near-copies as new distinct images arriving): recall / (recall + false).
-  Fashion-MNIST has many genuinely similar distinct images (plain T-shirts, bags): what is
-  counted as false suppression here is a distinct image, however alike.
-- Cost: the hash of a 28x28 PNG (decode, resize, DCT), a lookup in a group of 100,000
-  entries (linear XOR + popcount scan; Rust `_core.nearest_hamming`, and numpy for
-  comparison), and `NearDuplicateIndex.screen` per item at 100,000
-  entries (hash + lookup + the SQLite insert), median of repeated runs; and the uploader
-  draining 2,000 distinct Fashion-MNIST PNGs into a local store with suppression off and on
-  (an empty index, and a group already holding 100,000 entries).
+  the training split: none, 2,000, 10,000, 30,000 and `--background`), as a group's index
+  would after a while.
+- Queries: every near-copy (recall: the share within the distance of its own original) and as
+  many *other* distinct test images, in no index (false suppression: the share suppressed).
+  Precision is given for an even mix (as many near-copies as new distinct images arriving):
+  recall / (recall + false). Fashion-MNIST has many genuinely similar distinct images (plain
+  T-shirts, bags): what is counted as false suppression here is a distinct image, however alike.
+- Candidates (each image decoded once, then hashed by each): the 64-bit pHash of the first
+  version (32x32, 8x8 DCT, median); the same with the signs of the AC terms (mean-centred);
+  a 256-bit pHash (64x64, 16x16 DCT, median); the same of the image aligned on its centre of
+  mass and radius of gyration; and both side by side, the closer of the two counting (the
+  index's hash, `near_duplicates.image_hash`).
+- Cost: the hash of a 28x28 PNG (decode, resize, align, DCTs), a lookup in a group of 100,000
+  entries (linear XOR + popcount scan; Rust `_core.nearest_hamming_rows`, and numpy for
+  comparison), and `NearDuplicateIndex.screen` per item at 100,000 entries (hash + lookup +
+  the SQLite insert), median of repeated runs; and the uploader draining 2,000 distinct
+  Fashion-MNIST PNGs into a local store with suppression off and on (an empty index, and a
+  group already holding 100,000 entries).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import statistics
 import sys
@@ -42,9 +48,10 @@ from PIL import Image
 from triton_al import _core
 from triton_al.example.data import encode_png, load, pixel_key
 from triton_al.outbox import content_hash
-from triton_al.uploader.near_duplicates import DEFAULT_MAX_DISTANCE, NearDuplicateIndex, _Popcount, phash
+from triton_al.uploader import near_duplicates as nd
+from triton_al.uploader.near_duplicates import DEFAULT_MAX_DISTANCE, PARTS, WORDS, NearDuplicateIndex, distances, image_hash
 
-DISTANCES = (2, 4, 6, 8, 10, 12)
+THRESHOLDS = {64: (2, 4, 6, 8), 256: (12, 16, 20, 24, 28, 32)}
 
 
 def shifted(a: np.ndarray, dx: int, dy: int) -> np.ndarray:
@@ -92,8 +99,56 @@ def unique(images: np.ndarray, order: np.ndarray) -> list[int]:
     return keep
 
 
-def nearest(index: np.ndarray, h: int, popcount: _Popcount) -> int:
-    return int(popcount(index, h).min())
+def decoded(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("L"))
+
+
+# Candidates: decoded grey uint8 pixels -> uint64 words -------------------------------------
+
+_DCT32_LOW = nd._dct_matrix(32)[:8]
+
+
+def _dct64(grey: Image.Image, signs: bool) -> np.ndarray:
+    x = np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=3.0), dtype=np.float64)
+    low = (_DCT32_LOW @ x @ _DCT32_LOW.T).ravel()
+    bits = low > 0 if signs else low > np.median(low)
+    if signs:
+        bits[0] = False  # the DC term: the mean, dropped (mean-centred)
+    return np.packbits(bits).view(">u8").astype(np.uint64)
+
+
+def candidate_hashes(pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """Every candidate's hash of one decoded image (its words; two-part ones side by side)."""
+    grey = Image.fromarray(pixels, mode="L")
+    small = grey.resize((nd._SIDE, nd._SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    x = np.asarray(small, dtype=np.float64)
+    plain = nd._dct_bits(x)
+    aligned = nd._dct_bits(nd._aligned(small, x))
+    return {"pHash 64 (first version)": _dct64(grey, False), "pHash 64, mean-centred (AC signs)": _dct64(grey, True),
+            "pHash 256": plain, "aligned pHash 256": aligned, "pHash 256 + aligned pHash 256 (adopted)": np.concatenate([plain, aligned])}
+
+
+PARTS_OF = {"pHash 256 + aligned pHash 256 (adopted)": PARTS}
+
+
+def _nearest(index: np.ndarray, queries: np.ndarray, parts: int, sizes: list[int]) -> dict[int, np.ndarray]:
+    """Per prefix size of `index`, the distance from each query to its nearest entry (Rust scan)."""
+    best = np.full(len(queries), 10**6, np.int64)
+    out, start = {}, 0
+    for size in sizes:
+        if size > start:
+            seg = np.ascontiguousarray(index[start:size])
+            for k, q in enumerate(queries):
+                best[k] = min(best[k], _core.nearest_hamming_rows(seg, q, parts)[1])
+            start = size
+        out[size] = best.copy()
+    return out
+
+
+def _own(copies: np.ndarray, originals: np.ndarray, parts: int) -> np.ndarray:
+    x = np.bitwise_xor(copies, originals)
+    return np.unpackbits(x.view(np.uint8), axis=1).reshape(len(x), parts, -1).sum(2).min(1)
 
 
 def quality(n_originals: int, n_background: int, seed: int = 0) -> dict:
@@ -101,36 +156,43 @@ def quality(n_originals: int, n_background: int, seed: int = 0) -> dict:
     test, _ = load("test")
     order = unique(test, rng.permutation(len(test)))
     originals, distinct = order[:n_originals], order[n_originals:2 * n_originals]
-    orig_hashes = np.array([phash(encode_png(test[i])) for i in originals], np.uint64)
-    background = np.empty(0, np.uint64)
+    picks: list[int] = []
     if n_background:
         train, _ = load("train")
         test_keys = {pixel_key(test[i]) for i in originals + distinct}
         picks = [i for i in unique(train, rng.permutation(len(train))) if pixel_key(train[i]) not in test_keys][:n_background]
-        background = np.array([phash(encode_png(train[i])) for i in picks], np.uint64)
-    popcount = _Popcount()
-    copies = {}
-    for name, make in transforms(rng).items():
-        copies[name] = np.array([phash(make(test[i])) for i in originals], np.uint64)
-    new = np.array([phash(encode_png(test[i])) for i in distinct], np.uint64)
+
+    def hashed(images: list[np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [candidate_hashes(p) for p in images]
+        return {name: np.stack([r[name] for r in rows]) for name in rows[0]} if rows else {}
+
+    orig = hashed([test[i] for i in originals])
+    copies = {name: hashed([decoded(make(test[i])) for i in originals]) for name, make in transforms(rng).items()}
+    new = hashed([test[i] for i in distinct])
+    background = hashed([load("train")[0][i] for i in picks]) if picks else None
+    # The index's hash is the adopted candidate: the same bits from the encoded bytes.
+    for k in range(5):
+        assert np.array_equal(image_hash(encode_png(test[originals[k]])), orig["pHash 256 + aligned pHash 256 (adopted)"][k])
+    sizes = sorted({0, *(n for n in (2_000, 10_000, 30_000) if n < len(picks)), len(picks)})
     results = {}
-    sizes = sorted({0, *(n for n in (2_000, 10_000) if n < len(background)), len(background)})
-    for size in sizes:
-        label = "originals only" if size == 0 else f"+ {size:,} background"
-        index = np.concatenate([orig_hashes, background[:size]])
-        d_copy = {name: np.array([nearest(index, int(h), popcount) for h in hs]) for name, hs in copies.items()}
-        d_own = {name: np.array([int(popcount(orig_hashes[k:k + 1], int(h))[0]) for k, h in enumerate(hs)]) for name, hs in copies.items()}
-        d_new = np.array([nearest(index, int(h), popcount) for h in new])
+    for name in orig:
+        parts = PARTS_OF.get(name, 1)
+        index = orig[name] if background is None else np.concatenate([orig[name], background[name]])
+        entries = [n_originals + s for s in sizes]
+        d_new = _nearest(index, new[name], parts, entries)
+        d_copy_any = {t: _nearest(index, copies[t][name], parts, [entries[-1]])[entries[-1]] for t in copies}
+        d_own = {t: _own(copies[t][name], orig[name], parts) for t in copies}
+        bits = orig[name].shape[1] * 64 // parts
         rows = {}
-        for t in DISTANCES:
-            recall = {name: float((d <= t).mean()) for name, d in d_copy.items()}
-            own = {name: float((d <= t).mean()) for name, d in d_own.items()}
-            r = float(np.mean(list(recall.values())))
-            f = float((d_new <= t).mean())
-            rows[t] = {"recall": r, "recall_own": float(np.mean(list(own.values()))), "false": f,
-                       "precision_even_mix": r / (r + f) if r + f else float("nan"), "per_transform": recall}
-        results[label] = {"index_size": len(index), "by_distance": rows}
-    return {"originals": len(originals), "distinct_queries": len(distinct), "background": len(background), "results": results}
+        for th in THRESHOLDS[bits]:
+            per = {t: float((d <= th).mean()) for t, d in d_own.items()}
+            recall = float(np.mean(list(per.values())))
+            false = {e: float((d_new[e] <= th).mean()) for e in entries}
+            rows[th] = {"recall": recall, "recall_any_entry_largest_index": float(np.mean([(d <= th).mean() for d in d_copy_any.values()])),
+                        "per_transform": per, "false": false,
+                        "precision_even_mix": {e: recall / (recall + f) if recall + f else math.nan for e, f in false.items()}}
+        results[name] = {"bits": bits, "parts": parts, "index_sizes": entries, "by_distance": rows}
+    return {"originals": len(originals), "distinct_queries": len(distinct), "background": len(picks), "results": results}
 
 
 def _timed(fn, n: int, repeats: int) -> tuple[float, float]:
@@ -147,22 +209,17 @@ def _timed(fn, n: int, repeats: int) -> tuple[float, float]:
 def cost(entries: int = 100_000, repeats: int = 5) -> dict:
     test, _ = load("test")
     pngs = [encode_png(test[i]) for i in range(1000)]
-    hash_s = _timed(lambda r: [phash(p) for p in pngs], len(pngs), repeats)
+    hash_s = _timed(lambda r: [image_hash(p) for p in pngs], len(pngs), repeats)
     rng = np.random.default_rng(1)
-    table = rng.integers(0, 2**63, entries, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, entries, dtype=np.uint64)
-    popcount = _Popcount()
-    queries = [int(x) for x in rng.integers(0, 2**63, 200, dtype=np.uint64)]
-    lookup_s = _timed(lambda r: [_core.nearest_hamming(table, q) for q in queries], len(queries), repeats)
-    numpy_s = _timed(lambda r: [int(np.argmin(popcount(table, q))) for q in queries], len(queries), repeats)
+    table = rng.integers(0, 2**64 - 1, (entries, WORDS), dtype=np.uint64, endpoint=True)
+    queries = [rng.integers(0, 2**64 - 1, WORDS, dtype=np.uint64, endpoint=True) for _ in range(200)]
+    lookup_s = _timed(lambda r: [_core.nearest_hamming_rows(table, q, PARTS) for q in queries], len(queries), repeats)
+    numpy_s = _timed(lambda r: [int(np.argmin(distances(table, q))) for q in queries[:20]], 20, repeats)
+    narrow = np.ascontiguousarray(table[:, 0])
+    narrow_s = _timed(lambda r: [_core.nearest_hamming(narrow, int(q[0])) for q in queries], len(queries), repeats)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "outbox.db.near-duplicates"
-        index = NearDuplicateIndex(path, max_distance=max(DEFAULT_MAX_DISTANCE, 1), max_entries=entries + 10_000)
-        signed = [int(h) - (1 << 64) if int(h) >= 1 << 63 else int(h) for h in table]
-        with index._conn:
-            index._conn.execute("BEGIN")
-            index._conn.executemany("INSERT INTO entries (upload_group, content_hash, phash, item_id, added_at) VALUES ('g', ?, ?, ?, ?)",
-                                    [(f"bg{i}", h, -i - 1, float(i)) for i, h in enumerate(signed)])
-        index.close()
+        _preload(path, "g", entries, table)
         start = time.perf_counter()
         index = NearDuplicateIndex(path, max_distance=max(DEFAULT_MAX_DISTANCE, 1), max_entries=entries + 10_000)
         index._group("g")
@@ -172,23 +229,24 @@ def cost(entries: int = 100_000, repeats: int = 5) -> dict:
         screen_s = _timed(lambda r: index.screen(items[r * 64:(r + 1) * 64]), 64, repeats)
         index.close()
     return {"entries": entries, "hash_us": hash_s[0] * 1e6, "lookup_us": lookup_s[0] * 1e6, "screen_us": screen_s[0] * 1e6,
-            "hash_cpu_us": hash_s[1] * 1e6, "lookup_cpu_us": lookup_s[1] * 1e6, "lookup_numpy_us": numpy_s[0] * 1e6, "lookup_numpy_cpu_us": numpy_s[1] * 1e6, "screen_cpu_us": screen_s[1] * 1e6,
+            "hash_cpu_us": hash_s[1] * 1e6, "lookup_cpu_us": lookup_s[1] * 1e6, "lookup_numpy_us": numpy_s[0] * 1e6,
+            "lookup_numpy_cpu_us": numpy_s[1] * 1e6, "lookup_64bit_cpu_us": narrow_s[1] * 1e6, "screen_cpu_us": screen_s[1] * 1e6,
             "load_ms": load_s * 1e3, "load_average": os.getloadavg()[0]}
 
 
-def _preload(path: Path, group: str, entries: int) -> None:
-    """`entries` random hashes in a group of a new index file (as if delivered long ago)."""
-    rng = np.random.default_rng(2)
+def _preload(path: Path, group: str, entries: int, table: np.ndarray | None = None) -> None:
+    """`entries` hashes (random unless given) in a group of a new index file (as if delivered long ago)."""
+    if table is None:
+        table = np.random.default_rng(2).integers(0, 2**64 - 1, (entries, WORDS), dtype=np.uint64, endpoint=True)
     index = NearDuplicateIndex(path, max_distance=1)
-    table = rng.integers(-(2**63), 2**63 - 1, entries, dtype=np.int64)
     with index._conn:
         index._conn.execute("BEGIN")
-        index._conn.executemany("INSERT INTO entries (upload_group, content_hash, phash, item_id, added_at) VALUES (?, ?, ?, ?, 0)",
-                                [(group, f"bg{i}", int(h), -i - 1) for i, h in enumerate(table)])
+        index._conn.executemany("INSERT INTO entries (upload_group, content_hash, hash, item_id, added_at) VALUES (?, ?, ?, ?, 0)",
+                                [(group, f"bg{i}", nd._blob(h), -i - 1) for i, h in enumerate(table[:entries])])
     index.close()
 
 
-def throughput(n: int = 2000, entries: int = 100_000) -> dict:
+def throughput(n: int = 2000, entries: int = 100_000, distance: int = max(DEFAULT_MAX_DISTANCE, 1)) -> dict:
     """The uploader (in this process) draining n distinct Fashion-MNIST PNGs into a local
     store: suppression off, on with an empty index, on with `entries` already in the group."""
     from triton_al.outbox import FlaggedItem, Outbox
@@ -208,7 +266,7 @@ def throughput(n: int = 2000, entries: int = 100_000) -> dict:
             if case != "off":
                 if case.endswith("entries"):
                     _preload(root / "ix", "g", entries)
-                index = NearDuplicateIndex(root / "ix", max_distance=2, max_entries=entries + n)
+                index = NearDuplicateIndex(root / "ix", max_distance=distance, max_entries=entries + n)
             uploader = Uploader(outbox, LocalStore(root / "store"), batch_size=64, near_duplicates=index)
             w, c = time.perf_counter(), time.process_time()
             while uploader.step() is not None:
@@ -216,38 +274,35 @@ def throughput(n: int = 2000, entries: int = 100_000) -> dict:
             wall, cpu = time.perf_counter() - w, time.process_time() - c
             counters = outbox.counters()
             out[case] = {"items_per_s": n / wall, "cpu_ms_per_item": cpu / n * 1e3, "uploaded": counters.get("uploaded", 0),
-                         "near_duplicates": counters.get("near_duplicates/g", 0)}
+                         "near_duplicates": counters.get("near_duplicates/g", 0), "distance": distance}
             outbox.close()
             if index is not None:
                 index.close()
     return out
 
 
-def report(q: dict, c: dict, through: dict | None = None) -> str:
+def report(q: dict, c: dict | None = None, through: dict | None = None) -> str:
     lines = [f"{q['originals']} originals x 8 near-copies; {q['distinct_queries']} other distinct test images as queries; "
              f"default distance {DEFAULT_MAX_DISTANCE}", ""]
-    for label, res in q["results"].items():
-        lines.append(f"index: {label} ({res['index_size']:,} entries)")
-        lines.append("| distance | recall (any entry) | recall (own original) | false suppression of distinct | precision, even mix |")
-        lines.append("|---|---|---|---|---|")
+    for name, res in q["results"].items():
+        sizes = res["index_sizes"]
+        names = list(next(iter(res["by_distance"].values()))["per_transform"])
+        lines.append(f"{name}: {res['bits']} bits" + (f" x {res['parts']} (the closer counts)" if res["parts"] > 1 else ""))
+        lines.append("| distance | " + " | ".join(names) + " | recall, all kinds | false suppression at "
+                     + " / ".join(f"{e:,}" for e in sizes) + f" entries | precision, even mix, at {sizes[-1]:,} |")
+        lines.append("|---|" + "---|" * (len(names) + 3))
         for t, row in res["by_distance"].items():
-            lines.append(f"| {t} | {row['recall']:.1%} | {row['recall_own']:.1%} | {row['false']:.1%} | {row['precision_even_mix']:.1%} |")
+            lines.append(f"| {t} | " + " | ".join(f"{row['per_transform'][n]:.0%}" for n in names) + f" | {row['recall']:.1%} | "
+                         + " / ".join(f"{row['false'][e]:.1%}" for e in sizes) + f" | {row['precision_even_mix'][sizes[-1]]:.1%} |")
         lines.append("")
-    first = next(iter(q["results"].values()))["by_distance"]
-    names = list(next(iter(first.values()))["per_transform"])
-    lines.append("recall per transform (index: originals only)")
-    lines.append("| distance | " + " | ".join(names) + " |")
-    lines.append("|---|" + "---|" * len(names))
-    for t, row in first.items():
-        lines.append(f"| {t} | " + " | ".join(f"{row['per_transform'][n]:.0%}" for n in names) + " |")
-    lines.append("")
-    lines.append(f"cost per item, CPU (wall) time, load average {c['load_average']:.1f}: hash of a 28x28 PNG {c['hash_cpu_us']:.0f} µs "
-                 f"({c['hash_us']:.0f}); lookup at {c['entries']:,} entries {c['lookup_cpu_us']:.0f} µs ({c['lookup_us']:.0f}), "
-                 f"the same scan in numpy {c['lookup_numpy_cpu_us']:.0f} µs ({c['lookup_numpy_us']:.0f}); "
-                 f"screen (hash + lookup + insert) at {c['entries']:,} entries {c['screen_cpu_us']:.0f} µs ({c['screen_us']:.0f}); "
-                 f"loading a group of {c['entries']:,} entries {c['load_ms']:.0f} ms wall")
+    if c:
+        lines.append(f"cost per item, CPU (wall) time, load average {c['load_average']:.1f}: hash of a 28x28 PNG {c['hash_cpu_us']:.0f} µs "
+                     f"({c['hash_us']:.0f}); lookup at {c['entries']:,} entries {c['lookup_cpu_us']:.0f} µs ({c['lookup_us']:.0f}), "
+                     f"the same scan in numpy {c['lookup_numpy_cpu_us']:.0f} µs ({c['lookup_numpy_us']:.0f}), a scan of 64-bit hashes "
+                     f"{c['lookup_64bit_cpu_us']:.0f} µs; screen (hash + lookup + insert) at {c['entries']:,} entries "
+                     f"{c['screen_cpu_us']:.0f} µs ({c['screen_us']:.0f}); loading a group of {c['entries']:,} entries {c['load_ms']:.0f} ms wall")
     for case, r in (through or {}).items():
-        lines.append(f"uploader into a local store, distance 2, suppression {case}: {r['items_per_s']:,.0f} items/s, "
+        lines.append(f"uploader into a local store, distance {r['distance']}, suppression {case}: {r['items_per_s']:,.0f} items/s, "
                      f"{r['cpu_ms_per_item']:.2f} ms CPU per item; uploaded {r['uploaded']:,}, near-duplicates {r['near_duplicates']:,}")
     return "\n".join(lines)
 
@@ -255,17 +310,24 @@ def report(q: dict, c: dict, through: dict | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--originals", type=int, default=1000)
-    parser.add_argument("--background", type=int, default=30_000, help="distinct training images in the index (also 2,000 and 10,000 of them)")
+    parser.add_argument("--background", type=int, default=60_000,
+                        help="distinct training images in the index (also 2,000, 10,000 and 30,000 of them; at most the ~59,000 unique)")
     parser.add_argument("--entries", type=int, default=100_000, help="group size for the cost measurement")
+    parser.add_argument("--quality-only", action="store_true", help="the tables only, no cost or throughput")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/near_duplicates.json"))
     args = parser.parse_args(argv)
     if args.originals < 1 or args.background < 0 or args.entries < 1:
         parser.error("--originals and --entries must be positive, --background not negative")
     started = time.time()
+    load_before = os.getloadavg()[0]
     q = quality(args.originals, args.background)
-    c = cost(args.entries)
-    t = throughput(entries=args.entries)
+    c = t = None
+    if not args.quality_only:
+        c = cost(args.entries)
+        t = throughput(entries=args.entries)
     print(report(q, c, t))
+    print(f"started {time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, load average {load_before:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end, {time.time() - started:.0f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quality": q, "cost": c, "throughput": t},
                                     indent=1))

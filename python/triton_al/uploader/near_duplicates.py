@@ -2,17 +2,24 @@
 per upload group, an index of the hashes of the items queued or delivered, so that an item
 within `max_distance` bits (Hamming) of one already there is counted and not uploaded.
 
-- The hash is a 64-bit DCT pHash: the image decoded with Pillow, in grey, resized to 32x32,
-  its 2-D DCT, the 8x8 lowest frequencies compared with their median (one bit each). Near
-  copies (a shift of a pixel or two, a crop, a JPEG re-encode, noise) stay within a few bits;
-  unrelated images differ in about half of them. Only `image/*` assets are hashed; an asset
-  Pillow cannot decode is not hashed and goes on as before (uploaded, or dead-lettered by the
-  sink as today).
+- The hash (`HASH_NAME`) is two 256-bit DCT hashes side by side. Both start from the image
+  decoded with Pillow, in grey, resized to 64x64 (Lanczos); each is the 16x16 lowest
+  frequencies of a 2-D DCT compared with their median (one bit each; the median makes it
+  blind to brightness and contrast). The first is of the image as it is (it holds re-encodes
+  and noise); the second of the image *aligned* first: centred on its centre of mass and
+  scaled by its radius of gyration (mass: the difference from the border's level), so that a
+  shifted or slightly cropped copy lands on nearly the same pixels. An item's distance to an
+  entry is the smaller of the two hashes' distances. Near copies stay within a few dozen of
+  the 256 bits; unrelated images differ in about half. Only `image/*` assets are hashed; an
+  asset Pillow cannot decode is not hashed and goes on as before (uploaded, or dead-lettered
+  by the sink as today). Measured on Fashion-MNIST: benchmarks/RESULTS.md, "Near-duplicates".
 - The index lives beside the outbox in its own SQLite file (`<outbox>.near-duplicates`; the
   outbox's schema is shared by two writers and stays as it is), written only by the uploader
   (one per outbox, by its lock), and mirrored in memory as one numpy array of hashes per group:
-  a lookup is a linear scan (XOR and popcount of every entry: `_core.nearest_hamming`, Rust,
-  about 7 times less CPU than the same scan in numpy at 100,000 entries; benchmarks/RESULTS.md).
+  a lookup is a linear scan (XOR and popcount of every entry: `_core.nearest_hamming_rows`,
+  Rust). The file records the hash it holds: a file written with another hash (the 64-bit
+  pHash of the first version) is never compared with these; it is moved aside (its evidence
+  kept there, readable by `seen_entries`) and a new index is started.
 - Entries are keyed by (group, content hash) with the outbox item's id: an item seen again
   (a retry, an item held back by a rate limit) matches itself, not a near-duplicate. An item
   that leaves the outbox without being delivered (dead-lettered, dropped) leaves the index
@@ -43,18 +50,24 @@ from triton_al import _core
 
 log = logging.getLogger("triton_al.uploader")
 
-DEFAULT_MAX_DISTANCE = 0
-"""Off unless asked for: on Fashion-MNIST the 64-bit pHash suppresses a share of *distinct*
-images that grows with the index (5% at 11,000 entries already at 2 bits; benchmarks/RESULTS.md,
-"Near-duplicates"), too many to drop silently by default. 2-4 bits catch re-encodes and noise."""
+DEFAULT_MAX_DISTANCE = 20
+"""On: at 20 bits (of 256) the index suppressed 0.1% of distinct Fashion-MNIST images with
+31,000 entries and 0.5% with 61,000, and caught most re-encodes and one-pixel shifts
+(benchmarks/RESULTS.md, "Near-duplicates"). 0 / 'off' turns it off."""
 DEFAULT_MAX_ENTRIES = 100_000
 DEFAULT_MAX_AGE_S = 30 * 86400.0
 INDEX_SUFFIX = ".near-duplicates"
 COUNTER_PREFIX = "near_duplicates/"
 """Outbox counters of near-duplicates not uploaded, one per group (`near_duplicates/<group>`)."""
-HASH_BITS = 64
-_SIDE = 32  # the image is reduced to 32x32 before the DCT
-_LOW = 8  # 8x8 lowest frequencies -> 64 bits
+HASH_NAME = "dct256+aligned-dct256/2"
+"""What the index file holds (its `meta` row `hash`); a file holding anything else is retired."""
+HASH_BITS = 256
+"""Bits of each of the two hashes (a distance is counted in these)."""
+PARTS = 2  # the plain hash, then the aligned one
+WORDS = PARTS * HASH_BITS // 64  # uint64 words per entry
+_SIDE = 64  # the image is reduced to 64x64 before the DCT
+_LOW = 16  # 16x16 lowest frequencies -> 256 bits
+_SPAN = 1.9  # the aligned image spans this many radii of gyration either side of the centre
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -67,27 +80,74 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 _DCT_LOW = np.ascontiguousarray(_dct_matrix(_SIDE)[:_LOW])  # only the rows the hash needs
-_BIT_WEIGHTS = (np.uint64(1) << np.arange(HASH_BITS - 1, -1, -1, dtype=np.uint64))
+_GRID = np.arange(_SIDE, dtype=np.float64)
+_RING = np.zeros((_SIDE, _SIDE), bool)
+_RING[[0, -1], :] = _RING[:, [0, -1]] = True
 
 
 class UndecodableImage(ValueError):
     """The asset is not an image Pillow can read (it is not hashed)."""
 
 
-def phash_pixels(pixels: np.ndarray) -> int:
-    """The pHash of a 2-D grey image already reduced to 32x32 (float or uint8)."""
-    x = np.asarray(pixels, dtype=np.float64)
-    if x.shape != (_SIDE, _SIDE):
-        raise ValueError(f"pixels: expected shape [{_SIDE}, {_SIDE}], got {list(x.shape)}")
+def _dct_bits(x: np.ndarray) -> np.ndarray:
+    """256 bits (as 4 uint64 words) of a 64x64 grey image: the 16x16 lowest DCT frequencies
+    against their median."""
     low = (_DCT_LOW @ x @ _DCT_LOW.T).ravel()
     ordered = np.sort(low)
-    bits = low > (ordered[31] + ordered[32]) / 2  # the median of the 64 (np.median costs more than the rest)
-    return int(np.sum(_BIT_WEIGHTS[bits], dtype=np.uint64))
+    half = len(low) // 2
+    # Above the median (np.median costs more than this), by more than rounding: a flat image's
+    # AC terms are all ~1e-13, and hash alike (only the DC bit set) whatever their grey level.
+    bits = low > (ordered[half - 1] + ordered[half]) / 2 + 1e-6
+    return np.packbits(bits).view(">u8").astype(np.uint64)
 
 
-def phash(data: bytes) -> int:
-    """The 64-bit pHash (an unsigned int) of an encoded image; `UndecodableImage` if Pillow
-    cannot decode it (truncated, not an image, a decompression bomb)."""
+def _aligned(small, x: np.ndarray) -> np.ndarray:
+    """The 64x64 grey image centred on its centre of mass and scaled to its radius of gyration
+    (bilinear; outside the image: the border's level). Mass is the difference from the level of
+    the border (the median of the outermost pixels): the object, whether lighter or darker than
+    its background. `x`: the image's pixels as floats. A flat image is returned as it is."""
+    from PIL import Image
+
+    ring = x[_RING]
+    level = float(np.partition(ring, len(ring) // 2)[len(ring) // 2])  # (about) the median: np.median costs more
+    mass = np.abs(x - level)
+    total = mass.sum()
+    if total < _SIDE * _SIDE * 0.5:  # flat to within half a grey level on average: nothing to align on
+        return x
+    cx = float(mass.sum(0) @ _GRID) / total
+    cy = float(mass.sum(1) @ _GRID) / total
+    r2 = float(mass.sum(0) @ (_GRID - cx) ** 2 + mass.sum(1) @ (_GRID - cy) ** 2) / total
+    scale = 2 * _SPAN * math.sqrt(r2) / _SIDE  # input pixels per output pixel
+    if not scale > 0:
+        return x
+    half = _SIDE / 2
+    data = (scale, 0.0, cx + 0.5 - half * scale, 0.0, scale, cy + 0.5 - half * scale)
+    out = small.transform((_SIDE, _SIDE), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR,
+                          fillcolor=int(round(level)))
+    return np.asarray(out, dtype=np.float64)
+
+
+def _hash_grey(grey) -> np.ndarray:
+    from PIL import Image
+
+    small = grey.resize((_SIDE, _SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    x = np.asarray(small, dtype=np.float64)
+    return np.concatenate([_dct_bits(x), _dct_bits(_aligned(small, x))])
+
+
+def hash_pixels(pixels: np.ndarray) -> np.ndarray:
+    """The hash (uint64 [8]: the plain 256 bits, then the aligned ones) of a 2-D grey uint8 image."""
+    from PIL import Image
+
+    a = np.asarray(pixels)
+    if a.ndim != 2 or a.dtype != np.uint8 or min(a.shape) < 1:
+        raise ValueError(f"pixels: expected a 2-D uint8 grey image, got {a.dtype} of shape {list(a.shape)}")
+    return _hash_grey(Image.fromarray(a, mode="L"))
+
+
+def image_hash(data: bytes) -> np.ndarray:
+    """The hash (uint64 [8]: the plain 256 bits, then the aligned ones) of an encoded image;
+    `UndecodableImage` if Pillow cannot decode it (truncated, not an image, a decompression bomb)."""
     from PIL import Image
 
     try:
@@ -96,24 +156,28 @@ def phash(data: bytes) -> int:
             with Image.open(io.BytesIO(data)) as im:
                 im.draft("L", (2 * _SIDE, 2 * _SIDE))  # JPEG: decode at a reduced scale (no-op for others)
                 grey = im.convert("L") if im.mode != "L" else im
-                small = grey.resize((_SIDE, _SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
-                pixels = np.asarray(small, dtype=np.float64)
+                grey.load()
+                return _hash_grey(grey)
     except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for bad input
         raise UndecodableImage(f"{type(e).__name__}: {e}") from None
-    return phash_pixels(pixels)
 
 
-def hamming(a: int, b: int) -> int:
-    return bin((a ^ b) & 0xFFFF_FFFF_FFFF_FFFF).count("1")
+def distances(rows: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """The distances from hash `h` to every row of `rows` ([n, 8] uint64): per row, the smaller
+    of the two hashes' Hamming distances (numpy; the index's lookup does it in Rust)."""
+    rows = np.asarray(rows, np.uint64).reshape(-1, WORDS)
+    x = np.bitwise_xor(rows, np.asarray(h, np.uint64).reshape(1, WORDS))
+    bits = np.unpackbits(x.view(np.uint8), axis=1).reshape(len(rows), PARTS, -1).sum(2)
+    return bits.min(1)
 
 
-def distances(hashes: np.ndarray, h: int) -> np.ndarray:
-    """Hamming distances from `h` to every uint64 in `hashes` (a new array)."""
-    return _Popcount()(np.asarray(hashes, np.uint64), h).copy()
+def distance(a: np.ndarray, b: np.ndarray) -> int:
+    """The distance between two hashes (the smaller of the two parts' Hamming distances)."""
+    return int(distances(np.asarray(a).reshape(1, WORDS), b)[0])
 
 
 def parse_distance(value: str | int | None) -> int:
-    """`--near-duplicate-distance`: bits (1-63), or 0 / 'off' to disable."""
+    """`--near-duplicate-distance`: bits (1-255), or 0 / 'off' to disable; None: the default."""
     if value is None:
         return DEFAULT_MAX_DISTANCE
     text = str(value).strip().lower()
@@ -126,40 +190,6 @@ def parse_distance(value: str | int | None) -> int:
     if not 0 <= n < HASH_BITS:
         raise ValueError(f"near-duplicate distance: expected 1-{HASH_BITS - 1} bits (of a {HASH_BITS}-bit hash) or 0/'off', got {n}")
     return n
-
-
-class _Popcount:
-    """Hamming distances from one hash to many in numpy, with scratch buffers reused (SWAR
-    popcount: a dozen vector operations over the uint64s). For `distances`, and the baseline
-    the Rust lookup is measured against."""
-
-    M1, M2, M4, H01 = (np.uint64(v) for v in (0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x0101010101010101))
-    S1, S2, S4, S56 = (np.uint64(v) for v in (1, 2, 4, 56))
-
-    def __init__(self) -> None:
-        self._a = np.empty(0, np.uint64)
-        self._b = np.empty(0, np.uint64)
-
-    def __call__(self, hashes: np.ndarray, h: int) -> np.ndarray:
-        n = len(hashes)
-        if len(self._a) < n:
-            self._a = np.empty(max(n, 2 * len(self._a)), np.uint64)
-            self._b = np.empty_like(self._a)
-        x, t = self._a[:n], self._b[:n]
-        np.bitwise_xor(hashes, np.uint64(h), out=x)
-        np.right_shift(x, self.S1, out=t)
-        np.bitwise_and(t, self.M1, out=t)
-        np.subtract(x, t, out=x)
-        np.right_shift(x, self.S2, out=t)
-        np.bitwise_and(t, self.M2, out=t)
-        np.bitwise_and(x, self.M2, out=x)
-        np.add(x, t, out=x)
-        np.right_shift(x, self.S4, out=t)
-        np.add(x, t, out=x)
-        np.bitwise_and(x, self.M4, out=x)
-        np.multiply(x, self.H01, out=x)
-        np.right_shift(x, self.S56, out=x)
-        return x
 
 
 @dataclass(frozen=True)
@@ -175,10 +205,11 @@ class Match:
 
 
 class _Group:
-    """One upload group's hashes in memory: a growing uint64 array, its keys and item ids."""
+    """One upload group's hashes in memory: a growing uint64 array (a row per entry), its keys
+    and item ids."""
 
     def __init__(self) -> None:
-        self.hashes = np.empty(1024, np.uint64)
+        self.hashes = np.empty((1024, WORDS), np.uint64)
         self.keys: list[str] = []
         self.ids: list[int] = []
         self.pos: dict[str, int] = {}
@@ -186,13 +217,13 @@ class _Group:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def add(self, key: str, h: int, item_id: int) -> None:
+    def add(self, key: str, h: np.ndarray, item_id: int) -> None:
         n = len(self.keys)
         if n == len(self.hashes):
-            grown = np.empty(2 * n, np.uint64)
+            grown = np.empty((2 * n, WORDS), np.uint64)
             grown[:n] = self.hashes
             self.hashes = grown
-        self.hashes[n] = np.uint64(h)
+        self.hashes[n] = h
         self.keys.append(key)
         self.ids.append(item_id)
         self.pos[key] = n
@@ -212,12 +243,15 @@ class _Group:
         self.ids.pop()
 
 
-def _signed(h: int) -> int:
-    return h - (1 << 64) if h >= 1 << 63 else h
+def _blob(h: np.ndarray) -> bytes:
+    return np.asarray(h, "<u8").tobytes()
 
 
-def _unsigned(h: int) -> int:
-    return h + (1 << 64) if h < 0 else h
+def _unblob(b: bytes) -> np.ndarray:
+    h = np.frombuffer(b, "<u8")
+    if h.shape != (WORDS,):
+        raise ValueError(f"a stored hash of {len(b)} bytes, expected {WORDS * 8}")
+    return h.astype(np.uint64)
 
 
 _SCHEMA = """
@@ -225,7 +259,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITH
 CREATE TABLE IF NOT EXISTS entries (
     upload_group TEXT NOT NULL,
     content_hash TEXT NOT NULL,      -- the outbox's SHA-256 of the asset
-    phash INTEGER NOT NULL,          -- the 64-bit pHash, as a signed integer
+    hash BLOB NOT NULL,              -- HASH_NAME: 8 little-endian uint64 words (plain, then aligned)
     item_id INTEGER NOT NULL,        -- the outbox item it came from (an item seen again matches itself)
     added_at REAL NOT NULL,
     seen INTEGER NOT NULL DEFAULT 0, -- near-duplicates of it not uploaded
@@ -234,6 +268,20 @@ CREATE TABLE IF NOT EXISTS entries (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_age ON entries (upload_group, added_at);
 """
+
+
+def _stored_hash(path: Path) -> str | None:
+    """The hash an existing index file holds: its `meta` row `hash`; the first version's
+    (a 64-bit pHash in an integer column `phash`) had none. None: no entries table yet."""
+    with contextlib.closing(sqlite3.connect(path, timeout=5.0)) as conn:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(entries)")]
+        if not columns:
+            return None
+        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        row = conn.execute("SELECT value FROM meta WHERE key = 'hash'").fetchone() if has_meta else None
+        if row is not None:
+            return row[0]
+        return "phash64/1" if "phash" in columns else "unknown"
 
 
 def index_path(outbox: str | os.PathLike[str]) -> Path:
@@ -266,15 +314,25 @@ class NearDuplicateIndex:
         if not self.path.parent.is_dir():
             raise ValueError(f"near-duplicate index {self.path}: directory {self.path.parent} does not exist")
         try:
+            held = _stored_hash(self.path) if self.path.exists() else None
+            if held is not None and held != HASH_NAME:  # other hashes: never compared with these
+                aside = self._move_aside(f"{held.replace('/', '-')}-{int(time.time())}")
+                log.warning("near-duplicate index %s holds %s hashes, not %s: moved to %s (its evidence stays there), "
+                            "starting an empty one", self.path, held, HASH_NAME, aside)
             return self._connect(sink)
         except sqlite3.DatabaseError as e:  # corrupt, not SQLite: it only holds evidence; start a new one
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            aside = self._move_aside(f"corrupt-{int(time.time())}")
             log.error("near-duplicate index %s is unusable (%s): moved to %s, starting an empty one", self.path, e, aside)
-            for suffix in ("", "-wal", "-shm"):
-                part = Path(f"{self.path}{suffix}")
-                if part.exists():
-                    part.replace(Path(f"{aside}{suffix}"))
             return self._connect(sink)
+
+    def _move_aside(self, tag: str) -> Path:
+        """The index file (and its WAL and shared-memory files) renamed to `<index>.<tag>`."""
+        aside = self.path.with_name(f"{self.path.name}.{tag}")
+        for suffix in ("", "-wal", "-shm"):
+            part = Path(f"{self.path}{suffix}")
+            if part.exists():
+                part.replace(Path(f"{aside}{suffix}"))
+        return aside
 
     def _connect(self, sink: str | None) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
@@ -283,6 +341,7 @@ class NearDuplicateIndex:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
             conn.execute("SELECT count(*) FROM entries").fetchone()
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('hash', ?)", (HASH_NAME,))
             if sink is not None:
                 row = conn.execute("SELECT value FROM meta WHERE key = 'sink'").fetchone()
                 if row is not None and row[0] != sink:
@@ -303,8 +362,8 @@ class NearDuplicateIndex:
         if g is None:
             g = self._groups[name] = _Group()
             for key, h, item_id in self._conn.execute(
-                    "SELECT content_hash, phash, item_id FROM entries WHERE upload_group = ? ORDER BY added_at", (name,)):
-                g.add(key, _unsigned(h), item_id)
+                    "SELECT content_hash, hash, item_id FROM entries WHERE upload_group = ? ORDER BY added_at", (name,)):
+                g.add(key, _unblob(h), item_id)
         return g
 
     def screen(self, items: Iterable, *, now: float | None = None) -> list[Match]:
@@ -327,20 +386,20 @@ class NearDuplicateIndex:
                         matches.append(Match(item.id, item.upload_group, item.content_hash, item.content_hash, 0))
                     continue
                 try:
-                    h = phash(item.asset)
+                    h = image_hash(item.asset)
                 except UndecodableImage as e:
                     log.debug("item %d of %s not hashed: %s", item.id, item.upload_group, e)
                     continue
-                nearest = _core.nearest_hamming(g.hashes[:len(g)], h)
+                nearest = _core.nearest_hamming_rows(g.hashes[:len(g)], h, PARTS)
                 if nearest is not None and nearest[1] <= self.max_distance:
                     matches.append(Match(item.id, item.upload_group, item.content_hash, g.keys[nearest[0]], nearest[1]))
                     continue
                 g.add(item.content_hash, h, item.id)
-                added.append((item.upload_group, item.content_hash, _signed(h), item.id, now))
+                added.append((item.upload_group, item.content_hash, _blob(h), item.id, now))
             if added:
                 with self._conn:
                     self._conn.execute("BEGIN")
-                    self._conn.executemany("INSERT OR REPLACE INTO entries (upload_group, content_hash, phash, item_id, added_at) "
+                    self._conn.executemany("INSERT OR REPLACE INTO entries (upload_group, content_hash, hash, item_id, added_at) "
                                            "VALUES (?, ?, ?, ?, ?)", added)
                     for group in {a[0] for a in added}:
                         self._evict_over_bound(group)
@@ -404,15 +463,15 @@ class NearDuplicateIndex:
         return len(old)
 
     def entry(self, group: str, content_hash: str) -> dict | None:
-        """One entry (phash, item_id, added_at, seen, last_seen_at), or None."""
+        """One entry (hash, item_id, added_at, seen, last_seen_at), or None."""
         with self._lock:
-            cur = self._conn.execute("SELECT phash, item_id, added_at, seen, last_seen_at FROM entries "
+            cur = self._conn.execute("SELECT hash, item_id, added_at, seen, last_seen_at FROM entries "
                                      "WHERE upload_group = ? AND content_hash = ?", (group, content_hash))
             row = cur.fetchone()
             if row is None:
                 return None
             out = dict(zip([d[0] for d in cur.description], row))
-        out["phash"] = _unsigned(out["phash"])
+        out["hash"] = _unblob(out["hash"])
         return out
 
     def sizes(self) -> dict[str, int]:
@@ -426,7 +485,7 @@ def seen_entries(path: str | os.PathLike[str], *, group: str | None = None, limi
     near-duplicates`): group, content hash (the image uploaded), seen, added_at, last_seen_at."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"near-duplicate index {path} does not exist (the uploader creates it when started with --near-duplicate-distance)")
+        raise ValueError(f"near-duplicate index {path} does not exist (the uploader creates it unless started with --near-duplicate-distance off)")
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)) as conn:
             cur = conn.execute("SELECT upload_group, content_hash, seen, added_at, last_seen_at FROM entries WHERE seen > 0 "
