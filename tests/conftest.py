@@ -49,3 +49,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _unexpected and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def label_studio_template(tmp_path_factory):
+    """A Label Studio data folder set up once per session (labelstudio_helpers)."""
+    from labelstudio_helpers import set_up_template
+
+    return set_up_template(tmp_path_factory.mktemp("label-studio-template"))

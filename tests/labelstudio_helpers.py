@@ -5,6 +5,7 @@ environment), started on a free 127.0.0.1 port, stopped by PID."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -31,9 +32,13 @@ def ensure_installed() -> Path:
 
 
 class LabelStudioServer:
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, template: Path | None = None) -> None:
+        """`template`: a data folder a server has already set up (see the session fixture
+        `label_studio_template` in conftest.py), copied to `data_dir` before the start."""
         self.data_dir, self.port = data_dir, port
         self.binary = ensure_installed()
+        if template is not None:
+            shutil.copytree(template, data_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("label-studio.log"))
         self.proc: subprocess.Popen | None = None
         self.log = data_dir / "label-studio.log"
 
@@ -73,12 +78,24 @@ class LabelStudioServer:
             pass
 
 
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    """One real Label Studio per test module (import this fixture where it is used)."""
+def set_up_template(data_dir: Path) -> Path:
+    """Starts Label Studio once on an empty folder (its database migrations, its user and
+    token: ~2 min under load) and stops it; servers copied from the folder start in ~30 s."""
     from triton_al.serving.server import free_port
 
-    server = LabelStudioServer(tmp_path_factory.mktemp("label-studio"), free_port())
+    server = LabelStudioServer(data_dir, free_port())
+    server.start()
+    server.stop()
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory, label_studio_template):
+    """One real Label Studio per test module, from the session's set-up copy (import this
+    fixture where it is used)."""
+    from triton_al.serving.server import free_port
+
+    server = LabelStudioServer(tmp_path_factory.mktemp("label-studio"), free_port(), template=label_studio_template)
     server.start()
     try:
         yield server

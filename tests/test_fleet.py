@@ -515,15 +515,14 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.mark.slow
-def test_three_uploaders_racing_into_label_studio_import_each_image_once(tmp_path, ledger_server):
+def test_three_uploaders_racing_into_label_studio_import_each_image_once(tmp_path, ledger_server, label_studio_template):
     """Label Studio has no content-addressed key: each replica asks it which hashes it has,
     then imports the rest, so two replicas racing on one image could both import it (and,
     for a new group, both create its project). Claims in the ledger leave one replica per
     image, and the group's first batch to one replica at a time."""
     from labelstudio_helpers import TOKEN, LabelStudioServer
 
-    (tmp_path / "label-studio").mkdir()
-    server = LabelStudioServer(tmp_path / "label-studio", free_port())
+    server = LabelStudioServer(tmp_path / "label-studio", free_port(), template=label_studio_template)
     server.start()
     procs: list[subprocess.Popen] = []
     try:
