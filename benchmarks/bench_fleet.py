@@ -303,10 +303,12 @@ def test_served_fleet(tmp_path, s3_server, ledger):
     from triton_al.example.data import encode_png, load
 
     prefix = "served"
-    # Near-duplicate suppression (on by default since issue 15) off: it would hold back, by
-    # design, Fashion-MNIST images close to one another, and every flagged image must be
-    # accounted for here (it has its own benchmark, bench_near_duplicates.py).
-    args = ["--sink", f"s3://{BUCKET}/{prefix}", "--budget-ledger", ledger.url, "--near-duplicate-distance", "off"]
+    # Near-duplicate suppression (on by default since issue 15) off unless
+    # FLEET_NEAR_DUPLICATE_DISTANCE says otherwise: it holds back, by design, Fashion-MNIST
+    # images close to one another, and every flagged image must be accounted for here (it
+    # has its own benchmark, bench_near_duplicates.py).
+    near = os.environ.get("FLEET_NEAR_DUPLICATE_DISTANCE", "off")
+    args = ["--sink", f"s3://{BUCKET}/{prefix}", "--budget-ledger", ledger.url, "--near-duplicate-distance", near]
     replicas = [Replica(tmp_path, f"replica{n}", s3_env(s3), args, groups=("fleet",)) for n in range(3)]
     batch, per_replica = 8, RATE / 3
     requests = int(SERVED_SECONDS * per_replica / batch)
