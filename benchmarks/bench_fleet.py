@@ -7,8 +7,8 @@ S3-compatible server (`rclone serve s3`), and per replica its own outbox and its
 `triton-al uploader` process (`--budget-ledger redis://… --rate-limit …`).
 
 1. `test_ledger_path`: three uploaders sharing one local project store (the fastest sink
-   here, multi-process safe: the S3 sink costs ~8 ms of CPU per item, see part 2, and would
-   measure boto3, not the ledger) drain outboxes that this process fills directly at
+   here, multi-process safe; the S3 server would be measured more than the ledger: part 4
+   is this with S3) drain outboxes that this process fills directly at
    FLEET_RATE flagged items/s in total (a third each), for FLEET_SECONDS. Half the items go
    to the group `open` (no limit), half to `capped`, whose fleet budget is 60% of what it is
    offered. One item in ten is the same image flagged on all three replicas at once. Run
