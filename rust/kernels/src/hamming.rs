@@ -74,6 +74,117 @@ unsafe fn rows_popcnt(rows: &[u64], width: usize, parts: usize, h: &[u64]) -> Op
     rows_dispatch(rows, width, parts, h)
 }
 
+/// The nearest row of `rows` (as `nearest_hamming_rows`) among those within `max_distance`
+/// bits of `h`, or None when none is. `lead` holds the first word of each of a row's `parts`
+/// hashes, row by row (`parts` words per row), kept by the caller beside `rows`: a word's
+/// distance is at most its hash's, so a row whose lead words are all farther than the limit
+/// is passed over without reading it. The scan reads `parts` words per row instead of
+/// `width`; the rows are read only for the few that pass. `lead` must agree with `rows`
+/// (otherwise rows may be missed; nothing worse).
+pub fn nearest_hamming_within(rows: &[u64], lead: &[u64], width: usize, parts: usize, h: &[u64], max_distance: u32) -> Result<Option<(usize, u32)>, KernelError> {
+    if width == 0 || parts == 0 || width % parts != 0 {
+        return Err(KernelError(format!("parts: expected a divisor of the row width ({width} words), got {parts}")));
+    }
+    if h.len() != width {
+        return Err(KernelError(format!("h: expected {width} words (the row width), got {}", h.len())));
+    }
+    if rows.len() % width != 0 {
+        return Err(KernelError(format!("rows: expected a multiple of {width} words, got {}", rows.len())));
+    }
+    let n = rows.len() / width;
+    if lead.len() != n * parts {
+        return Err(KernelError(format!("lead: expected {} words ({parts} per row of rows), got {}", n * parts, lead.len())));
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("popcnt") {
+            // SAFETY: the CPU has POPCNT (checked just above).
+            return Ok(unsafe { within_popcnt(rows, lead, width, parts, h, max_distance) });
+        }
+    }
+    Ok(within_dispatch(rows, lead, width, parts, h, max_distance))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "popcnt")]
+unsafe fn within_popcnt(rows: &[u64], lead: &[u64], width: usize, parts: usize, h: &[u64], max_distance: u32) -> Option<(usize, u32)> {
+    within_dispatch(rows, lead, width, parts, h, max_distance)
+}
+
+#[inline(always)]
+fn within_dispatch(rows: &[u64], lead: &[u64], width: usize, parts: usize, h: &[u64], max_distance: u32) -> Option<(usize, u32)> {
+    match (width, parts) {
+        (8, 2) => within_fixed::<8, 2>(rows, lead, h, max_distance),
+        (4, 1) => within_fixed::<4, 1>(rows, lead, h, max_distance),
+        _ => within_in(rows, lead, width, parts, h, max_distance),
+    }
+}
+
+/// Fixed shapes: per chunk of 1024 rows, the lead words' distances first (a loop without
+/// branches, into a small buffer), then the rows whose lead is within the limit, in full.
+#[inline(always)]
+fn within_fixed<const W: usize, const P: usize>(rows: &[u64], lead: &[u64], h: &[u64], max_distance: u32) -> Option<(usize, u32)> {
+    let pw = W / P;
+    let heads: [u64; P] = std::array::from_fn(|p| h[p * pw]);
+    let q: [u64; W] = h.try_into().expect("h has the row width (checked)");
+    let mut buf = [0u8; CHUNK];
+    let mut best: Option<(usize, u32)> = None;
+    let mut limit = max_distance;
+    for (c, chunk) in lead.chunks(CHUNK * P).enumerate() {
+        for (slot, words) in buf.iter_mut().zip(chunk.chunks_exact(P)) {
+            let words: &[u64; P] = words.try_into().expect("P lead words");
+            let mut d = u32::MAX;
+            for p in 0..P {
+                d = d.min((words[p] ^ heads[p]).count_ones());
+            }
+            *slot = d as u8; // at most 64
+        }
+        let m = chunk.len() / P;
+        for (k, &d_lead) in buf[..m].iter().enumerate() {
+            if u32::from(d_lead) <= limit {
+                let i = c * CHUNK + k;
+                let row: &[u64; W] = rows[i * W..(i + 1) * W].try_into().expect("W words");
+                let mut d = u32::MAX;
+                for p in 0..P {
+                    d = d.min((p * pw..(p + 1) * pw).map(|w| (row[w] ^ q[w]).count_ones()).sum());
+                }
+                if d <= limit {
+                    best = Some((i, d));
+                    if d == 0 {
+                        return best;
+                    }
+                    limit = d - 1;
+                }
+            }
+        }
+    }
+    best
+}
+
+#[inline(always)]
+fn within_in(rows: &[u64], lead: &[u64], width: usize, parts: usize, h: &[u64], max_distance: u32) -> Option<(usize, u32)> {
+    let pw = width / parts;
+    let heads: Vec<u64> = (0..parts).map(|p| h[p * pw]).collect();
+    let mut best: Option<(usize, u32)> = None;
+    let mut limit = max_distance; // a row must be within this to count (strictly nearer than the best, once found)
+    for (i, words) in lead.chunks_exact(parts).enumerate() {
+        for (p, (&w, &q)) in words.iter().zip(&heads).enumerate() {
+            if (w ^ q).count_ones() <= limit {
+                let part = &rows[i * width + p * pw..i * width + (p + 1) * pw];
+                let d: u32 = part.iter().zip(&h[p * pw..(p + 1) * pw]).map(|(a, b)| (a ^ b).count_ones()).sum();
+                if d <= limit {
+                    best = Some((i, d));
+                    if d == 0 {
+                        return best;
+                    }
+                    limit = d - 1;
+                }
+            }
+        }
+    }
+    best
+}
+
 /// Fixed shapes (the uploader's: two 256-bit hashes; one 256-bit hash) get loops the compiler
 /// unrolls; any other shape goes through the general one.
 #[inline(always)]
@@ -247,5 +358,48 @@ mod tests {
         assert!(nearest_hamming_rows(&[0; 8], 0, 1, &[]).unwrap_err().0.contains("parts"));
         assert!(nearest_hamming_rows(&[0; 8], 8, 2, &[0; 4]).unwrap_err().0.contains("h: expected 8 words"));
         assert!(nearest_hamming_rows(&[0; 9], 8, 2, &[0; 8]).unwrap_err().0.contains("rows: expected a multiple of 8"));
+    }
+
+    fn lead_of(rows: &[u64], width: usize, parts: usize) -> Vec<u64> {
+        let pw = width / parts;
+        rows.chunks(width).flat_map(|r| (0..parts).map(move |p| r[p * pw])).collect()
+    }
+
+    #[test]
+    fn within_finds_the_nearest_row_inside_the_limit_as_a_full_scan_does() {
+        let mut state = 0x8F1B_BCDC_BFA5_3E0Bu64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for (width, parts) in [(8usize, 2usize), (4, 1), (6, 3), (1, 1)] {
+            for n in [0usize, 1, 5, 1000, 3000] {
+                let mut rows: Vec<u64> = (0..n * width).map(|_| next()).collect();
+                let pw = width / parts;
+                let mut h: Vec<u64> = (0..width).map(|_| next()).collect();
+                if n > 0 {
+                    // Rows near h in one part, at several distances, some of them equal.
+                    for (k, flips) in [(n / 3, 9u32), (n / 2, 4), (n - 1, 4), (n / 4, 30)] {
+                        let p = k % parts;
+                        rows[k * width + p * pw..k * width + (p + 1) * pw].copy_from_slice(&h[p * pw..(p + 1) * pw]);
+                        for b in 0..flips {
+                            let w = (b as usize) % pw;
+                            rows[k * width + p * pw + w] ^= 1u64 << (b * 7 % 64);
+                        }
+                    }
+                }
+                let lead = lead_of(&rows, width, parts);
+                for limit in [0u32, 3, 4, 8, 20, 64 * width as u32] {
+                    let full = nearest_hamming_rows(&rows, width, parts, &h).unwrap().filter(|&(_, d)| d <= limit);
+                    assert_eq!(nearest_hamming_within(&rows, &lead, width, parts, &h, limit).unwrap(), full, "{width}/{parts} n={n} limit={limit}");
+                }
+                h[0] = next();
+            }
+        }
+        assert_eq!(nearest_hamming_within(&[5, 5], &[5, 5], 1, 1, &[5], 0).unwrap(), Some((0, 0)));
+        assert!(nearest_hamming_within(&[0; 8], &[0; 3], 8, 2, &[0; 8], 4).unwrap_err().0.contains("lead: expected 2 words"));
+        assert!(nearest_hamming_within(&[0; 8], &[0; 2], 8, 3, &[0; 8], 4).unwrap_err().0.contains("parts"));
     }
 }

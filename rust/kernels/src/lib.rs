@@ -23,7 +23,7 @@ pub mod vmath;
 
 pub use dispatch::{level, Level};
 pub use flagging::{flag, Reason};
-pub use hamming::{nearest_hamming, nearest_hamming_rows};
+pub use hamming::{nearest_hamming, nearest_hamming_rows, nearest_hamming_within};
 pub use options::{Aggregate, Detection, Layout, Scoring, Strategy, Task};
 pub use parallel::{configured_threads, PARALLEL_MIN_ELEMENTS};
 pub use tasks::{classification, detection, multilabel, segmentation};

@@ -185,6 +185,31 @@ fn nearest_hamming_rows(py: Python<'_>, rows: PyReadonlyArray2<'_, u64>, h: PyRe
     run(py, slice.len(), || kernels::nearest_hamming_rows(slice, width, parts, query))?.map_err(kernel_error)
 }
 
+/// The nearest row of ``rows`` (as ``nearest_hamming_rows``) among those within
+/// ``max_distance`` bits of ``h``, or ``None``. ``lead``: 2-D uint64 ``[len(rows), parts]``, the
+/// first word of each of a row's hashes, kept beside ``rows`` so that the scan reads ``parts``
+/// words per row and only the few rows that may be within the distance in full.
+#[pyfunction]
+#[pyo3(signature = (rows, lead, h, parts, max_distance))]
+fn nearest_hamming_within(
+    py: Python<'_>,
+    rows: PyReadonlyArray2<'_, u64>,
+    lead: PyReadonlyArray2<'_, u64>,
+    h: PyReadonlyArray1<'_, u64>,
+    parts: usize,
+    max_distance: u32,
+) -> PyResult<Option<(usize, u32)>> {
+    let width = rows.shape()[1];
+    let slice = rows
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("rows: expected a C-contiguous 2-D uint64 array"))?;
+    let heads = lead
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("lead: expected a C-contiguous 2-D uint64 array"))?;
+    let query = h.as_slice().map_err(|_| PyValueError::new_err("h: expected a C-contiguous 1-D uint64 array"))?;
+    run(py, heads.len(), || kernels::nearest_hamming_within(slice, heads, width, parts, query, max_distance))?.map_err(kernel_error)
+}
+
 #[pyfunction]
 fn simd_level() -> &'static str {
     kernels::level().name()
@@ -203,6 +228,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(nearest_hamming, m)?)?;
     m.add_function(wrap_pyfunction!(nearest_hamming_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(nearest_hamming_within, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(step::parse_step_parameters, m)?)?;
     m.add_function(wrap_pyfunction!(step::prediction_json, m)?)?;
