@@ -109,6 +109,13 @@ def test_distances_count_the_differing_bits_of_the_closer_hash():
         # The index's lookup (Rust): the first nearest entry.
         assert _core.nearest_hamming_rows(rows, h, PARTS) == (naive.index(min(naive)), min(naive))
     assert _core.nearest_hamming_rows(rows, near, PARTS) == (7, 2)
+    # The index's lookup: the nearest within a distance, reading the lead words first.
+    lead = np.ascontiguousarray(rows[:, ::WORDS // PARTS])
+    for h in [near, rows[2], rng.integers(0, 2**64 - 1, WORDS, dtype=np.uint64, endpoint=True)]:
+        naive = [naive_distance(r, h) for r in rows]
+        for limit in (0, 2, 20, 60, 255):
+            expected = (naive.index(min(naive)), min(naive)) if min(naive) <= limit else None
+            assert _core.nearest_hamming_within(rows, lead, h, PARTS, limit) == expected
     assert _core.nearest_hamming_rows(rows[:0], near, PARTS) is None
     with pytest.raises(ValueError, match="rows: expected a C-contiguous"):
         _core.nearest_hamming_rows(rows[::2], near, PARTS)

@@ -16,8 +16,9 @@ within `max_distance` bits (Hamming) of one already there is counted and not upl
 - The index lives beside the outbox in its own SQLite file (`<outbox>.near-duplicates`; the
   outbox's schema is shared by two writers and stays as it is), written only by the uploader
   (one per outbox, by its lock), and mirrored in memory as one numpy array of hashes per group:
-  a lookup is a linear scan (XOR and popcount of every entry: `_core.nearest_hamming_rows`,
-  Rust). The file records the hash it holds: a file written with another hash (the 64-bit
+  a lookup is a linear scan in Rust (`_core.nearest_hamming_within`: XOR and popcount of the
+  first word of each of an entry's hashes, and of the whole entry only when those are within
+  the distance: a word's distance is at most its hash's). The file records the hash it holds: a file written with another hash (the 64-bit
   pHash of the first version) is never compared with these; it is moved aside (its evidence
   kept there, readable by `seen_entries`) and a new index is started.
 - Entries are keyed by (group, content hash) with the outbox item's id: an item seen again
@@ -205,11 +206,13 @@ class Match:
 
 
 class _Group:
-    """One upload group's hashes in memory: a growing uint64 array (a row per entry), its keys
-    and item ids."""
+    """One upload group's hashes in memory: a growing uint64 array (a row per entry), the first
+    word of each of a row's hashes beside it (the lookup scans these, and reads a row only when
+    they are within the distance), its keys and item ids."""
 
     def __init__(self) -> None:
         self.hashes = np.empty((1024, WORDS), np.uint64)
+        self.lead = np.empty((1024, PARTS), np.uint64)
         self.keys: list[str] = []
         self.ids: list[int] = []
         self.pos: dict[str, int] = {}
@@ -223,7 +226,11 @@ class _Group:
             grown = np.empty((2 * n, WORDS), np.uint64)
             grown[:n] = self.hashes
             self.hashes = grown
+            lead = np.empty((2 * n, PARTS), np.uint64)
+            lead[:n] = self.lead
+            self.lead = lead
         self.hashes[n] = h
+        self.lead[n] = h[::WORDS // PARTS]
         self.keys.append(key)
         self.ids.append(item_id)
         self.pos[key] = n
@@ -237,6 +244,7 @@ class _Group:
         if at != last:
             moved = self.keys[last]
             self.hashes[at] = self.hashes[last]
+            self.lead[at] = self.lead[last]
             self.keys[at], self.ids[at] = moved, self.ids[last]
             self.pos[moved] = at
         self.keys.pop()
@@ -390,8 +398,8 @@ class NearDuplicateIndex:
                 except UndecodableImage as e:
                     log.debug("item %d of %s not hashed: %s", item.id, item.upload_group, e)
                     continue
-                nearest = _core.nearest_hamming_rows(g.hashes[:len(g)], h, PARTS)
-                if nearest is not None and nearest[1] <= self.max_distance:
+                nearest = _core.nearest_hamming_within(g.hashes[:len(g)], g.lead[:len(g)], h, PARTS, self.max_distance)
+                if nearest is not None:
                     matches.append(Match(item.id, item.upload_group, item.content_hash, g.keys[nearest[0]], nearest[1]))
                     continue
                 g.add(item.content_hash, h, item.id)
