@@ -60,15 +60,20 @@ ensure_debian_package redis-server /usr/bin/redis-server  # the fleet ledger in 
 # The Rust parts: the Python extension (triton_al._core) and the native Triton backend
 # (libtriton_active_learning.so, copied into the package so `serve` finds it).
 NATIVE="$ROOT/python/triton_al/native/libtriton_active_learning.so"
+# Compiled crates are kept outside the checkout, so that a fresh clone (CI) reuses them; the
+# build and the copy of its result hold a lock, as other checkouts may share the folder.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/triton-al/cargo-target}"
+mkdir -p "$CARGO_TARGET_DIR"
 build_hash="$(cd "$ROOT" && hash_of Cargo.toml Cargo.lock pyproject.toml $(find rust -type f \( -name '*.rs' -o -name Cargo.toml -o -name '*.sql' -o -name '*.json' \) | sort))"
 if ! fresh build "$build_hash" || ! ls "$ROOT"/python/triton_al/_core*.so >/dev/null 2>&1 || [ ! -f "$NATIVE" ]; then
     log "building the Rust extension and the native Triton backend (release)"
-    if ! (cd "$ROOT" && "$VENV/bin/maturin" develop --release > "$STAMPS/build.log" 2>&1 \
-          && cargo build --release --quiet -p triton-al-backend >> "$STAMPS/build.log" 2>&1); then
+    mkdir -p "$(dirname "$NATIVE")"
+    if ! (cd "$ROOT" && flock 9 && "$VENV/bin/maturin" develop --release > "$STAMPS/build.log" 2>&1 \
+          && cargo build --release --quiet -p triton-al-backend >> "$STAMPS/build.log" 2>&1 \
+          && cp "$CARGO_TARGET_DIR/release/libtriton_active_learning.so" "$NATIVE.tmp") 9> "$CARGO_TARGET_DIR/.build.lock"; then
         cat "$STAMPS/build.log" >&2; log "the Rust build failed (log above)"; exit 1
     fi
-    mkdir -p "$(dirname "$NATIVE")"
-    cp "$ROOT/target/release/libtriton_active_learning.so" "$NATIVE.tmp" && mv "$NATIVE.tmp" "$NATIVE"
+    mv "$NATIVE.tmp" "$NATIVE"
     "$VENV/bin/python" -c "import triton_al._core" || { log "the extension does not import"; exit 1; }
     echo "$build_hash" > "$STAMPS/build"
 fi
