@@ -25,13 +25,14 @@ PLANS = {
     "warm": Plan(start=1000, per_round=500, rounds=5, seeds=(0, 1, 2, 3, 4)),
     "cold": Plan(start=100, per_round=100, rounds=5, seeds=(0, 1, 2), strategies=("entropy", "margin", "random"),
                  train_steps=150),
-    # Issue 15: the uploader's --selection diverse (uncertainty-weighted k-center over thumbnails,
-    # the 2,000 most uncertain candidates) against entropy-only and random. Run alone with
-    # `scripts/bench.sh loop -k selection`.
-    "selection-cold": Plan(start=100, per_round=100, rounds=5, seeds=(0, 1, 2, 3, 4),
-                           strategies=("diverse", "diverse_sent", "entropy", "random"), train_steps=150),
+    # Issue 15: the uploader's --selection diverse (uncertainty-weighted k-means over thumbnails,
+    # each cluster's representative, among the 2,000 most uncertain candidates) against
+    # entropy-only and random, and `kcenter` (what diverse was first: uncertainty-weighted
+    # greedy k-center). Run alone with `scripts/bench.sh loop -k selection`.
+    "selection-cold": Plan(start=100, per_round=100, rounds=5, seeds=tuple(range(10)),
+                           strategies=("diverse", "kcenter", "entropy", "random"), train_steps=150),
     "selection-warm": Plan(start=1000, per_round=500, rounds=5, seeds=(0, 1, 2, 3, 4),
-                           strategies=("diverse", "diverse_sent", "entropy", "random")),
+                           strategies=("diverse", "kcenter", "entropy", "random")),
 }
 
 

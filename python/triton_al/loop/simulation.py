@@ -80,20 +80,22 @@ class Curves:
 
 def select(strategy: str, probs: np.ndarray, k: int, rng: np.random.Generator, features: np.ndarray | None = None,
            labelled: np.ndarray | None = None) -> np.ndarray:
-    """Indices (into `probs`) of the k items to annotate next. `diverse` needs `features`
-    (thumbnails, one row per item of `probs`); `diverse_sent` also the thumbnails of the
-    items labelled so far (the last DEFAULT_POOL), counted as chosen before - as the
-    uploader counts what it sent the group earlier."""
+    """Indices (into `probs`) of the k items to annotate next. `diverse` (the uploader's
+    --selection diverse: `choose`, among the DEFAULT_POOL most uncertain) and `kcenter`
+    (what `diverse` was before: greedy uncertainty-weighted k-center) need `features`
+    (thumbnails, one row per item of `probs`). `labelled` is not used (kept for callers)."""
     if strategy == "random":
         return rng.choice(len(probs), size=k, replace=False)
-    if strategy in ("diverse", "diverse_sent"):
-        from triton_al.uploader.selection import DEFAULT_POOL, choose, pick_uncertain
+    if strategy in ("diverse", "kcenter"):
+        from triton_al.uploader.selection import DEFAULT_POOL, choose, normalise, pick_kcenter, pick_uncertain
 
         scores = triton_al.score(probs, strategy=DIVERSE_SCORES)
         pool = pick_uncertain(scores, DEFAULT_POOL)  # the uploader's bounded candidate pool
         assert features is not None
-        sent = () if strategy == "diverse" or labelled is None else list(labelled[-DEFAULT_POOL:])
-        picked = choose("diverse", list(scores[pool]), None, k, features=list(features[pool]), sent=sent)
+        if strategy == "diverse":
+            picked = choose("diverse", list(scores[pool]), None, k, features=list(features[pool]))
+        else:
+            picked = pick_kcenter(normalise(features[pool]), np.asarray(scores[pool], dtype=np.float64), k)
         return pool[np.asarray(picked, dtype=np.int64)]
     scores = triton_al.score(probs, strategy=strategy)
     return np.argsort(scores, kind="stable")[:k]  # lowest confidence first
@@ -109,7 +111,7 @@ def run(plan: Plan, progress=None) -> Curves:
                     {s: [] for s in plan.strategies})
     started = time.perf_counter()
     thumbs = None
-    if {"diverse", "diverse_sent"} & set(plan.strategies):
+    if {"diverse", "kcenter"} & set(plan.strategies):
         from triton_al.uploader.selection import thumbnails_of_pixels
 
         thumbs = thumbnails_of_pixels(images)

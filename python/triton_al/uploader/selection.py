@@ -5,20 +5,25 @@ or budget and more items due than its allowance, `--selection` decides which go 
 
 - `fifo` (default): the oldest first (the behaviour before this setting);
 - `uncertainty`: the lowest scores first (the step's scores: lower = less confident);
-- `diverse`: greedy k-center over a small grey thumbnail of each image, weighted by
-  uncertainty. The first pick is the most uncertain item; each next one maximises
-  `min distance to the items chosen so far x (1 - score)`, where "chosen so far" includes
-  the items this process chose for the group in earlier batches (the last `pool` of
-  them, in memory: a restart forgets them). Candidates are the group's `pool` most
-  uncertain due items (bounded cost). Assets that are not decodable images get no
-  thumbnail: they are ranked by uncertainty after the images.
+- `diverse`: cluster, then send each cluster's representative. Uncertainty-weighted
+  k-means over a small grey thumbnail of each image (each item weighted by 1 - score),
+  as many clusters as the group's budget, and from each cluster the item nearest its
+  centre; the most uncertain of those go first. Candidates are the group's `pool` most
+  uncertain due items (bounded cost). The clusters are planned for the whole budget (the
+  largest allowance seen for the group) and the plan is sent batch by batch; a new plan
+  is made when too few of its items are still due. Assets that are not decodable images
+  get no thumbnail: they are ranked by uncertainty after the images.
+
+  (Before, `diverse` was a greedy uncertainty-weighted k-center, `pick_kcenter`: it
+  favoured outliers, and from a cold start it beat random by only 0.5 points in the
+  simulation; `benchmarks/RESULTS.md`, "Selection under a budget".)
 
 Selection only applies to the uploader's own `--rate-limit` budgets (not to fleet budgets
 kept in `--budget-ledger`), and only when a group has more items due than its allowance.
 
-Pure functions (`pick_uncertain`, `pick_diverse`, `thumbnail`, `thumbnails`) and a small
+Pure functions (`pick_uncertain`, `pick_clustered`, `kmeans`, `thumbnail`) and a small
 `Selector` the uploader asks for the ids to send; the simulation
-(`triton_al.loop.simulation`, strategy `diverse`) uses the same `pick_diverse`.
+(`triton_al.loop.simulation`, strategy `diverse`) calls the same `choose`.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def normalise(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-6)
 
 
-def pick_diverse(features: np.ndarray, scores: Sequence[float] | np.ndarray, k: int,
+def pick_kcenter(features: np.ndarray, scores: Sequence[float] | np.ndarray, k: int,
                  sent: np.ndarray | None = None) -> np.ndarray:
     """Greedy uncertainty-weighted k-center: indices of k rows of `features` (already
     normalised feature vectors), the most uncertain first, then each time the one that
@@ -107,6 +112,65 @@ def pick_diverse(features: np.ndarray, scores: Sequence[float] | np.ndarray, k: 
     return np.asarray(chosen, dtype=np.int64)
 
 
+def _sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Squared euclidean distances [len(a), len(b)] (one matrix product)."""
+    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T), 0.0)
+
+
+def kmeans(features: np.ndarray, k: int, weights: np.ndarray | None = None, iters: int = 20,
+           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means with k-means++ seeding (row weights optional): (cluster of each row,
+    centres). Deterministic for a given seed. Cost: iters x n x k x d."""
+    x = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+    n = len(x)
+    k = min(max(1, int(k)), n)
+    rng = np.random.default_rng(seed)
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    centres = [int(rng.choice(n, p=w / w.sum()))]
+    d = _sq_distances(x, x[centres])[:, 0]
+    for _ in range(k - 1):
+        p = d * w
+        total = p.sum()
+        centres.append(int(rng.choice(n, p=p / total)) if total > 0 else int(np.argmax(~np.isin(np.arange(n), centres))))
+        d = np.minimum(d, _sq_distances(x, x[centres[-1:]])[:, 0])
+    c = x[centres].copy()
+    for _ in range(iters):
+        assign = _sq_distances(x, c).argmin(1)
+        order = np.argsort(assign, kind="stable")  # each cluster's rows together, in index order
+        bounds = np.searchsorted(assign[order], np.arange(k + 1))
+        for j in range(k):
+            m = order[bounds[j] : bounds[j + 1]]
+            if len(m):
+                c[j] = (x[m] * w[m, None]).sum(0) / w[m].sum()
+    return _sq_distances(x, c).argmin(1), c
+
+
+def pick_clustered(features: np.ndarray, scores: Sequence[float] | np.ndarray, k: int) -> np.ndarray:
+    """Uncertainty-weighted k-means, then the representative of each cluster: k clusters
+    over the rows of `features` (already normalised), each row weighted by its uncertainty
+    1 - score (clipped to [0.01, 1]), and from each cluster the row nearest its centre;
+    returned the most uncertain first. Short of k (empty clusters), the most uncertain rows
+    not taken fill up. Deterministic. Cost: 20 x n x k x d."""
+    n = len(features)
+    k = min(max(0, int(k)), n)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    x = np.asarray(features, dtype=np.float32).reshape(n, -1)
+    s = np.asarray(scores, dtype=np.float64)
+    s = np.where(np.isnan(s), 0.5, s)
+    assign, centres = kmeans(x, k, weights=_weights(s))
+    picked = []
+    for j in range(k):
+        m = np.flatnonzero(assign == j)
+        if len(m):
+            picked.append(int(m[np.argmin(_sq_distances(x[m], centres[j : j + 1])[:, 0])]))
+    if len(picked) < k:
+        taken = set(picked)
+        picked += [int(i) for i in np.argsort(s, kind="stable") if int(i) not in taken][: k - len(picked)]
+    picked.sort(key=lambda i: (s[i], i))
+    return np.asarray(picked, dtype=np.int64)
+
+
 def thumbnail(data: bytes) -> np.ndarray | None:
     """A THUMB_SIDE x THUMB_SIDE grey thumbnail of an encoded image as a flat float32
     vector, or None when Pillow cannot decode it."""
@@ -138,10 +202,9 @@ def thumbnails_of_pixels(images: np.ndarray) -> np.ndarray:
 
 
 def choose(strategy: str, scores: Sequence[float], assets: Sequence[bytes] | None, k: int,
-           features: Sequence[np.ndarray | None] | None = None, sent: Sequence[np.ndarray] = ()) -> list[int]:
+           features: Sequence[np.ndarray | None] | None = None) -> list[int]:
     """Positions (into the candidates) of the k to send, in sending order. `features`:
-    thumbnails already computed (None where undecodable); otherwise computed from `assets`.
-    `sent`: thumbnails of items sent before (diverse: chosen away from them)."""
+    thumbnails already computed (None where undecodable); otherwise computed from `assets`."""
     strategy = parse_selection(strategy)
     n = len(scores)
     k = min(max(0, int(k)), n)
@@ -158,8 +221,7 @@ def choose(strategy: str, scores: Sequence[float], assets: Sequence[bytes] | Non
     if images:
         s = np.asarray([scores[i] for i in images], dtype=np.float64)
         x = normalise(np.stack([features[i] for i in images]))
-        before = normalise(np.stack(list(sent))) if len(sent) else None
-        picked = [images[int(j)] for j in pick_diverse(x, s, min(k, len(images)), before)]
+        picked = [images[int(j)] for j in pick_clustered(x, s, min(k, len(images)))]
     if len(picked) < k and others:
         s = np.asarray([scores[i] for i in others], dtype=np.float64)
         picked += [others[int(j)] for j in pick_uncertain(s, k - len(picked))]
@@ -169,16 +231,23 @@ def choose(strategy: str, scores: Sequence[float], assets: Sequence[bytes] | Non
 @dataclass
 class Selector:
     """Asked by the uploader, for a group whose allowance is below its due items, which
-    items to send. Thumbnails are cached by content hash (bounded)."""
+    items to send. Thumbnails are cached by content hash (bounded). `diverse` plans the
+    clusters for the group's whole budget at once and hands the plan out batch by batch
+    (the simulation's round: one budget chosen at once); a new plan is made when fewer of
+    its items are still due than the batch asks for. Plans live in memory (a restart
+    plans again)."""
 
     strategy: str = "fifo"
     pool: int = DEFAULT_POOL
     cache_size: int = 20_000
     last_seconds: float = 0.0
     """Time the last `select` took (query, decoding, picking)."""
+    plans_made: int = 0
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
-    _sent: dict = field(default_factory=dict, repr=False)
-    """group -> thumbnails of the items chosen before (this process; the last `pool`)."""
+    _plans: dict = field(default_factory=dict, repr=False)
+    """group -> ids of the current plan still to send, in sending order."""
+    _budget: dict = field(default_factory=dict, repr=False)
+    """group -> the largest allowance seen (the size of a plan)."""
 
     def __post_init__(self) -> None:
         self.strategy = parse_selection(self.strategy)
@@ -211,24 +280,30 @@ class Selector:
         cands = outbox.selection_candidates(group, self.pool, now=now, max_delay_s=max_delay_s,
                                             ignore_backoff=ignore_backoff, with_assets=False)
         if len(cands) <= allowance:
+            self._plans.pop(group, None)
             return None
         k = min(allowance, limit)
         scores = [c[1] for c in cands]
         if self.strategy == "diverse":
-            missing = [c[0] for c in cands if c[2] not in self._cache]  # only these assets are read
-            assets = {i.content_hash: i.asset for i in outbox.queued_items(missing)} if missing else {}
-            feats = [self._feature(c[2], assets.get(c[2])) for c in cands]
-            sent = self._sent.setdefault(group, deque(maxlen=self.pool))
-            picked = choose("diverse", scores, None, k, features=feats, sent=list(sent))
-            sent.extend(feats[i] for i in picked if feats[i] is not None)
+            due = {c[0] for c in cands}
+            plan = [i for i in self._plans.get(group, ()) if i in due]
+            if len(plan) < k:
+                size = self._budget[group] = max(allowance, self._budget.get(group, 0))
+                missing = [c[0] for c in cands if c[2] not in self._cache]  # only these assets are read
+                assets = {i.content_hash: i.asset for i in outbox.queued_items(missing)} if missing else {}
+                feats = [self._feature(c[2], assets.get(c[2])) for c in cands]
+                plan = [cands[i][0] for i in choose("diverse", scores, None, size, features=feats)]
+                self.plans_made += 1
+            self._plans[group] = plan
+            ids = plan[:k]
         else:
-            picked = choose(self.strategy, scores, None, k)
+            ids = [cands[i][0] for i in choose(self.strategy, scores, None, k)]
         self.last_seconds = time.perf_counter() - started
-        log.debug("selection %s: %d of %d candidates of group %s in %.1f ms", self.strategy, len(picked),
+        log.debug("selection %s: %d of %d candidates of group %s in %.1f ms", self.strategy, len(ids),
                   len(cands), group, 1e3 * self.last_seconds)
-        return [cands[i][0] for i in picked]
+        return ids
 
 
-__all__ = ["SELECTIONS", "DEFAULT_POOL", "Selector", "choose", "normalise", "parse_selection", "pick_diverse",
-           "pick_uncertain", "thumbnail", "thumbnails_of_pixels"]
+__all__ = ["SELECTIONS", "DEFAULT_POOL", "Selector", "choose", "kmeans", "normalise", "parse_selection", "pick_clustered",
+           "pick_kcenter", "pick_uncertain", "thumbnail", "thumbnails_of_pixels"]
 
