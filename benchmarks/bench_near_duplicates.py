@@ -238,14 +238,17 @@ def cost(entries: int = 100_000, repeats: int = 5) -> dict:
 
 
 def _preload(path: Path, group: str, entries: int, table: np.ndarray | None = None) -> None:
-    """`entries` hashes (random unless given) in a group of a new index file (as if delivered long ago)."""
+    """`entries` hashes (random unless given) in a group of a new index file (as if delivered
+    in the last hour: the uploader's maintenance, which forgets entries past the maximum age,
+    keeps them)."""
     if table is None:
         table = np.random.default_rng(2).integers(0, 2**64 - 1, (entries, WORDS), dtype=np.uint64, endpoint=True)
     index = NearDuplicateIndex(path, max_distance=1)
+    now = time.time()
     with index._conn:
         index._conn.execute("BEGIN")
-        index._conn.executemany("INSERT INTO entries (upload_group, content_hash, hash, item_id, added_at) VALUES (?, ?, ?, ?, 0)",
-                                [(group, f"bg{i}", nd._blob(h), -i - 1) for i, h in enumerate(table[:entries])])
+        index._conn.executemany("INSERT INTO entries (upload_group, content_hash, hash, item_id, added_at) VALUES (?, ?, ?, ?, ?)",
+                                [(group, f"bg{i}", nd._blob(h), -i - 1, now - 3600 + i * 3600 / entries) for i, h in enumerate(table[:entries])])
     index.close()
 
 
