@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from process_helpers import stop_process
+from process_helpers import stop_process, wait_listening
 
 from triton_al.serving.server import free_port
 
@@ -43,18 +41,14 @@ class RcloneS3:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    name = "rclone serve s3"
+
+    def command(self) -> list[str]:
+        return [rclone(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key", f"{KEY},{SECRET}", str(self.root)]
+
     def start(self) -> None:
-        self.proc = subprocess.Popen([rclone(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key", f"{KEY},{SECRET}",
-                                      str(self.root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None, "rclone serve s3 exited"
-                assert time.monotonic() < deadline, "rclone serve s3 did not listen"
-                time.sleep(0.05)
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(self.proc, self.port, self.name)
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -72,18 +66,11 @@ class S3sFs(RcloneS3):
             pytest.skip("s3s-fs is not installed (cargo install s3s-fs --features binary)")
         return path
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary(), "--host", "127.0.0.1", "--port", str(self.port), "--access-key", KEY,
-                                      "--secret-key", SECRET, str(self.root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None, "s3s-fs exited"
-                assert time.monotonic() < deadline, "s3s-fs did not listen"
-                time.sleep(0.05)
+    name = "s3s-fs"
+
+    def command(self) -> list[str]:
+        return [self.binary(), "--host", "127.0.0.1", "--port", str(self.port), "--access-key", KEY, "--secret-key", SECRET,
+                str(self.root)]
 
 
 @pytest.fixture(scope="module")

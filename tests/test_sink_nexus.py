@@ -11,13 +11,12 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from process_helpers import wait_listening
 from sink_conformance import GROUP, SinkConformance, upload
 
 from triton_al.serving.server import free_port
@@ -56,14 +55,7 @@ class FakeNexus:
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "nexus_fake_server.py"), "--port", str(self.port),
                                       "--data", str(self.data), "--project", PROJECT],
                                      env={**os.environ, "FAKE_NEXUS_SECRET": SECRET}, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None and time.monotonic() < deadline, "the fake Nexus server did not start"
-                time.sleep(0.05)
+        wait_listening(self.proc, self.port, "the fake Nexus server")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
