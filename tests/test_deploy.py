@@ -1269,34 +1269,18 @@ def _unbroken_problems(check: str, overlay: str = "cpu") -> tuple[str, ...]:
     return tuple(_run_check(check, rendered(overlay)))
 
 
-@pytest.mark.parametrize("case", sorted(BROKEN))
-def test_broken_manifest_is_caught(case):
-    breaker, check, complaint = BROKEN[case]
-    assert _unbroken_problems(check) == (), "the unbroken manifests must pass first"
-    objects = rendered("cpu")
+# Each overlay with the ways to break it that its checks must catch.
+BROKEN_BY_OVERLAY = {"cpu": BROKEN, "cpu+drift-watcher": BROKEN_DRIFT, "fleet": BROKEN_FLEET}
+
+
+@pytest.mark.parametrize("overlay, case", [(o, c) for o, table in BROKEN_BY_OVERLAY.items() for c in sorted(table)])
+def test_broken_manifest_is_caught(overlay, case):
+    breaker, check, complaint = BROKEN_BY_OVERLAY[overlay][case]
+    assert _unbroken_problems(check, overlay) == (), "the unbroken manifests must pass first"
+    objects = rendered(overlay)
     breaker(objects)
     problems = _run_check(check, objects)
-    assert any(complaint in p for p in problems), f"{case}: expected a complaint with {complaint!r}, got {problems}"
-
-
-@pytest.mark.parametrize("case", sorted(BROKEN_DRIFT))
-def test_broken_drift_watcher_is_caught(case):
-    breaker, check, complaint = BROKEN_DRIFT[case]
-    assert _unbroken_problems(check, "cpu+drift-watcher") == (), "the unbroken manifests must pass first"
-    objects = rendered("cpu+drift-watcher")
-    breaker(objects)
-    problems = _run_check(check, objects)
-    assert any(complaint in p for p in problems), f"{case}: expected a complaint with {complaint!r}, got {problems}"
-
-
-@pytest.mark.parametrize("case", sorted(BROKEN_FLEET))
-def test_broken_fleet_manifest_is_caught(case):
-    breaker, check, complaint = BROKEN_FLEET[case]
-    assert _unbroken_problems(check, "fleet") == (), "the unbroken manifests must pass first"
-    objects = rendered("fleet")
-    breaker(objects)
-    problems = _run_check(check, objects)
-    assert any(complaint in p for p in problems), f"{case}: expected a complaint with {complaint!r}, got {problems}"
+    assert any(complaint in p for p in problems), f"{overlay} {case}: expected a complaint with {complaint!r}, got {problems}"
 
 
 def test_broken_adapter_rule_is_caught():
