@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     from rich.progress import Progress
 
     from triton_al.example.data import CLASS_NAMES, load
+    from triton_al.outbox import Outbox
     from triton_al.serving.pipeline import Pipeline
     from triton_al.sinks.local import LocalStore
+    from triton_al.uploader.near_duplicates import COUNTER_PREFIX as NEAR_DUPLICATES
 
     console = Console(soft_wrap=True)  # long paths stay on one line, copy-pasteable
     ensure_model()
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         flush = pipeline.flush(60)
         store = LocalStore(pipeline.store, create=False) if pipeline.store.exists() else None
         stored = store.index("active-learning") if store else []
+        with Outbox(pipeline.outbox) as box:  # near-copies of images already sent are counted, not uploaded
+            near_copies = box.counters().get(f"{NEAR_DUPLICATES}active-learning", 0)
 
     if errors:
         console.print(f"[red]{len(errors)} requests failed[/], first: {errors[0]}")
@@ -149,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]Landed[/] {len(stored)} unique images in the project store "
                   f"{pipeline.store}/active-learning/ (uploader flush complete: {flush.complete}); "
                   f"index: {pipeline.store}/active-learning/index.jsonl")
+    if near_copies:
+        console.print(f"  {near_copies} flagged images were near-duplicates of ones already sent: counted, not uploaded "
+                      "(`triton-al outbox near-duplicates`; `--near-duplicate-distance off` sends them all)")
     for record in sorted(stored, key=lambda r: r["score"] if r["score"] is not None else -1)[:3]:
         console.print(f"    {record['file']}  score {record['score']:.3f}  model v{record['model_version']}")
     console.print(f"Logs: {pipeline.logs}. Everything stopped.")
