@@ -500,3 +500,13 @@ def test_a_server_down_fails_a_concurrent_batch_as_a_whole(sink, outage):
     with outage():
         with pytest.raises(TransientSinkError, match="unreachable"):
             sink.upload([upload(600 + k) for k in range(20)])
+
+
+def test_a_private_ca_bundle_keeps_uploads_on_boto3(monkeypatch):
+    """obstore does not read AWS_CA_BUNDLE: with it set, the sink uploads through boto3,
+    which does (otherwise every upload to a server with a private CA would fail TLS)."""
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    assert S3Sink(BUCKET, "p").transport == "obstore"
+    monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/ssl/private-ca.pem")
+    assert S3Sink(BUCKET, "p").transport == "boto3"
+    assert S3Sink(BUCKET, "p", transport="obstore").transport == "obstore"  # asked for explicitly

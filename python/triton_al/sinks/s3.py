@@ -35,7 +35,8 @@ environment, not in the URI: an outbox records the URI it delivers to, and a URI
 changed would stop it (`SinkChanged`) though the items go to the same place. Uploads
 go through obstore (Rust's object_store, in the `s3` extra) when it is installed, boto3
 otherwise: the same requests, at about a fifth of boto3's CPU per request; listing and
-reading labels back use boto3.
+reading labels back use boto3. With `AWS_CA_BUNDLE` set (a private CA), uploads use boto3
+too: obstore does not read that variable.
 
 Credentials and endpoint come from the environment (never the URI or the command line):
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` (default
@@ -159,7 +160,10 @@ class S3Sink(Sink):
             raise ValueError(f"concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
         self.concurrency = concurrency
         if transport is None:
-            transport = "obstore" if client is None and _obstore_installed() else "boto3"
+            # obstore does not read AWS_CA_BUNDLE (a private CA, as self-hosted S3 servers often
+            # have); boto3 does, so it delivers then.
+            private_ca = bool(os.environ.get("AWS_CA_BUNDLE"))
+            transport = "obstore" if client is None and _obstore_installed() and not private_ca else "boto3"
         if transport not in ("obstore", "boto3"):
             raise ValueError(f"transport must be 'obstore' or 'boto3', got {transport!r}")
         self.transport = transport
