@@ -49,6 +49,19 @@ fn nearest_in(hashes: &[u64], h: u64) -> Option<(usize, u32)> {
 /// the smallest of the Hamming distances between its hashes and the corresponding ones of `h`.
 /// With `parts` = 1 a row is one hash of `width * 64` bits.
 pub fn nearest_hamming_rows(rows: &[u64], width: usize, parts: usize, h: &[u64]) -> Result<Option<(usize, u32)>, KernelError> {
+    check_rows(rows, width, parts, h)?;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("popcnt") {
+            // SAFETY: the CPU has POPCNT (checked just above).
+            return Ok(unsafe { rows_popcnt(rows, width, parts, h) });
+        }
+    }
+    Ok(rows_dispatch(rows, width, parts, h))
+}
+
+/// The checks both row lookups make of their arguments; the number of rows.
+fn check_rows(rows: &[u64], width: usize, parts: usize, h: &[u64]) -> Result<usize, KernelError> {
     if width == 0 || parts == 0 || width % parts != 0 {
         return Err(KernelError(format!("parts: expected a divisor of the row width ({width} words), got {parts}")));
     }
@@ -58,14 +71,7 @@ pub fn nearest_hamming_rows(rows: &[u64], width: usize, parts: usize, h: &[u64])
     if rows.len() % width != 0 {
         return Err(KernelError(format!("rows: expected a multiple of {width} words, got {}", rows.len())));
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("popcnt") {
-            // SAFETY: the CPU has POPCNT (checked just above).
-            return Ok(unsafe { rows_popcnt(rows, width, parts, h) });
-        }
-    }
-    Ok(rows_dispatch(rows, width, parts, h))
+    Ok(rows.len() / width)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -82,16 +88,7 @@ unsafe fn rows_popcnt(rows: &[u64], width: usize, parts: usize, h: &[u64]) -> Op
 /// `width`; the rows are read only for the few that pass. `lead` must agree with `rows`
 /// (otherwise rows may be missed; nothing worse).
 pub fn nearest_hamming_within(rows: &[u64], lead: &[u64], width: usize, parts: usize, h: &[u64], max_distance: u32) -> Result<Option<(usize, u32)>, KernelError> {
-    if width == 0 || parts == 0 || width % parts != 0 {
-        return Err(KernelError(format!("parts: expected a divisor of the row width ({width} words), got {parts}")));
-    }
-    if h.len() != width {
-        return Err(KernelError(format!("h: expected {width} words (the row width), got {}", h.len())));
-    }
-    if rows.len() % width != 0 {
-        return Err(KernelError(format!("rows: expected a multiple of {width} words, got {}", rows.len())));
-    }
-    let n = rows.len() / width;
+    let n = check_rows(rows, width, parts, h)?;
     if lead.len() != n * parts {
         return Err(KernelError(format!("lead: expected {} words ({parts} per row of rows), got {}", n * parts, lead.len())));
     }
@@ -148,17 +145,28 @@ fn within_fixed<const W: usize, const P: usize>(rows: &[u64], lead: &[u64], h: &
                 for p in 0..P {
                     d = d.min((p * pw..(p + 1) * pw).map(|w| (row[w] ^ q[w]).count_ones()).sum());
                 }
-                if d <= limit {
-                    best = Some((i, d));
-                    if d == 0 {
-                        return best;
-                    }
-                    limit = d - 1;
+                if take_if_within(&mut best, &mut limit, i, d) {
+                    return best;
                 }
             }
         }
     }
     best
+}
+
+/// Row `i` at distance `d` becomes the best when it is within `limit`, which then tightens to
+/// strictly nearer; true when `d` is 0 (nothing can be nearer: the scan may stop).
+#[inline(always)]
+fn take_if_within(best: &mut Option<(usize, u32)>, limit: &mut u32, i: usize, d: u32) -> bool {
+    if d > *limit {
+        return false;
+    }
+    *best = Some((i, d));
+    if d == 0 {
+        return true;
+    }
+    *limit = d - 1;
+    false
 }
 
 #[inline(always)]
@@ -172,12 +180,8 @@ fn within_in(rows: &[u64], lead: &[u64], width: usize, parts: usize, h: &[u64], 
             if (w ^ q).count_ones() <= limit {
                 let part = &rows[i * width + p * pw..i * width + (p + 1) * pw];
                 let d: u32 = part.iter().zip(&h[p * pw..(p + 1) * pw]).map(|(a, b)| (a ^ b).count_ones()).sum();
-                if d <= limit {
-                    best = Some((i, d));
-                    if d == 0 {
-                        return best;
-                    }
-                    limit = d - 1;
+                if take_if_within(&mut best, &mut limit, i, d) {
+                    return best;
                 }
             }
         }
