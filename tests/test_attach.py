@@ -260,3 +260,56 @@ def test_the_cli_wires_boxes(tmp_path):
     r = CliRunner().invoke(app, ["attach", "--model-repository", str(tmp_path), "--model", "det", "--output", "scores",
                                  "--task", "detection", "--kind", "probs", "--step", "python", "--boxes-output", "corners"])
     assert r.exit_code == 2 and "expected [boxes, 4]" in r.output
+
+
+EMBEDDER = """
+backend: "python"
+max_batch_size: 8
+input [{ name: "IMAGE" data_type: TYPE_STRING dims: [1] }]
+output [{ name: "PROBS" data_type: TYPE_FP32 dims: [10] },
+        { name: "EMBEDDING" data_type: TYPE_FP32 dims: [64] },
+        { name: "EMBEDDING_FP16" data_type: TYPE_FP16 dims: [64] },
+        { name: "FEATURE_MAP" data_type: TYPE_FP32 dims: [8, 8] },
+        { name: "HUGE" data_type: TYPE_FP32 dims: [5000] },
+        { name: "RAGGED" data_type: TYPE_FP32 dims: [-1] }]
+"""
+
+
+def test_an_embedding_output_is_wired_into_the_step(tmp_path):
+    model(tmp_path, "emb", EMBEDDER)
+    attach(tmp_path, "emb", output="PROBS", step="python", embedding_output="EMBEDDING")
+    params = step_params(tmp_path, "emb_active_learning")
+    assert (params["scores_input"], params["embedding_input"]) == ("PROBS", "EMBEDDING")
+    step = read_config(tmp_path / "emb_active_learning" / "config.pbtxt")
+    assert ("EMBEDDING", [64]) in [(t.name, list(t.dims)) for t in step.input]
+    ensemble = read_config(tmp_path / "emb_al" / "config.pbtxt")
+    assert ensemble.ensemble_scheduling.step[-1].input_map["EMBEDDING"] == "emb.EMBEDDING"
+    settings = StepSettings.from_parameters(params, env={"TRITON_AL_OUTBOX": "/tmp/o.db"})
+    assert settings.embedding_input == "EMBEDDING"
+    attach(tmp_path, "emb", output="PROBS", step="python")  # without it: no embedding stored
+    assert "embedding_input" not in step_params(tmp_path, "emb_active_learning")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("nope", "has no output 'nope'"),
+    ("PROBS", "is the output holding the class scores"),
+    ("EMBEDDING_FP16", "is TYPE_FP16: an embedding must be FP32"),
+    ("FEATURE_MAP", r"per-item dims \[8, 8\]: expected \[D\]"),
+    ("HUGE", r"per-item dims \[5000\]: expected \[D\].*from 1 to 4096"),
+    ("RAGGED", r"per-item dims \[-1\]: expected \[D\]"),
+])
+def test_an_output_that_cannot_be_an_embedding_is_refused(tmp_path, name, message):
+    model(tmp_path, "emb", EMBEDDER)
+    with pytest.raises(AttachError, match=message):
+        attach(tmp_path, "emb", output="PROBS", step="python", embedding_output=name)
+    assert not (tmp_path / "emb_active_learning").exists()
+
+
+def test_the_cli_wires_an_embedding(tmp_path):
+    model(tmp_path, "emb", EMBEDDER)
+    base = ["attach", "--model-repository", str(tmp_path), "--model", "emb", "--output", "PROBS", "--step", "python"]
+    r = CliRunner().invoke(app, [*base, "--embedding-output", "EMBEDDING"])
+    assert r.exit_code == 0, r.output
+    assert step_params(tmp_path, "emb_active_learning")["embedding_input"] == "EMBEDDING"
+    r = CliRunner().invoke(app, [*base, "--embedding-output", "FEATURE_MAP"])
+    assert r.exit_code == 2 and "expected [D]" in r.output

@@ -10,6 +10,9 @@ scores, and writes beside the model, leaving it untouched:
 
 For a detection model, `boxes_output` names the output holding the boxes ([boxes, 4] FP32,
 x0, y0, x1, y1 in pixels of the input image): the step stores each flagged box's place.
+`embedding_output` names an output holding an embedding of each item ([D] FP32, D up to
+`MAX_EMBEDDING_DIMS`, e.g. the layer before the classifier): the step stores it with each
+flagged item, and the uploader uses it to find near-duplicates and to pick diverse items.
 
 Every output of the ensemble comes from the step: the step takes all of the model's outputs
 and passes them through unchanged (an output of the step named like one of its inputs is a
@@ -169,6 +172,30 @@ def check_boxes_output(config, name: str, scores: ScoresOutput) -> str:
     return name
 
 
+MAX_EMBEDDING_DIMS = 4096
+"""The longest embedding the step stores (the outbox refuses longer ones)."""
+
+
+def check_embedding_output(config, name: str, scores: ScoresOutput, boxes_output: str | None = None) -> str:
+    """The model output holding an embedding per item, [D] FP32 (1 <= D <= 4096, fixed).
+    Returns its name."""
+    matches = [o for o in config.output if o.name == name]
+    if not matches:
+        raise AttachError(f"--embedding-output: model {config.name!r} has no output {name!r}; its outputs: {_describe(config.output)}")
+    if name == scores.name:
+        raise AttachError(f"--embedding-output {name!r} is the output holding the class scores: name the output with the embedding")
+    if name == boxes_output:
+        raise AttachError(f"--embedding-output {name!r} is also --boxes-output: name the output with the embedding")
+    embedding = matches[0]
+    if _dtype(embedding) != "TYPE_FP32":
+        raise AttachError(f"--embedding-output {name!r} is {_dtype(embedding)}: an embedding must be FP32")
+    dims = list(embedding.dims) if config.max_batch_size > 0 else list(embedding.dims)[1:]
+    if len(dims) != 1 or not 1 <= dims[0] <= MAX_EMBEDDING_DIMS:
+        raise AttachError(f"--embedding-output {name!r} has per-item dims {dims}: expected [D], one vector of a fixed "
+                          f"length D from 1 to {MAX_EMBEDDING_DIMS} per item")
+    return name
+
+
 def _tensor(pb_list, name: str, data_type, dims) -> None:
     t = pb_list.add()
     t.name = name
@@ -200,7 +227,7 @@ def default_step() -> StepKind:
 
 
 def step_config(name: str, model, front, scores: ScoresOutput, al: ActiveLearningConfig, extra_params: dict[str, str],
-                step: StepKind = "python", boxes_output: str | None = None):
+                step: StepKind = "python", boxes_output: str | None = None, embedding_output: str | None = None):
     """The step's ModelConfig: inputs are every model output (the class scores among them)
     plus the asset (the ensemble's first input); outputs are a copy of every model output,
     SCORE and FLAGGED."""
@@ -239,6 +266,8 @@ def step_config(name: str, model, front, scores: ScoresOutput, al: ActiveLearnin
     }
     if boxes_output is not None:  # every model output is a step input of the same name
         params["boxes_input"] = boxes_output
+    if embedding_output is not None:
+        params["embedding_input"] = embedding_output
     scored = next(o for o in model.output if o.name == scores.name)
     if scored.label_filename:  # the model names its classes: stored predictions will too
         params.setdefault("label_file", f"{model.name}/{scored.label_filename}")
@@ -327,11 +356,13 @@ def attach(
     outbox_path: str | None = None,
     step: StepKind | None = None,
     boxes_output: str | None = None,
+    embedding_output: str | None = None,
 ) -> list[Path]:
     """Write the step and the ensemble for `model`; returns the files changed (none when
     everything was already up to date). `step`: native or python (default: `default_step()`).
     `boxes_output` (detection): the model's output holding each box's place, stored with
-    each box of a flagged item."""
+    each box of a flagged item. `embedding_output`: the model's output holding an embedding
+    per item, stored with each flagged item (near-duplicates, diverse selection)."""
     repository = Path(repository)
     if not repository.is_dir():
         raise AttachError(f"--model-repository {repository}: not a directory")
@@ -357,6 +388,8 @@ def attach(
     scores = choose_output(base, output, task, kind)
     if boxes_output is not None:
         check_boxes_output(base, boxes_output, scores)
+    if embedding_output is not None:
+        check_embedding_output(base, embedding_output, scores, boxes_output)
     al_config = config or ActiveLearningConfig()
     if al_config.task != scores.task:  # the output decides the task; its options start from defaults
         al_config = al_config.model_copy(update={"task": scores.task, "task_options": TASK_OPTIONS[scores.task]()})
@@ -367,7 +400,7 @@ def attach(
     if step not in ("native", "python"):
         raise AttachError(f"--step: expected native or python, got {step!r}")
     written: list[Path] = []
-    step_cfg = step_config(step_name, base, front, scores, al_config, extra, step, boxes_output)
+    step_cfg = step_config(step_name, base, front, scores, al_config, extra, step, boxes_output, embedding_output)
     _write(repository / step_name / "config.pbtxt", f"{MARKER}\n" + text_format.MessageToString(step_cfg), written)
     shim = repository / step_name / "1" / "model.py"
     if step == "python":

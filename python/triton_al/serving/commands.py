@@ -32,6 +32,7 @@ def attach_command(
     outbox: Annotated[Optional[str], typer.Option(help="Outbox path written into the step (default: $TRITON_AL_OUTBOX at run time).")] = None,
     step: Annotated[Optional[str], typer.Option(help="native (the Rust Triton backend, no process hop; default when built) | python (a Python-backend model).")] = None,
     boxes_output: Annotated[Optional[str], typer.Option(help="Detection: the output holding the boxes, [boxes, 4] FP32 (x0, y0, x1, y1 in pixels); stored with each flagged box.")] = None,
+    embedding_output: Annotated[Optional[str], typer.Option(help="An output holding an embedding per item, [D] FP32 (e.g. the layer before the classifier); stored with each flagged item for near-duplicates and diverse selection.")] = None,
 ) -> None:
     """Write the active_learning step and an ensemble MODEL_al beside MODEL (MODEL is left untouched)."""
     from triton_al.attach import AttachError, attach
@@ -44,7 +45,7 @@ def attach_command(
         )
         written = attach(model_repository, model, output=output, task=task, kind=kind, preprocess=preprocess,
                          step_name=step_name, config=config, outbox_path=outbox, step=step,
-                         boxes_output=boxes_output)
+                         boxes_output=boxes_output, embedding_output=embedding_output)
     except (AttachError, ValueError) as e:
         typer.echo(f"triton-al attach: {e}", err=True)
         raise typer.Exit(2) from None
