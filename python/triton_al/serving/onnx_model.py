@@ -4,8 +4,9 @@ The wheel's tritonserver ships only the Python backend; on a GPU server the same
 `model.onnx` runs on Triton's `onnxruntime` backend instead (see the
 `config.onnxruntime-gpu.pbtxt.example` beside the example model).
 
-Config inputs and outputs map to the graph's by name, or by position when the names differ
-(so a config may expose `PROBS` for a graph output called `probs`). All requests of a
+Config inputs and outputs map to the graph's by name (exact, else ignoring case: a config
+may expose `PROBS` for a graph output called `probs`, and leave other outputs out), or by
+position when the names differ and the counts match. All requests of a
 dynamic batch run as one onnxruntime call. Parameters: `intra_op_threads` (default 1: one
 model instance per core scales better on CPU than threads inside one).
 """
@@ -52,6 +53,11 @@ class OnnxRunner:
     def _map(kind: str, config_names: list[str], graph_names: list[str]) -> dict[str, str]:
         if set(config_names) <= set(graph_names):
             return {n: n for n in config_names}
+        # Case aside (`PROBS` for `probs`), so that a config may declare some of a graph's
+        # outputs: the example model's graph also has `embedding`, which a config may leave out.
+        folded = {g.lower(): g for g in graph_names}
+        if len(folded) == len(graph_names) and all(n.lower() in folded for n in config_names):
+            return {n: folded[n.lower()] for n in config_names}
         if len(config_names) != len(graph_names):
             raise ValueError(f"config {kind}s {config_names} do not match the ONNX graph's {graph_names} by name or by count")
         return dict(zip(config_names, graph_names))
