@@ -31,9 +31,11 @@ def test_the_committed_model_has_the_served_interface_and_its_recorded_accuracy(
 
     assert MODEL.stat().st_size < 1_000_000
     session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    (inp,), (out, *more) = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.shape[1:], inp.type) == ("image", [1, 28, 28], "tensor(float)")
     assert (out.name, out.shape[1:]) == ("probs", [10])
+    # `embedding` [N, 64] after `probs`, as `export_onnx` writes it (the file may predate it)
+    assert [(o.name, o.shape[1:], o.type) for o in more] in ([], [("embedding", [64], "tensor(float)")])
     images, labels = load("test")
     probs = onnx_probs(MODEL, images)
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
@@ -85,3 +87,32 @@ def test_training_is_deterministic_for_a_seed_and_the_export_matches_jax():
     np.testing.assert_array_equal(predict_proba(a, test), predict_proba(b, test))
     path = export_onnx(a, Path(__import__("tempfile").mkdtemp()) / "m.onnx")
     np.testing.assert_allclose(onnx_probs(path, test), predict_proba(a, test), atol=2e-5)
+
+
+def test_the_export_has_an_embedding_output_equal_to_predict_embedding(tmp_path):
+    """`embedding` (an Identity of `h`, the ReLU of the 64-unit dense layer) after `probs`;
+    onnxruntime gives what jax gives. A few training steps on a few images: fast."""
+    pytest.importorskip("jax", reason="the train extra (jax) is not installed")
+    import onnx
+    import onnxruntime as ort
+
+    from triton_al.example.train import export_onnx, predict_embedding, predict_proba, predict_proba_and_embedding, train
+
+    images, labels = load("train")
+    model = train(images[:256], labels[:256], epochs=1, seed=1)  # 2 steps of 128
+    path = export_onnx(model, tmp_path / "m.onnx")
+    graph = onnx.load(str(path)).graph
+    assert [o.name for o in graph.output] == ["probs", "embedding"]
+    (identity,) = [n for n in graph.node if n.output == ["embedding"]]
+    assert (identity.op_type, list(identity.input)) == ("Identity", ["h"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [(o.name, o.shape) for o in session.get_outputs()] == [("probs", ["N", 10]), ("embedding", ["N", 64])]
+    test = load("test")[0][:1100]  # more than one batch of predict's 1,000
+    probs, embedding = session.run(["probs", "embedding"], {"image": to_model_input(test)})
+    ours = predict_embedding(model, test)
+    assert ours.shape == (1100, 64) and ours.dtype == np.float32 and ours.min() >= 0 and (ours > 0).mean() > 0.1
+    np.testing.assert_allclose(embedding, ours, rtol=1e-4, atol=1e-5)
+    both = predict_proba_and_embedding(model, test)
+    np.testing.assert_array_equal(both[1], ours)
+    np.testing.assert_allclose(both[0], predict_proba(model, test), atol=1e-6)
+    np.testing.assert_allclose(probs, both[0], atol=2e-5)

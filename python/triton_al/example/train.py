@@ -1,7 +1,7 @@
 """Train the example CNN on Fashion-MNIST (jax, CPU) and export it to ONNX.
 
 A clear, replaceable example: swap in your own training code and keep the contract
-(`train`, `predict_proba`, `accuracy`, `export_onnx`). The framework is jax's CPU wheels
+(`train`, `predict_proba`, `predict_embedding`, `accuracy`, `export_onnx`). The framework is jax's CPU wheels
 (the `train` extra): measured here, `pip install "jax[cpu]"` takes ~22 s and 0.6 GB, against
 ~70 s and 5.4 GB for PyTorch from PyPI (which pulls CUDA libraries). The ONNX graph is built
 directly from the trained weights with the `onnx` package, so serving needs only
@@ -10,8 +10,10 @@ onnxruntime.
     python -m triton_al.example.train --out model_repository/fashion_cnn/1/model.onnx
 
 Architecture: conv 3x3x16 → ReLU → max-pool 2 → conv 3x3x32 → ReLU → max-pool 2 → dense 64
-→ ReLU → dense 10 → softmax. Input `image` float32 [N, 1, 28, 28] in [0, 1]; output
-`probs` float32 [N, 10]. About 105k parameters (~0.4 MB as ONNX).
+→ ReLU → dense 10 → softmax. Input `image` float32 [N, 1, 28, 28] in [0, 1]; outputs
+`probs` float32 [N, 10] and `embedding` float32 [N, 64] (the ReLU of the 64-unit dense layer,
+the layer before the classifier: what the uploader compares for near-duplicates and clusters
+for diverse selection). About 105k parameters (~0.4 MB as ONNX).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 from triton_al.example.data import CLASS_NAMES, load, to_model_input
 
 NUM_CLASSES = len(CLASS_NAMES)
+EMBEDDING_DIM = 64  # the dense layer before the classifier (`h` in the ONNX graph)
 BATCH = 128
 PREDICT_BATCH = 1000
 
@@ -73,6 +76,7 @@ def init_params(seed: int) -> dict[str, np.ndarray]:
 class _Compiled:
     logits: Any
     step: Any
+    forward: Any  # (logits, embedding) in one pass
 
 
 _COMPILED: _Compiled | None = None
@@ -95,12 +99,18 @@ def _compiled() -> _Compiled:
         n, h, w, c = x.shape
         return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
-    def logits(p, x):
+    def hidden(p, x):  # the embedding: ReLU of the 64-unit dense layer (`h` in the ONNX graph)
         x = pool(jax.nn.relu(conv(x, p["conv1_w"], p["conv1_b"])))
         x = pool(jax.nn.relu(conv(x, p["conv2_w"], p["conv2_b"])))
         x = x.reshape(x.shape[0], -1)
-        x = jax.nn.relu(x @ p["dense1_w"] + p["dense1_b"])
-        return x @ p["dense2_w"] + p["dense2_b"]
+        return jax.nn.relu(x @ p["dense1_w"] + p["dense1_b"])
+
+    def logits(p, x):
+        return hidden(p, x) @ p["dense2_w"] + p["dense2_b"]
+
+    def forward(p, x):
+        h = hidden(p, x)
+        return jax.nn.softmax(h @ p["dense2_w"] + p["dense2_b"]), h
 
     def loss(p, x, y, weight):
         logp = jax.nn.log_softmax(logits(p, x))
@@ -117,7 +127,7 @@ def _compiled() -> _Compiled:
         p = jax.tree_util.tree_map(lambda w, a, b: w - scale * a / (jnp.sqrt(b) + eps), p, m, v)
         return p, m, v, value
 
-    _COMPILED = _Compiled(jax.jit(logits), step)
+    _COMPILED = _Compiled(jax.jit(logits), step, jax.jit(forward))
     return _COMPILED
 
 
@@ -155,19 +165,47 @@ def train(images_u8: np.ndarray, labels: np.ndarray, *, epochs: int = 5, seed: i
     return Model({k: np.asarray(w) for k, w in params.items()}, history)
 
 
+def _batches(images_u8: np.ndarray):
+    """(start, count, padded batch): fixed-size batches, so one compiled shape serves all."""
+    x = _nhwc(images_u8)
+    for start in range(0, len(x), PREDICT_BATCH):
+        chunk = x[start : start + PREDICT_BATCH]
+        padded = np.zeros((PREDICT_BATCH, *chunk.shape[1:]), np.float32)
+        padded[: len(chunk)] = chunk
+        yield start, len(chunk), padded
+
+
 def predict_proba(model: Model, images_u8: np.ndarray) -> np.ndarray:
     """Class probabilities float32 [N, 10] (the same numbers the ONNX export gives)."""
     jax, jnp = _jax()
     c = _compiled()
     params = {k: jnp.asarray(v) for k, v in model.params.items()}
-    x = _nhwc(images_u8)
-    out = np.empty((len(x), NUM_CLASSES), np.float32)
-    for start in range(0, len(x), PREDICT_BATCH):
-        chunk = x[start : start + PREDICT_BATCH]
-        padded = np.zeros((PREDICT_BATCH, *chunk.shape[1:]), np.float32)  # one compiled shape
-        padded[: len(chunk)] = chunk
-        out[start : start + len(chunk)] = np.asarray(jax.nn.softmax(c.logits(params, padded)))[: len(chunk)]
+    out = np.empty((len(images_u8), NUM_CLASSES), np.float32)
+    for start, n, batch in _batches(images_u8):
+        out[start : start + n] = np.asarray(jax.nn.softmax(c.logits(params, batch)))[:n]
     return out
+
+
+def predict_proba_and_embedding(model: Model, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities float32 [N, 10] and embeddings float32 [N, 64] in one pass (the
+    ONNX export's `probs` and `embedding`). The probabilities agree with `predict_proba` to
+    float rounding (a separately compiled graph), not necessarily bit for bit."""
+    _, jnp = _jax()
+    c = _compiled()
+    params = {k: jnp.asarray(v) for k, v in model.params.items()}
+    probs = np.empty((len(images_u8), NUM_CLASSES), np.float32)
+    emb = np.empty((len(images_u8), EMBEDDING_DIM), np.float32)
+    for start, n, batch in _batches(images_u8):
+        p, h = c.forward(params, batch)
+        probs[start : start + n] = np.asarray(p)[:n]
+        emb[start : start + n] = np.asarray(h)[:n]
+    return probs, emb
+
+
+def predict_embedding(model: Model, images_u8: np.ndarray) -> np.ndarray:
+    """Embeddings float32 [N, 64]: the ReLU of the dense layer before the classifier (the
+    ONNX export's `embedding` output)."""
+    return predict_proba_and_embedding(model, images_u8)[1]
 
 
 def accuracy(model: Model, images_u8: np.ndarray, labels: np.ndarray) -> float:
@@ -175,7 +213,8 @@ def accuracy(model: Model, images_u8: np.ndarray, labels: np.ndarray) -> float:
 
 
 def export_onnx(model: Model, path: str | Path) -> Path:
-    """Write the model as ONNX (opset 17): input `image` [N,1,28,28], output `probs` [N,10]."""
+    """Write the model as ONNX (opset 17): input `image` [N,1,28,28], outputs `probs` [N,10]
+    and `embedding` [N,64] (an Identity of `h`, the ReLU of the first dense layer)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -197,11 +236,13 @@ def export_onnx(model: Model, path: str | Path) -> Path:
         helper.make_node("Relu", ["d1"], ["h"]),
         helper.make_node("Gemm", ["h", "dense2_w", "dense2_b"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+        helper.make_node("Identity", ["h"], ["embedding"]),
     ]
     graph = helper.make_graph(
         nodes, "fashion_cnn",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 28, 28])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", NUM_CLASSES])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", NUM_CLASSES]),
+         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", EMBEDDING_DIM])],
         initializer=inits,
     )
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="triton-al")
