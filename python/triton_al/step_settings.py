@@ -12,6 +12,7 @@ message naming it.
 | `scores_input` | the step input holding the model's class scores | `PROBS` |
 | `asset_input` | the step input holding the original asset (image bytes); empty: none | `IMAGE` |
 | `boxes_input` | detection only: the step input holding each box's place, [batch, boxes, 4] FP32 (x0, y0, x1, y1 in pixels of the input image); stored predictions then carry `box` per box | – |
+| `embedding_input` | the step input holding the model's embedding of each item, [batch, D] FP32 (1 <= D <= 4096); stored with each flagged item (for near-duplicate suppression and diverse selection); an item whose embedding holds NaN or Inf is stored without it | – |
 | `model_name` | model whose predictions are scored (recorded with each item) | required |
 | `model_version` | recorded with each item, unless a `MODEL_VERSION` input carries it | the version the server serves |
 | `label_file` | class names, one per line, relative to the model repository (attach sets it from the scored output's `label_filename`) | – |
@@ -39,7 +40,7 @@ from triton_al.config import TASK_OPTIONS, ActiveLearningConfig
 
 OUTBOX_ENV = "TRITON_AL_OUTBOX"
 
-_STEP_KEYS = ("scores_input", "asset_input", "boxes_input", "model_name", "model_version", "label_file")
+_STEP_KEYS = ("scores_input", "asset_input", "boxes_input", "embedding_input", "model_name", "model_version", "label_file")
 _CONFIG_KEYS = {"strategy", "threshold", "task", "from_logits", "random_fraction", "seed", "sum_tolerance", "upload_groups"}
 
 
@@ -64,6 +65,8 @@ class StepSettings(BaseModel):
     asset_input: str | None = "IMAGE"
     boxes_input: str | None = Field(None, description="Detection: the input holding the boxes, [batch, boxes, 4] FP32 "
                                     "(x0, y0, x1, y1 in pixels of the input image).")
+    embedding_input: str | None = Field(None, description="The input holding the model's embedding of each item, "
+                                        "[batch, D] FP32 (1 <= D <= 4096): stored with each flagged item.")
     model_name: str = Field(min_length=1)
     model_version: str = "unknown"
     label_file: str | None = Field(None, description="Class names, one per line (Triton's label_filename), relative to "

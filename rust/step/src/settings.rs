@@ -276,6 +276,9 @@ pub struct StepSettings {
     /// Detection: the input holding each box's place, [B, N, 4] FP32 (x0, y0, x1, y1 in
     /// pixels of the input image), stored with each box of a flagged item.
     pub boxes_input: Option<String>,
+    /// The input holding the model's embedding of each item, [B, D] FP32 (1 <= D <= 4096),
+    /// stored with each flagged item.
+    pub embedding_input: Option<String>,
     pub model_name: String,
     pub model_version: String,
     /// Class names, one per line, relative to the model repository.
@@ -362,6 +365,10 @@ impl StepSettings {
                 _ => None,
             },
             boxes_input: match p.get("boxes_input") {
+                Some(Value::Text(s)) => Some(s.clone()),
+                _ => None,
+            },
+            embedding_input: match p.get("embedding_input") {
                 Some(Value::Text(s)) => Some(s.clone()),
                 _ => None,
             },
