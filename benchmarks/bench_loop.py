@@ -33,6 +33,13 @@ PLANS = {
                            strategies=("diverse", "kcenter", "entropy", "random"), train_steps=150),
     "selection-warm": Plan(start=1000, per_round=500, rounds=5, seeds=(0, 1, 2, 3, 4),
                            strategies=("diverse", "kcenter", "entropy", "random")),
+    # `diverse` clustering the current model's embeddings of the pool (the 64-unit layer before
+    # the classifier) instead of thumbnails: what the uploader does when the served model has an
+    # embedding output. `scripts/bench.sh loop -k selection-embedding` (`-k selection` runs these too).
+    "selection-embedding-cold": Plan(start=100, per_round=100, rounds=5, seeds=tuple(range(10)),
+                                     strategies=("diverse-embedding", "diverse", "entropy", "random"), train_steps=150),
+    "selection-embedding-warm": Plan(start=1000, per_round=500, rounds=5, seeds=(0, 1, 2, 3, 4),
+                                     strategies=("diverse-embedding", "diverse", "entropy", "random")),
 }
 
 

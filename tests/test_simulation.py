@@ -29,10 +29,29 @@ def test_labels_to_reach_interpolates_the_mean_curve():
     assert s["gain_vs_random_final_points"] == 10.0 and s["label_saving_vs_random"] == pytest.approx(1 / 3, abs=1e-3)
 
 
+def test_diverse_embedding_is_the_uploaders_diverse_choice_over_the_given_embeddings():
+    from triton_al.uploader.selection import DEFAULT_POOL, choose, pick_uncertain
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10) * 0.3, size=2500).astype(np.float32)
+    centres = rng.normal(size=(8, 64)).astype(np.float32)
+    groups = rng.integers(0, 8, 2500)
+    emb = np.maximum(centres[groups] + 0.05 * rng.normal(size=(2500, 64)).astype(np.float32), 0)  # ReLU-like, 8 clusters
+    chosen = select("diverse-embedding", probs, 8, rng, emb)
+    pool = pick_uncertain(triton_al.score(probs, strategy="entropy"), DEFAULT_POOL)
+    assert set(chosen.tolist()) <= set(pool.tolist())
+    expected = choose("diverse", list(triton_al.score(probs, strategy="entropy")[pool]), None, 8, features=list(emb[pool]))
+    assert chosen.tolist() == pool[expected].tolist()
+    assert len(set(groups[chosen].tolist())) == 8  # one per embedding cluster
+    assert chosen.tolist() == select("diverse-embedding", probs, 8, np.random.default_rng(9), emb).tolist()
+    with pytest.raises(AssertionError):
+        select("diverse-embedding", probs, 8, rng)  # needs the embeddings
+
+
 @pytest.mark.slow
 def test_quick_simulation_runs_end_to_end(tmp_path):
     pytest.importorskip("jax", reason="needs the train extra")
-    plan = Plan(start=200, per_round=100, rounds=2, seeds=(0,), strategies=("entropy", "random"),
+    plan = Plan(start=200, per_round=100, rounds=2, seeds=(0,), strategies=("entropy", "random", "diverse-embedding"),
                 pool_size=1000, test_size=1000, train_steps=40)
     curves = run(plan)
     assert curves.labels == [200, 300, 400]

@@ -20,6 +20,9 @@ from triton_al.example.data import load
 
 STRATEGIES = ("entropy", "margin", "least_confidence", "random")
 DIVERSE_SCORES = "entropy"  # `diverse`: the uploader's --selection diverse over entropy scores (issue 15)
+DIVERSE = ("diverse", "diverse-embedding")  # the uploader's choose("diverse"): over thumbnails / over the model's embeddings
+THUMBNAIL_STRATEGIES = ("diverse", "kcenter")
+EMBEDDING_STRATEGIES = ("diverse-embedding",)
 
 
 @dataclass(frozen=True)
@@ -83,16 +86,18 @@ def select(strategy: str, probs: np.ndarray, k: int, rng: np.random.Generator, f
     """Indices (into `probs`) of the k items to annotate next. `diverse` (the uploader's
     --selection diverse: `choose`, among the DEFAULT_POOL most uncertain) and `kcenter`
     (what `diverse` was before: greedy uncertainty-weighted k-center) need `features`
-    (thumbnails, one row per item of `probs`). `labelled` is not used (kept for callers)."""
+    (thumbnails, one row per item of `probs`); `diverse-embedding` is `diverse` with the
+    current model's embeddings of the items as `features` (what the uploader clusters when
+    the served model has an embedding output). `labelled` is not used (kept for callers)."""
     if strategy == "random":
         return rng.choice(len(probs), size=k, replace=False)
-    if strategy in ("diverse", "kcenter"):
+    if strategy in (*DIVERSE, "kcenter"):
         from triton_al.uploader.selection import DEFAULT_POOL, choose, normalise, pick_kcenter, pick_uncertain
 
         scores = triton_al.score(probs, strategy=DIVERSE_SCORES)
         pool = pick_uncertain(scores, DEFAULT_POOL)  # the uploader's bounded candidate pool
         assert features is not None
-        if strategy == "diverse":
+        if strategy in DIVERSE:
             picked = choose("diverse", list(scores[pool]), None, k, features=list(features[pool]))
         else:
             picked = pick_kcenter(normalise(features[pool]), np.asarray(scores[pool], dtype=np.float64), k)
@@ -102,7 +107,7 @@ def select(strategy: str, probs: np.ndarray, k: int, rng: np.random.Generator, f
 
 
 def run(plan: Plan, progress=None) -> Curves:
-    from triton_al.example.train import predict_proba, train
+    from triton_al.example.train import predict_embedding, predict_proba, train
 
     images, labels = load("train")
     test_x, test_y = load("test")
@@ -111,7 +116,7 @@ def run(plan: Plan, progress=None) -> Curves:
                     {s: [] for s in plan.strategies})
     started = time.perf_counter()
     thumbs = None
-    if {"diverse", "kcenter"} & set(plan.strategies):
+    if set(THUMBNAIL_STRATEGIES) & set(plan.strategies):
         from triton_al.uploader.selection import thumbnails_of_pixels
 
         thumbs = thumbnails_of_pixels(images)
@@ -132,8 +137,12 @@ def run(plan: Plan, progress=None) -> Curves:
             labelled, unlabelled = start.copy(), pool.copy()
             model, accs = model0, [acc0]
             for r in range(plan.rounds):
+                if strategy in EMBEDDING_STRATEGIES:  # this round's model's embeddings of the pool
+                    features = predict_embedding(model, images[unlabelled])
+                else:
+                    features = None if thumbs is None else thumbs[unlabelled]
                 chosen = select(strategy, predict_proba(model, images[unlabelled]), plan.per_round, pick_rng,
-                                None if thumbs is None else thumbs[unlabelled], None if thumbs is None else thumbs[labelled])
+                                features, None if thumbs is None else thumbs[labelled])
                 labelled = np.concatenate([labelled, unlabelled[chosen]])
                 unlabelled = np.delete(unlabelled, chosen)
                 model, acc = fit_and_score(labelled, seed)
