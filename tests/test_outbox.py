@@ -3,11 +3,14 @@ dead letters, pauses, fork safety, a busy database, a corrupt file and a full di
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import sqlite3
+from pathlib import Path
 
+import numpy as np
 import pytest
 from outbox_helpers import item, png, small_filesystem
 
@@ -356,3 +359,165 @@ def test_an_outbox_remembers_its_sink(tmp_path):
         assert o.sink_conflict("s3://x/y") is not None and o.sink_conflict("local:/b") is None
         assert o.claim_sink("s3://x/y", forget_deliveries=True) == 1
         assert o.delivery_target() == "s3://x/y" and o.append_many([item(1)]).accepted == 1
+
+
+# Embeddings (schema version 2) ------------------------------------------------------------
+
+SCHEMA_V1 = (Path(__file__).parent / "outbox_schema_v1.sql").read_text()  # the schema as version 1 had it
+
+
+def with_embedding(seed: int, embedding, **kwargs):
+    return dataclasses.replace(item(seed, **kwargs), embedding=embedding)
+
+
+def version_1_file(path: Path) -> None:
+    """An outbox as version 1 made it, with a queued item and a dead letter."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(SCHEMA_V1 + "INSERT OR IGNORE INTO meta VALUES ('schema_version', '1');")
+    conn.execute("INSERT INTO assets VALUES (?, 'image/png', ?, ?)", (content_hash(png(1)), len(png(1)), png(1)))
+    conn.execute("INSERT INTO assets VALUES (?, 'image/png', ?, ?)", (content_hash(png(2)), len(png(2)), png(2)))
+    conn.execute("INSERT INTO items (upload_group, content_hash, model_name, model_version, prediction, score, strategy, "
+                 "threshold, reason, created_at) VALUES ('active-learning', ?, 'm', '1', '{}', 0.25, 'entropy', 0.5, "
+                 "'uncertain', 1.0)", (content_hash(png(1)),))
+    conn.execute("INSERT INTO dead_letters VALUES (9, 'active-learning', ?, 'm', '1', '{}', 0.1, 'entropy', 0.5, "
+                 "'uncertain', 1.0, 3, 2.0, 'rejected')", (content_hash(png(2)),))
+    conn.close()
+
+
+def columns(path: Path, table: str) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        return [(r[1], r[2]) for r in conn.execute(f"PRAGMA table_info({table})")]
+    finally:
+        conn.close()
+
+
+def test_a_version_1_file_gets_the_embedding_columns_at_open_and_keeps_its_rows(tmp_path):
+    old = tmp_path / "v1.db"
+    version_1_file(old)
+    with Outbox(old) as o:
+        (queued,) = o.due(10)
+        assert queued.content_hash == content_hash(png(1)) and queued.embedding is None
+        assert o.append_many([with_embedding(3, [0.5, -1.0])]).accepted == 1
+        assert o.retry_dead_letters() == 1  # the version-1 dead letter comes back, without an embedding
+        embeddings = {i.content_hash: i.embedding for i in o.due(10)}
+    assert embeddings[content_hash(png(2))] is None
+    np.testing.assert_array_equal(embeddings[content_hash(png(3))], np.array([0.5, -1.0], np.float32))
+    conn = sqlite3.connect(old)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    conn.close()
+    with Outbox(tmp_path / "new.db"):
+        pass
+    for table in ("items", "dead_letters"):  # the same columns, in the same order, as a new file's
+        assert columns(old, table) == columns(tmp_path / "new.db", table)
+        assert columns(old, table)[-1] == ("embedding", "BLOB")
+
+
+MIGRATE_AT_ONCE = """
+import sys, time
+from triton_al import _core
+from triton_al.outbox import Outbox, FlaggedItem
+path, kind, k, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+time.sleep(max(0.0, start - time.time()))
+if kind == "rust":  # the writer opens (and migrates) the file itself
+    writer = _core.OutboxWriter(path, max_items=1000, max_bytes=1 << 30, overflow_policy="drop_newest", durable=False,
+                                busy_timeout_s=30.0, max_asset_bytes=1 << 20)
+    writer.append([(f"asset {k}".encode(), "image/png", "m", "1", "{}", 0.1, "entropy", 0.5, "uncertain", ["g"], [k] * 4)], 30.0)
+    writer.close()
+else:
+    with Outbox(path, busy_timeout_s=30.0) as o:
+        o.append(FlaggedItem(f"asset {k}".encode(), "image/png", "m", "1", {}, 0.1, "entropy", 0.5, "uncertain", ["g"], [k] * 4))
+"""
+
+
+def test_both_openers_migrating_a_version_1_file_at_once_migrate_it_once(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    old = tmp_path / "v1.db"
+    version_1_file(old)
+    start = time.time() + 2.0  # every process opens at this moment
+    kinds = ["python", "rust"] * 4
+    procs = [subprocess.Popen([sys.executable, "-c", MIGRATE_AT_ONCE, str(old), kind, str(k), str(start)],
+                              stderr=subprocess.PIPE, text=True) for k, kind in enumerate(kinds)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    with Outbox(old) as o:
+        stored = {i.content_hash: i.embedding for i in o.due(100) if i.upload_group == "g"}
+        assert o.integrity_check() == "ok"
+    assert len(stored) == len(kinds)
+    for k in range(len(kinds)):
+        np.testing.assert_array_equal(stored[content_hash(f"asset {k}".encode())], np.full(4, k, np.float32))
+    assert [name for name, _ in columns(old, "items")].count("embedding") == 1
+
+
+def test_a_newer_schema_version_is_refused_naming_both_versions(tmp_path):
+    path = tmp_path / "o.db"
+    Outbox(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    conn.close()
+    with pytest.raises(OutboxError, match=r"o\.db: schema version 3, this triton-al expects 2$"):
+        Outbox(path)
+    from triton_al import _core
+
+    with pytest.raises(OutboxError, match="schema version 3, this triton-al-outbox expects 2"):  # the writer too
+        _core.OutboxWriter(str(path), max_items=10, max_bytes=1 << 20, overflow_policy="drop_newest", durable=False,
+                           busy_timeout_s=1.0, max_asset_bytes=1 << 20)
+
+
+def test_embeddings_round_trip_as_float32_through_every_query(outbox):
+    values = np.linspace(-3, 3, 4096, dtype=np.float64)  # any float dtype, any 1-D sequence
+    outbox.append_many([with_embedding(1, values, groups=["a", "b"]), with_embedding(2, [1, 2.5, -0.25]),
+                        with_embedding(3, np.arange(8, dtype=np.float32)[::2]), item(4)])
+    expected = {content_hash(png(1)): values.astype(np.float32), content_hash(png(2)): np.array([1, 2.5, -0.25], np.float32),
+                content_hash(png(3)): np.array([0, 2, 4, 6], np.float32), content_hash(png(4)): None}
+    due = outbox.due(10)
+    assert len(due) == 5
+    for queued in [*due, *outbox.queued_items([i.id for i in due])]:
+        want = expected[queued.content_hash]
+        if want is None:
+            assert queued.embedding is None
+        else:
+            assert queued.embedding.dtype == np.float32 and queued.embedding.ndim == 1
+            np.testing.assert_array_equal(queued.embedding, want)
+    candidates = outbox.selection_candidates("active-learning", 10, with_embeddings=True)
+    assert {c[2]: None if c[4] is None else c[4].tolist() for c in candidates} == {
+        h: None if e is None else e.tolist() for h, e in expected.items() if h != content_hash(png(1))}
+    assert all(len(c) == 4 for c in outbox.selection_candidates("a", 10))  # unchanged without with_embeddings
+    # Embeddings count in no cap: the stored bytes are the assets'.
+    assert outbox.counters()["stored_bytes"] == sum(len(png(s)) for s in (1, 2, 3, 4))
+
+
+@pytest.mark.parametrize(
+    "embedding, message",
+    [
+        ([0.5, 1.0, math.nan], "item 1: embedding: expected finite values, got NaN at index 2"),
+        (np.array([0.0, np.inf], np.float32), "item 1: embedding: expected finite values, got inf at index 1"),
+        ([1e300], "item 1: embedding: expected finite values, got inf at index 0"),  # not a float32
+        ([], "item 1: embedding: expected 1 to 4096 values, got 0"),
+        (np.zeros(4097), "item 1: embedding: expected 1 to 4096 values, got 4097"),
+        (np.zeros((2, 3), np.float32), r"item 1: embedding: expected a 1-D sequence of numbers, got shape \[2, 3\]"),
+        (["a", "b"], "item 1: embedding: expected a 1-D sequence of numbers; could not convert"),
+    ],
+)
+def test_a_bad_embedding_is_refused_naming_it_and_nothing_of_the_call_is_stored(outbox, embedding, message):
+    with np.errstate(over="ignore"), pytest.raises(ValueError, match=message):
+        outbox.append_many([with_embedding(1, [0.5]), with_embedding(2, embedding)])
+    assert outbox.due(10) == [] and outbox.counters().get("appended", 0) == 0
+
+
+def test_dead_letters_keep_the_embedding_and_a_retry_brings_it_back(outbox):
+    outbox.append_many([with_embedding(1, [0.25, 0.5, 0.75]), with_embedding(2, [9.0])])
+    first, second = outbox.due(10)
+    outbox.dead_letter([(first.id, "rejected"), (second.id, "rejected")])
+    assert outbox.due(10) == []
+    assert outbox.retry_dead_letters(ids=[first.id]) == 1
+    (again,) = outbox.due(10)
+    assert again.id == first.id
+    np.testing.assert_array_equal(again.embedding, np.array([0.25, 0.5, 0.75], np.float32))
+    assert outbox.retry_dead_letters() == 1
+    np.testing.assert_array_equal({i.id: i for i in outbox.due(10)}[second.id].embedding, np.array([9.0], np.float32))

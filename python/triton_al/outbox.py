@@ -18,12 +18,14 @@ schema is the writer's (`triton_al._core.OUTBOX_SCHEMA`, from `rust/outbox/src/s
 Tables:
 - `assets`: the asset bytes, once per content hash, however many groups want them;
 - `items`: one row per (upload group, content hash) still to deliver, with the
-  prediction, score and retry state;
+  prediction, score, retry state and, when the step was given one (`embedding_input`), the
+  model's embedding of the item (`embedding`: little-endian float32 bytes, NULL when none);
 - `dead_letters`: items a sink rejected for good (retryable by command; purged by age,
   count and bytes; their assets count in `dead_letter_bytes`, not in the `max_bytes` cap);
 - `delivered`: (group, hash, time) of what was delivered, for dedup and rate limits
   (trimmed by age and count, never inside the longest rate window);
-- `meta`: the schema version, and the sink the outbox delivers to (dedup is per outbox);
+- `meta`: the schema version (2; a version-1 file gains the `embedding` columns when it is
+  opened, see `migrate_schema`), and the sink the outbox delivers to (dedup is per outbox);
 - `counters`: totals kept by triggers and by each transaction (appended, duplicates,
   dropped, uploaded, retries…), so every process sees the same numbers;
 - `paused_groups`: groups the uploader must not touch (survives restarts).
@@ -47,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from triton_al import _core
 from triton_al.config import validate_group_name
 
@@ -60,8 +64,17 @@ RELEASE_CHUNK = 16
 
 _ITEM_COLUMNS = (
     "upload_group, content_hash, model_name, model_version, prediction, score, strategy, "
-    "threshold, reason, created_at"
+    "threshold, reason, created_at, embedding"
 )
+# What builds a QueuedItem (`_queued_item`), from `items i JOIN assets a`.
+_QUEUED_COLUMNS = (
+    "i.id, i.upload_group, i.content_hash, a.media_type, a.data, i.model_name, i.model_version, "
+    "i.prediction, i.score, i.strategy, i.threshold, i.reason, i.created_at, i.attempts, i.last_error, i.embedding"
+)
+# Older schema versions opening migrates, each to the next: {version: [(table, column
+# definition) added]}, the writer's own list (`MIGRATIONS` in rust/outbox/src/lib.rs; 1 -> 2:
+# the `embedding` columns of items and dead letters).
+_MIGRATIONS: dict[int, list[tuple[str, str]]] = _core.OUTBOX_MIGRATIONS
 # Indexes for the uploader's queries, created at its start (IF NOT EXISTS: no schema version
 # change, and nothing on the inference path: the writer never inserts into these tables).
 _UPLOADER_INDEXES = (
@@ -133,6 +146,9 @@ class FlaggedItem:
     threshold: float
     reason: str
     upload_groups: Sequence[str]
+    embedding: Any = None
+    """The model's embedding of the item (any 1-D sequence of 1 to 4096 finite numbers,
+    stored as float32), or None."""
 
 
 @dataclass
@@ -166,6 +182,9 @@ class QueuedItem:
     created_at: float = 0.0
     attempts: int = 0
     last_error: str | None = None
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """The model's embedding of the item (float32, 1-D), or None when the step stored none
+    (no `embedding_input`, or the model's embedding held NaN or Inf)."""
 
     def metadata(self) -> dict[str, Any]:
         """What sinks store beside the asset."""
@@ -200,6 +219,50 @@ _INHERITED_WRITERS: list[Any] = []
 
 def _score_out(score: float | None) -> float:
     return math.nan if score is None else score
+
+
+def _embedding_out(blob: bytes | None) -> np.ndarray | None:
+    """An `embedding` column (little-endian float32 bytes) as a float32 array; None for NULL.
+    A blob that cannot be float32 values (a hand-edited file) counts as no embedding."""
+    if blob is None:
+        return None
+    if not isinstance(blob, bytes) or not blob or len(blob) % 4:
+        log.warning("outbox: an embedding stored as %s of length %d is not float32 values; ignored", type(blob).__name__, len(blob))
+        return None
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+def migrate_schema(conn: sqlite3.Connection) -> int | None:
+    """Bring an older outbox file (a version in `_MIGRATIONS`) to `SCHEMA_VERSION` in one
+    IMMEDIATE transaction: the version is read again under the write lock, so of several
+    processes opening the same old file at once the first migrates and the others find it
+    done. A column already there is not added again. Returns the version the file has after
+    (one this module does not know is left as it is, for the caller to refuse)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = before = Outbox._schema_version(conn)
+        if version in _MIGRATIONS:
+            while version in _MIGRATIONS:
+                for table, column in _MIGRATIONS[version]:
+                    have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                    if column.split()[0] not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+                version += 1
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if version != before:
+        log.info("outbox: schema version %s migrated to %s", before, version)
+    return version
+
+
+def _queued_item(r: Sequence[Any]) -> QueuedItem:
+    """A row of `_QUEUED_COLUMNS` as a QueuedItem."""
+    return QueuedItem(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6], json.loads(r[7]), _score_out(r[8]),
+                      r[9], r[10], r[11], r[12], r[13], r[14], _embedding_out(r[15]))
 
 
 class Outbox:
@@ -305,6 +368,8 @@ class Outbox:
             if version is None:  # a new file: create the schema (the only write at open)
                 conn.executescript(_core.OUTBOX_SCHEMA + f"INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');")
                 version = self._schema_version(conn)
+            elif version in _MIGRATIONS:
+                version = migrate_schema(conn)
         except sqlite3.OperationalError as e:
             raise self._error(e, "cannot open it as an SQLite outbox") from e
         except sqlite3.DatabaseError as e:
@@ -435,7 +500,8 @@ class Outbox:
 
         Raises `OutboxBusy` when the database stays locked longer than `busy_timeout_s`,
         `OutboxFull` when the disk is full, `OutboxError` for anything else (a corrupt
-        file), ValueError for a bad item; in every case nothing of this call was stored."""
+        file), ValueError for a bad item (an embedding that is not 1 to 4096 finite numbers
+        too); in every case nothing of this call was stored."""
         rows = []
         for item in items:
             if not isinstance(item.asset, (bytes, bytearray)) or not item.asset:
@@ -447,8 +513,9 @@ class Outbox:
                 except (TypeError, ValueError) as e:
                     raise ValueError(f"prediction: not JSON-serialisable ({e})") from e
             score = math.nan if item.score is None else float(item.score)
+            # The embedding (any 1-D numbers) is converted and checked by the writer.
             rows.append((bytes(item.asset), item.media_type, item.model_name, str(item.model_version), prediction, score,
-                         item.strategy, float(item.threshold), item.reason, list(item.upload_groups)))
+                         item.strategy, float(item.threshold), item.reason, list(item.upload_groups), item.embedding))
         if not rows:
             return AppendResult()
         # The Rust writer checkpoints and retries once on a full disk, like the uploader.
@@ -560,31 +627,31 @@ class Outbox:
             if not chosen:
                 return []
             rows = conn.execute(
-                f"SELECT i.id, i.upload_group, i.content_hash, a.media_type, a.data, i.model_name, i.model_version, "
-                f"i.prediction, i.score, i.strategy, i.threshold, i.reason, i.created_at, i.attempts, i.last_error "
+                f"SELECT {_QUEUED_COLUMNS} "
                 f"FROM items i JOIN assets a USING (content_hash) WHERE i.id IN ({','.join('?' * len(chosen))}) ORDER BY i.id",
                 chosen,
             ).fetchall()
-        return [
-            QueuedItem(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6], json.loads(r[7]), _score_out(r[8]),
-                       r[9], r[10], r[11], r[12], r[13], r[14])
-            for r in rows
-        ]
+        return [_queued_item(r) for r in rows]
 
     def selection_candidates(self, group: str, limit: int, *, now: float | None = None, ignore_backoff: bool = False,
-                             max_delay_s: float | None = None, with_assets: bool = True) -> list[tuple[int, float, str, bytes | None]]:
+                             max_delay_s: float | None = None, with_assets: bool = True,
+                             with_embeddings: bool = False) -> list[tuple]:
         """The due items of one group (not paused) as (id, score, content hash, asset or None),
         the `limit` lowest scores first (no score last, then the oldest): the candidates
-        `--selection` chooses among when the group's budget binds."""
+        `--selection` chooses among when the group's budget binds. With `with_embeddings`,
+        each tuple has a fifth element: the item's embedding (float32 1-D) or None."""
         now = time.time() if now is None else now
         where, params = self._due_where(now, (), ignore_backoff, max_delay_s)
         data = "a.data" if with_assets else "NULL"
+        embedding = "i.embedding" if with_embeddings else "NULL"
         with self._transaction(write=False) as conn:
             rows = conn.execute(
-                f"SELECT i.id, i.score, i.content_hash, {data} FROM items i JOIN assets a USING (content_hash) "
+                f"SELECT i.id, i.score, i.content_hash, {data}, {embedding} FROM items i JOIN assets a USING (content_hash) "
                 f"WHERE i.upload_group = ? AND {where} ORDER BY i.score IS NULL, i.score, i.id LIMIT ?",
                 [group, *params, int(limit)],
             ).fetchall()
+        if with_embeddings:
+            return [(r[0], _score_out(r[1]), r[2], None if r[3] is None else bytes(r[3]), _embedding_out(r[4])) for r in rows]
         return [(r[0], _score_out(r[1]), r[2], None if r[3] is None else bytes(r[3])) for r in rows]
 
     def queued_items(self, ids: Sequence[int]) -> list[QueuedItem]:
@@ -596,13 +663,11 @@ class Outbox:
             for start in range(0, len(ids), 500):
                 chunk = [int(i) for i in ids[start:start + 500]]
                 for r in conn.execute(
-                    f"SELECT i.id, i.upload_group, i.content_hash, a.media_type, a.data, i.model_name, i.model_version, "
-                    f"i.prediction, i.score, i.strategy, i.threshold, i.reason, i.created_at, i.attempts, i.last_error "
+                    f"SELECT {_QUEUED_COLUMNS} "
                     f"FROM items i JOIN assets a USING (content_hash) WHERE i.id IN ({','.join('?' * len(chunk))})",
                     chunk,
                 ):
-                    found[r[0]] = QueuedItem(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6], json.loads(r[7]),
-                                             _score_out(r[8]), r[9], r[10], r[11], r[12], r[13], r[14])
+                    found[r[0]] = _queued_item(r)
         return [found[i] for i in ids if i in found]
 
     def next_attempt_at(self, *, now: float | None = None, exclude_groups: Iterable[str] = (), max_delay_s: float | None = None) -> float | None:

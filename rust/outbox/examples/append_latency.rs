@@ -75,6 +75,7 @@ fn flagged_item(thread_index: usize, sequence: usize, asset_bytes: usize) -> New
         threshold: 0.1,
         reason: "uncertain".into(),
         upload_groups: Arc::from(vec!["bench".to_string()]),
+        embedding: None,
     }
 }
 

@@ -96,7 +96,7 @@ fn store_row(
     }
     conn.prepare_cached(
         "INSERT INTO items (upload_group, content_hash, model_name, model_version, prediction, score, \
-         strategy, threshold, reason, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         strategy, threshold, reason, created_at, embedding) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         group,
@@ -108,7 +108,8 @@ fn store_row(
         new.strategy,
         new.threshold,
         new.reason,
-        created_at
+        created_at,
+        item.embedding
     ])?;
     result.accepted += 1;
     Ok(())

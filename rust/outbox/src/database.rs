@@ -1,4 +1,5 @@
-//! Opening the outbox file: connection settings, the schema on a new file, the version check.
+//! Opening the outbox file: connection settings, the schema on a new file, the migration of
+//! an older one, the version check.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::error::OutboxError;
-use crate::{busy, SCHEMA, SCHEMA_VERSION};
+use crate::{busy, MIGRATIONS, SCHEMA, SCHEMA_VERSION};
 
 /// Let SQLite checkpoint inside a commit only when the WAL has grown past this many pages
 /// (64 MiB): the uploader checkpoints after each batch, so writers on the inference path
@@ -70,6 +71,7 @@ pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Connection, Ou
     ))
     .map_err(cannot_open)?;
     let version = match schema_version(&conn).map_err(cannot_open)? {
+        Some(version) if migration_from(&version).is_some() => migrate(&conn).map_err(cannot_open)?,
         Some(version) => version,
         None => {
             create_schema(&conn).map_err(cannot_open)?;
@@ -91,6 +93,38 @@ fn schema_version(conn: &Connection) -> rusqlite::Result<Option<String>> {
         return Ok(None);
     }
     conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |row| row.get(0)).optional()
+}
+
+/// The columns to add to a file of this version to reach the next one, when it is older.
+fn migration_from(version: &str) -> Option<&'static [(&'static str, &'static str)]> {
+    let version: i64 = version.trim().parse().ok()?;
+    MIGRATIONS.iter().find(|(from, _)| *from == version).map(|(_, columns)| *columns)
+}
+
+/// Bring an older file to `SCHEMA_VERSION` in one IMMEDIATE transaction. The version is read
+/// again under the write lock, so of several processes opening the same old file at once the
+/// first migrates and the others find it done; a column already there is not added again.
+/// Returns the version the file has after (one this crate does not know is left as it is).
+fn migrate(conn: &Connection) -> rusqlite::Result<String> {
+    let transaction = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    let mut version = schema_version(&transaction)?.unwrap_or_default();
+    let mut migrated = false;
+    while let Some(columns) = migration_from(&version) {
+        for (table, column) in columns {
+            let name = column.split_whitespace().next().unwrap_or(column);
+            let present = transaction.prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?.exists([name])?;
+            if !present {
+                transaction.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column}"))?;
+            }
+        }
+        version = (version.trim().parse::<i64>().unwrap_or_default() + 1).to_string();
+        migrated = true;
+    }
+    if migrated {
+        transaction.execute("UPDATE meta SET value = ?1 WHERE key = 'schema_version'", [&version])?;
+    }
+    transaction.commit()?;
+    Ok(version)
 }
 
 /// The only write at open. Idempotent, so two processes creating the same file race safely.

@@ -1,5 +1,5 @@
 //! A flagged item as callers hand it over, and as the writer thread receives it: checked,
-//! hashed and with its NaN score turned into SQL NULL.
+//! hashed, with its NaN score turned into SQL NULL and its embedding into bytes.
 
 use std::fmt;
 use std::sync::Arc;
@@ -23,7 +23,13 @@ pub struct NewItem {
     /// One queued row per distinct group; shared because a model sends all its items to
     /// the same groups.
     pub upload_groups: Arc<[String]>,
+    /// The model's embedding of the item (1 to [`MAX_EMBEDDING_DIMS`] finite values), stored
+    /// as little-endian f32 bytes for the uploader (near duplicates, diverse selection).
+    pub embedding: Option<Vec<f32>>,
 }
+
+/// The longest embedding an item may carry.
+pub const MAX_EMBEDDING_DIMS: usize = 4096;
 
 // By hand: a derived Debug would print every byte of the asset.
 impl fmt::Debug for NewItem {
@@ -39,6 +45,7 @@ impl fmt::Debug for NewItem {
             .field("threshold", &self.threshold)
             .field("reason", &self.reason)
             .field("upload_groups", &self.upload_groups)
+            .field("embedding_values", &self.embedding.as_ref().map(Vec::len))
             .finish()
     }
 }
@@ -83,6 +90,8 @@ pub(crate) struct PreparedItem {
     pub item: NewItem,
     /// `None` for a NaN score.
     pub score: Option<f64>,
+    /// The embedding as stored: little-endian f32 bytes.
+    pub embedding: Option<Vec<u8>>,
 }
 
 impl PreparedItem {
@@ -125,7 +134,8 @@ pub(crate) fn prepare(items: Vec<NewItem>, max_asset_bytes: u64) -> Result<Prepa
         }
         prepared.asset_bytes = prepared.asset_bytes.saturating_add(size);
         let score = if item.score.is_nan() { None } else { Some(item.score) };
-        prepared.items.push(PreparedItem { content_hash: content_hash(&item.asset), item, score });
+        let embedding = item.embedding.as_deref().map(embedding_bytes);
+        prepared.items.push(PreparedItem { content_hash: content_hash(&item.asset), item, score, embedding });
     }
     Ok(prepared)
 }
@@ -144,7 +154,20 @@ fn check(item: &NewItem) -> Result<(), String> {
     if item.threshold.is_nan() {
         return Err("threshold: expected a number, got NaN".into());
     }
+    if let Some(embedding) = &item.embedding {
+        if embedding.is_empty() || embedding.len() > MAX_EMBEDDING_DIMS {
+            return Err(format!("embedding: expected 1 to {MAX_EMBEDDING_DIMS} values, got {}", embedding.len()));
+        }
+        if let Some((index, value)) = embedding.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(format!("embedding: expected finite values, got {value} at index {index}"));
+        }
+    }
     Ok(())
+}
+
+/// An embedding as stored: each value's little-endian bytes, in order.
+pub fn embedding_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 #[cfg(test)]
@@ -170,6 +193,46 @@ mod tests {
         }
     }
 
+    fn with_embedding(embedding: Option<Vec<f32>>) -> NewItem {
+        NewItem {
+            asset: vec![1],
+            media_type: "image/png".into(),
+            model_name: "m".into(),
+            model_version: "1".into(),
+            prediction_json: "{}".into(),
+            score: 0.5,
+            strategy: "entropy".into(),
+            threshold: 0.5,
+            reason: "uncertain".into(),
+            upload_groups: Arc::from(vec!["a".to_string()]),
+            embedding,
+        }
+    }
+
+    #[test]
+    fn embeddings_of_1_to_4096_finite_values_are_accepted_as_little_endian_bytes() {
+        for embedding in [None, Some(vec![1.5]), Some(vec![-0.0; MAX_EMBEDDING_DIMS]), Some(vec![f32::MAX, f32::MIN_POSITIVE])] {
+            let expected = embedding.as_deref().map(embedding_bytes);
+            let prepared = prepare(vec![with_embedding(embedding)], u64::MAX).expect("accepted");
+            assert_eq!(prepared.items[0].embedding, expected);
+        }
+        assert_eq!(embedding_bytes(&[1.0, -2.5]), [0, 0, 0x80, 0x3f, 0, 0, 0x20, 0xc0]);
+    }
+
+    #[test]
+    fn a_bad_embedding_refuses_the_append_naming_it() {
+        let cases = [
+            (vec![], "item 1: embedding: expected 1 to 4096 values, got 0"),
+            (vec![0.5; MAX_EMBEDDING_DIMS + 1], "item 1: embedding: expected 1 to 4096 values, got 4097"),
+            (vec![0.5, f32::NAN], "item 1: embedding: expected finite values, got NaN at index 1"),
+            (vec![f32::NEG_INFINITY], "item 1: embedding: expected finite values, got -inf at index 0"),
+        ];
+        for (embedding, message) in cases {
+            let error = prepare(vec![with_embedding(None), with_embedding(Some(embedding))], u64::MAX).err();
+            assert_eq!(error.as_deref(), Some(message));
+        }
+    }
+
     #[test]
     fn distinct_groups_keep_the_first_of_each_in_order() {
         let item = NewItem {
@@ -189,8 +252,9 @@ mod tests {
                 "c".to_string(),
                 "a".to_string(),
             ]),
+            embedding: None,
         };
-        let prepared = PreparedItem { content_hash: content_hash(&item.asset), item, score: Some(0.5) };
+        let prepared = PreparedItem { content_hash: content_hash(&item.asset), item, score: Some(0.5), embedding: None };
         assert_eq!(prepared.distinct_groups().collect::<Vec<_>>(), ["b", "a", "c"]);
         assert_eq!(count_distinct(&prepared.item.upload_groups), 3);
     }

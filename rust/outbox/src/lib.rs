@@ -24,6 +24,7 @@
 //!     threshold: 0.3,
 //!     reason: "uncertain".into(),
 //!     upload_groups: Arc::from(vec!["to-label".to_string()]),
+//!     embedding: Some(vec![0.25, -1.5, 3.0]),
 //! };
 //! let result = outbox.append(vec![item], Duration::from_secs(5))?;
 //! assert_eq!(result.accepted, 1);
@@ -44,13 +45,21 @@ mod writer;
 pub use database::NEW_FILE_PAGE_SIZE;
 pub use config::{OutboxConfig, OverflowPolicy, SyncMode};
 pub use error::OutboxError;
-pub use item::{content_hash, validate_group_name, NewItem};
+pub use item::{content_hash, validate_group_name, NewItem, MAX_EMBEDDING_DIMS};
 pub use outbox::{AppendResult, Outbox, Ticket};
 pub use queue::WriterStats;
 
 /// The outbox schema (tables, indexes, triggers); idempotent. After running it on a new file,
-/// record the version: `INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')`.
+/// record the version: `INSERT OR IGNORE INTO meta VALUES ('schema_version', '2')`.
 pub const SCHEMA: &str = include_str!("schema.sql");
 
 /// The schema version this crate reads and writes (`meta.schema_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// How an older file is brought to [`SCHEMA_VERSION`] when it is opened: per version, the
+/// (table, column definition) pairs added to reach the next one. The Python package's
+/// `triton_al.outbox` makes the same changes.
+pub const MIGRATIONS: &[(i64, &[(&str, &str)])] = &[
+    // 1 -> 2: the model's embedding of an item (`NewItem::embedding`), in the queue and the dead letters.
+    (1, &[("items", "embedding BLOB"), ("dead_letters", "embedding BLOB")]),
+];

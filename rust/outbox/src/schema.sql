@@ -1,6 +1,8 @@
--- The outbox schema, version 1 (`SCHEMA_VERSION`): the same as the Python package's, so a file
+-- The outbox schema, version 2 (`SCHEMA_VERSION`): the same as the Python package's, so a file
 -- created by either side works with the other. Every statement is idempotent (IF NOT EXISTS);
--- the caller records the version in `meta` after running it.
+-- the caller records the version in `meta` after running it. A version-1 file gets version 2's
+-- `embedding` columns when it is opened (`MIGRATIONS`, in one transaction): they come last, as
+-- ALTER TABLE ... ADD COLUMN puts them, so both kinds of file have the same columns in order.
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS assets (
     content_hash TEXT PRIMARY KEY,
@@ -23,6 +25,7 @@ CREATE TABLE IF NOT EXISTS items (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
     last_error TEXT,
+    embedding BLOB,            -- the model's embedding of the item: little-endian f32; NULL = none
     UNIQUE (upload_group, content_hash)
 );
 CREATE INDEX IF NOT EXISTS items_by_hash ON items (content_hash);
@@ -43,6 +46,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     attempts INTEGER NOT NULL,
     failed_at REAL NOT NULL,
     error TEXT NOT NULL,
+    embedding BLOB,
     UNIQUE (upload_group, content_hash)
 );
 CREATE INDEX IF NOT EXISTS dead_by_hash ON dead_letters (content_hash);

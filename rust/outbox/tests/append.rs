@@ -123,8 +123,10 @@ fn a_dead_lettered_item_is_a_duplicate() {
     reader(&path)
         .execute_batch(
             "BEGIN IMMEDIATE; \
-             INSERT INTO dead_letters SELECT id, upload_group, content_hash, model_name, model_version, prediction, \
-               score, strategy, threshold, reason, created_at, attempts + 1, 2.0, 'rejected' FROM items; \
+             INSERT INTO dead_letters (id, upload_group, content_hash, model_name, model_version, prediction, \
+               score, strategy, threshold, reason, created_at, attempts, failed_at, error, embedding) \
+             SELECT id, upload_group, content_hash, model_name, model_version, prediction, \
+               score, strategy, threshold, reason, created_at, attempts + 1, 2.0, 'rejected', embedding FROM items; \
              DELETE FROM items; COMMIT;",
         )
         .expect("dead-letter");
@@ -311,12 +313,18 @@ fn a_bad_item_refuses_the_whole_append() {
     empty_asset.asset.clear();
     let mut nan_threshold = item(b"t", 0.1, &["a"]);
     nan_threshold.threshold = f64::NAN;
+    let mut nan_embedding = item(b"e", 0.1, &["a"]);
+    nan_embedding.embedding = Some(vec![0.0, f32::NAN]);
+    let mut long_embedding = item(b"l", 0.1, &["a"]);
+    long_embedding.embedding = Some(vec![0.0; 4097]);
     let cases = [
         (empty_asset, "asset"),
         (item(b"no group", 0.1, &[]), "upload_groups"),
         (item(b"newline", 0.1, &["a\n"]), "not allowed"),
         (item(b"dots", 0.1, &["a..b"]), "not allowed"),
         (nan_threshold, "threshold"),
+        (nan_embedding, "embedding: expected finite values, got NaN at index 1"),
+        (long_embedding, "embedding: expected 1 to 4096 values, got 4097"),
     ];
     for (bad, expected) in cases {
         let error = outbox.submit(vec![item(b"good", 0.1, &["a"]), bad]).expect_err("refused");
@@ -332,4 +340,34 @@ fn a_bad_item_refuses_the_whole_append() {
     outbox.close();
     assert_eq!(outbox.stats().transactions, 0, "nothing reached the database");
     assert_eq!(count(&path, "items"), 0);
+}
+
+#[test]
+fn an_embedding_is_stored_as_little_endian_f32_bytes_and_none_as_null() {
+    let dir = tempdir().expect("temp dir");
+    let path = outbox_path(&dir);
+    let outbox = Outbox::open(config(&dir)).expect("open");
+    let values: Vec<f32> = (0..4096).map(|i| i as f32 * 0.5 - 1000.0).collect();
+    let mut with = item(b"with", 0.1, &["a", "b"]);
+    with.embedding = Some(values.clone());
+    outbox.append(vec![with, item(b"without", 0.1, &["a"])], WAIT).expect("append");
+    let conn = reader(&path);
+    let rows: Vec<(String, String, Option<Vec<u8>>)> = conn
+        .prepare("SELECT upload_group, content_hash, embedding FROM items ORDER BY id")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(
+        rows,
+        [
+            ("a".into(), content_hash(b"with"), Some(bytes.clone())),
+            ("b".into(), content_hash(b"with"), Some(bytes)),
+            ("a".into(), content_hash(b"without"), None),
+        ]
+    );
+    // Not counted in the byte cap: that counts assets only.
+    assert_eq!(counter(&path, "stored_bytes"), (b"with".len() + b"without".len()) as i64);
 }

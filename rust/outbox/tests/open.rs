@@ -4,11 +4,16 @@
 mod common;
 
 use std::fs;
+use std::path::Path;
+use std::sync::{Arc, Barrier};
 
 use common::{config, item, outbox_path, queued, reader, WAIT};
 use rusqlite::Connection;
 use tempfile::tempdir;
-use triton_al_outbox::{Outbox, OutboxConfig, OutboxError, SCHEMA, SCHEMA_VERSION};
+use triton_al_outbox::{Outbox, OutboxConfig, OutboxError, SCHEMA_VERSION};
+
+/// The schema as it was at version 1, unchanged (shared with tests/test_outbox.py).
+const SCHEMA_V1: &str = include_str!("../../../tests/outbox_schema_v1.sql");
 
 fn open_error(settings: OutboxConfig) -> OutboxError {
     match Outbox::open(settings) {
@@ -62,14 +67,14 @@ fn a_new_file_gets_the_schema_in_wal_mode() {
 }
 
 /// Files made before this crate existed (by the Python package, with SQLite's default 4 KiB
-/// pages) keep working: same schema, same version.
+/// pages, at schema version 1) keep working.
 #[test]
 fn a_file_made_with_4_kib_pages_keeps_working() {
     let dir = tempdir().expect("temp dir");
     let older = dir.path().join("older.sqlite");
     let conn = Connection::open(&older).expect("open");
     conn.execute_batch("PRAGMA page_size=4096; PRAGMA journal_mode=WAL").expect("wal");
-    conn.execute_batch(&format!("{SCHEMA}INSERT OR IGNORE INTO meta VALUES ('schema_version', '1');")).expect("schema");
+    conn.execute_batch(&format!("{SCHEMA_V1}INSERT OR IGNORE INTO meta VALUES ('schema_version', '1');")).expect("schema");
     let outbox = Outbox::open(OutboxConfig::new(&older)).expect("open an older file");
     outbox.append(vec![item(b"cat", 0.5, &["a"])], WAIT).expect("append");
     assert_eq!(queued(&older).len(), 1);
@@ -105,11 +110,97 @@ fn another_schema_version_is_refused() {
     let dir = tempdir().expect("temp dir");
     let path = outbox_path(&dir);
     Outbox::open(config(&dir)).expect("create").close();
-    reader(&path).execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'", []).expect("bump version");
+    reader(&path).execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'", []).expect("bump version");
     let error = open_error(config(&dir));
     assert!(matches!(error, OutboxError::Other(_)), "{error:?}");
     let message = error.to_string();
-    assert!(message.contains("schema version 2") && message.contains(&path.display().to_string()), "{message}");
+    assert!(message.contains("schema version 3, this triton-al-outbox expects 2") && message.contains(&path.display().to_string()), "{message}");
+}
+
+/// A version-1 file as the old code made it, with a queued item and a dead letter.
+fn version_1_file(path: &Path) {
+    let conn = Connection::open(path).expect("open");
+    conn.execute_batch("PRAGMA journal_mode=WAL").expect("wal");
+    conn.execute_batch(&format!(
+        "{SCHEMA_V1}INSERT OR IGNORE INTO meta VALUES ('schema_version', '1');
+         INSERT INTO assets VALUES ('h1', 'image/png', 3, x'010203'), ('h2', 'image/png', 1, x'04');
+         INSERT INTO items (upload_group, content_hash, model_name, model_version, prediction, score, strategy,
+             threshold, reason, created_at) VALUES ('a', 'h1', 'm', '1', '{{}}', 0.25, 'entropy', 0.5, 'uncertain', 1.0);
+         INSERT INTO dead_letters VALUES (7, 'a', 'h2', 'm', '1', '{{}}', 0.1, 'entropy', 0.5, 'uncertain', 1.0, 3, 2.0, 'rejected');"
+    ))
+    .expect("a version-1 file");
+}
+
+/// (name, declared type) of a table's columns, in order.
+fn columns(conn: &Connection, table: &str) -> Vec<(String, String)> {
+    let mut statement = conn.prepare(&format!("SELECT name, type FROM pragma_table_info('{table}') ORDER BY cid")).expect("prepare");
+    statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("query").collect::<Result<_, _>>().expect("rows")
+}
+
+#[test]
+fn a_version_1_file_gets_the_embedding_columns_at_open_and_keeps_its_rows() {
+    let dir = tempdir().expect("temp dir");
+    let older = dir.path().join("v1.sqlite");
+    version_1_file(&older);
+    let outbox = Outbox::open(OutboxConfig::new(&older)).expect("open a version-1 file");
+    let mut with_embedding = item(b"dog", 0.2, &["a"]);
+    with_embedding.embedding = Some(vec![0.5, -1.0, 3.25]);
+    outbox.append(vec![with_embedding], WAIT).expect("append");
+    outbox.close();
+
+    let conn = reader(&older);
+    let version: String = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).expect("version");
+    assert_eq!(version, "2");
+    let embeddings: Vec<(String, Option<Vec<u8>>)> = conn
+        .prepare("SELECT content_hash, embedding FROM items ORDER BY id")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let floats: Vec<u8> = [0.5f32, -1.0, 3.25].iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(embeddings, [("h1".to_string(), None), (triton_al_outbox::content_hash(b"dog"), Some(floats))]);
+    let dead: (i64, Option<Vec<u8>>) = conn.query_row("SELECT id, embedding FROM dead_letters", [], |r| Ok((r.get(0)?, r.get(1)?))).expect("dead letter");
+    assert_eq!(dead, (7, None));
+    // The same columns, in the same order, as a file made at version 2.
+    Outbox::open(config(&dir)).expect("new file").close();
+    let new = reader(&outbox_path(&dir));
+    for table in ["items", "dead_letters"] {
+        assert_eq!(columns(&conn, table), columns(&new, table), "{table}");
+        assert_eq!(columns(&conn, table).last(), Some(&("embedding".to_string(), "BLOB".to_string())), "{table}");
+    }
+    // Opening again changes nothing.
+    let before = schema_objects(&conn);
+    Outbox::open(OutboxConfig::new(&older)).expect("reopen").close();
+    assert_eq!(schema_objects(&conn), before);
+}
+
+#[test]
+fn writers_opening_a_version_1_file_at_once_migrate_it_once() {
+    let dir = tempdir().expect("temp dir");
+    let older = dir.path().join("v1.sqlite");
+    version_1_file(&older);
+    let openers = 8;
+    let barrier = Arc::new(Barrier::new(openers));
+    let threads: Vec<_> = (0..openers)
+        .map(|k| {
+            let (barrier, path) = (Arc::clone(&barrier), older.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let outbox = Outbox::open(OutboxConfig::new(&path)).expect("open while others migrate");
+                let mut flagged = item(format!("item {k}").as_bytes(), 0.2, &["a"]);
+                flagged.embedding = Some(vec![k as f32; 4]);
+                outbox.append(vec![flagged], WAIT).expect("append")
+            })
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().expect("opener").accepted, 1);
+    }
+    let conn = reader(&older);
+    let embeddings: i64 = conn.query_row("SELECT count(*) FROM items WHERE length(embedding) = 16", [], |r| r.get(0)).expect("count");
+    assert_eq!(embeddings, openers as i64);
+    assert_eq!(columns(&conn, "items").iter().filter(|(name, _)| name == "embedding").count(), 1);
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! numpy arrays in: any float dtype, any memory order; float32 out for the kernels, borrowed
-//! without a copy when the input is already C-contiguous float32.
+//! without a copy when the input is already C-contiguous float32. An item's embedding in:
+//! any 1-D sequence of numbers, copied as float32.
 
 use half::f16;
 use numpy::ndarray::Axis;
 use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 pub enum FloatArray<'py> {
     F32(PyReadonlyArrayDyn<'py, f32>),
@@ -58,6 +60,22 @@ pub fn as_float_array<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult
     }
     let dtype = array.cast::<PyUntypedArray>().map(|a| a.dtype().to_string()).unwrap_or_else(|_| "unknown".into());
     Err(PyTypeError::new_err(format!("outputs: expected dtype float16, float32 or float64, got {dtype}")))
+}
+
+/// An item's embedding: any 1-D sequence of numbers (a numpy array of any float dtype, a
+/// list...) as float32 values; Err (ValueError) names `embedding` and what was wrong. Its
+/// length and finiteness are the outbox's to check (`NewItem::embedding`).
+pub fn embedding_values(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Vec<f32>> {
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("dtype", "float32")?;
+    let array = py.import("numpy")?.getattr("asarray")?.call((obj,), Some(&kwargs)).map_err(|e| {
+        PyValueError::new_err(format!("embedding: expected a 1-D sequence of numbers; could not convert {}: {e}", obj.get_type()))
+    })?;
+    let array = array.cast::<PyArrayDyn<f32>>().map_err(|e| PyValueError::new_err(format!("embedding: {e}")))?.readonly();
+    if array.ndim() != 1 {
+        return Err(PyValueError::new_err(format!("embedding: expected a 1-D sequence of numbers, got shape {:?}", array.shape())));
+    }
+    Ok(array.as_array().iter().copied().collect())
 }
 
 /// Float32 values in C order. With `shift_axis`, float64 logits are shifted by their maximum

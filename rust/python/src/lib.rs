@@ -236,6 +236,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("OUTBOX_SCHEMA", triton_al_outbox::SCHEMA)?;
     m.add("OUTBOX_SCHEMA_VERSION", triton_al_outbox::SCHEMA_VERSION)?;
     m.add("OUTBOX_PAGE_SIZE", triton_al_outbox::NEW_FILE_PAGE_SIZE)?;
+    m.add("OUTBOX_MAX_EMBEDDING_DIMS", triton_al_outbox::MAX_EMBEDDING_DIMS)?;
+    // {version: [(table, column definition), ...]}: what opening an older file adds.
+    let migrations = PyDict::new(m.py());
+    for (from, columns) in triton_al_outbox::MIGRATIONS {
+        migrations.set_item(from, columns.to_vec())?;
+    }
+    m.add("OUTBOX_MIGRATIONS", migrations)?;
     m.add("PARALLEL_MIN_ELEMENTS", kernels::PARALLEL_MIN_ELEMENTS)?;
     Ok(())
 }

@@ -9,6 +9,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use triton_al_outbox::{NewItem, Outbox, OutboxConfig, OutboxError, OverflowPolicy, SyncMode};
 
+use crate::convert::embedding_values;
+
 fn to_python(py: Python<'_>, error: OutboxError) -> PyErr {
     let class = match &error {
         OutboxError::Invalid(message) => return PyValueError::new_err(message.clone()),
@@ -23,8 +25,9 @@ fn to_python(py: Python<'_>, error: OutboxError) -> PyErr {
 }
 
 /// One flagged item as the Python step hands it over: (asset, media_type, model_name,
-/// model_version, prediction_json, score, strategy, threshold, reason, upload_groups).
-type ItemTuple = (Vec<u8>, String, String, String, String, f64, String, f64, String, Vec<String>);
+/// model_version, prediction_json, score, strategy, threshold, reason, upload_groups,
+/// embedding or None: any 1-D sequence of numbers).
+type ItemTuple<'py> = (Vec<u8>, String, String, String, String, f64, String, f64, String, Vec<String>, Option<Bound<'py, PyAny>>);
 
 #[pyclass(frozen, module = "triton_al._core")]
 pub struct OutboxWriter {
@@ -64,22 +67,32 @@ impl OutboxWriter {
     /// Append flagged items (one row per item and upload group); returns (accepted,
     /// duplicates, dropped, refused). Waits, without the GIL, until they are stored (and
     /// flushed, when durable) or `timeout_s` passes.
-    fn append(&self, py: Python<'_>, items: Vec<ItemTuple>, timeout_s: f64) -> PyResult<(u64, u64, u64, u64)> {
+    fn append<'py>(&self, py: Python<'py>, items: Vec<ItemTuple<'py>>, timeout_s: f64) -> PyResult<(u64, u64, u64, u64)> {
         let items = items
             .into_iter()
-            .map(|(asset, media_type, model_name, model_version, prediction_json, score, strategy, threshold, reason, groups)| NewItem {
-                asset,
-                media_type,
-                model_name,
-                model_version,
-                prediction_json,
-                score,
-                strategy,
-                threshold,
-                reason,
-                upload_groups: Arc::from(groups),
+            .enumerate()
+            .map(|(index, (asset, media_type, model_name, model_version, prediction_json, score, strategy, threshold, reason, groups, embedding))| {
+                let embedding = match embedding.filter(|e| !e.is_none()) {
+                    None => None,
+                    Some(values) => Some(embedding_values(py, &values).map_err(|e| {
+                        PyValueError::new_err(format!("outbox {}: item {index}: {}", self.outbox.path().display(), e.value(py)))
+                    })?),
+                };
+                Ok(NewItem {
+                    asset,
+                    media_type,
+                    model_name,
+                    model_version,
+                    prediction_json,
+                    score,
+                    strategy,
+                    threshold,
+                    reason,
+                    upload_groups: Arc::from(groups),
+                    embedding,
+                })
             })
-            .collect();
+            .collect::<PyResult<Vec<NewItem>>>()?;
         let timeout = Duration::try_from_secs_f64(timeout_s).map_err(|e| PyValueError::new_err(format!("timeout_s: {e}")))?;
         let result = py.detach(|| self.outbox.append(items, timeout)).map_err(|e| to_python(py, e))?;
         Ok((result.accepted, result.duplicates, result.dropped, result.refused))

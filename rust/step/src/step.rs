@@ -253,6 +253,7 @@ impl Step {
                 threshold: s.threshold,
                 reason: REASONS[reason as usize].to_string(),
                 upload_groups: self.groups.clone(),
+                embedding: None,
             });
         }
     }

@@ -26,6 +26,7 @@ fn new_item(asset: &[u8], model_name: &str) -> NewItem {
         threshold: 0.6,
         reason: "uncertain".into(),
         upload_groups: Arc::from(vec!["a".to_string()]),
+        embedding: None,
     }
 }
 

@@ -30,6 +30,7 @@ pub fn item(asset: &[u8], score: f64, upload_groups: &[&str]) -> NewItem {
         threshold: 0.4,
         reason: "uncertain".into(),
         upload_groups: groups(upload_groups),
+        embedding: None,
     }
 }
 
