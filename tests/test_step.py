@@ -316,3 +316,69 @@ def test_predictions_name_boxes_only_with_a_place_per_box():
     assert p == {"boxes": [{"label": 0, "confidence": 0.9, "box": [0.0, 1.0, 2.0, 3.0]}]}
     with pytest.raises(ValueError, match=r"boxes: expected shape \[1, 4\]"):
         prediction_of(np.array([[0.9, 0.1]], np.float32), "detection", boxes=np.zeros((2, 4), np.float32))
+
+
+def embedding_settings(tmp_path, **params):
+    return settings(outbox_path=str(tmp_path / "o.db"), embedding_input="EMB", threshold="0.5", **params)
+
+
+def test_flagged_items_are_stored_with_their_embedding_and_unflagged_ones_are_not_read(tmp_path):
+    from triton_al.outbox import Outbox, content_hash
+
+    step = ActiveLearningStep(embedding_settings(tmp_path))
+    outputs = np.array([[0.5, 0.5], [0.999, 0.001], [0.6, 0.4]], np.float32)  # items 0 and 2 are flagged
+    embedding = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    assets = np.array([png(1), png(2), png(3)], dtype=object)
+    (result,) = step.process([RequestInputs(outputs, assets, embedding=embedding)])
+    assert list(result.flagged) == [True, False, True]
+    with Outbox(tmp_path / "o.db") as o:
+        stored = {i.content_hash: i.embedding for i in o.due(10)}
+    assert set(stored) == {content_hash(png(1)), content_hash(png(3))}
+    np.testing.assert_array_equal(stored[content_hash(png(1))], embedding[0])
+    np.testing.assert_array_equal(stored[content_hash(png(3))], embedding[2])
+    assert step.counts.invalid_embeddings == 0
+
+
+def test_an_embedding_with_nan_or_inf_is_left_out_the_item_still_stored_and_the_problem_reported(tmp_path, caplog):
+    from triton_al.outbox import Outbox, content_hash
+
+    step = ActiveLearningStep(embedding_settings(tmp_path))
+    outputs = np.full((3, 2), 0.5, np.float32)  # all flagged
+    embedding = np.array([[1, np.nan], [np.inf, 0], [3, 4]], np.float32)
+    with caplog.at_level("WARNING", logger="triton_al.step"):
+        (result,) = step.process([RequestInputs(outputs, np.array([png(1), png(2), png(3)], dtype=object), embedding=embedding)])
+    assert result.flagged.all() and step.counts.stored == 3 and step.counts.outbox_errors == 0
+    assert step.counts.invalid_embeddings == 2
+    assert "2 flagged items stored without their embedding: EMB held NaN or Inf" in caplog.text
+    with Outbox(tmp_path / "o.db") as o:
+        stored = {i.content_hash: i.embedding for i in o.due(10)}
+    assert stored[content_hash(png(1))] is None and stored[content_hash(png(2))] is None
+    np.testing.assert_array_equal(stored[content_hash(png(3))], [3, 4])
+
+
+def test_embeddings_of_the_wrong_type_shape_or_batch_fail_only_their_request_naming_the_input(tmp_path):
+    """The Rust step's messages (rust/step/src/step.rs tests), word for word; the type check is the native step's."""
+    step = ActiveLearningStep(embedding_settings(tmp_path))
+    scores = np.array([[0.5, 0.5], [0.9, 0.1]], np.float32)
+    good = np.zeros((2, 3), np.float32)
+    bad = [good.astype(np.float64), good.astype(np.float16), np.zeros(2, np.float32), np.zeros((2, 3, 1), np.float32),
+           np.zeros((3, 2), np.float32), np.zeros((2, 0), np.float32), np.zeros((2, 4097), np.float32), None]
+    results = step.process([RequestInputs(scores, embedding=good), *(RequestInputs(scores, embedding=e) for e in bad)])
+    assert type(results[0]).__name__ == "Evaluation"
+    shape = "EMB: expected shape [2, D] (one embedding of D values, 1 <= D <= 4096, per item of PROBS), got {}"
+    assert [str(r) for r in results[1:]] == [
+        "EMB: expected FP32 embeddings, got FP64", "EMB: expected FP32 embeddings, got FP16", shape.format([2]),
+        shape.format([2, 3, 1]), shape.format([3, 2]), shape.format([2, 0]), shape.format([2, 4097]), "missing input 'EMB'"]
+    assert all(isinstance(r, RequestError) for r in results[1:]) and step.counts.scored == 2
+
+
+def test_without_embedding_input_nothing_is_asked_or_stored(tmp_path):
+    from triton_al.outbox import Outbox
+
+    step = ActiveLearningStep(settings(outbox_path=str(tmp_path / "o.db")))
+    assert step.settings.embedding_input is None
+    (result,) = step.process([RequestInputs(np.full((1, 2), 0.5, np.float32), np.array([png(1)], dtype=object))])
+    assert result.flagged.all()
+    with Outbox(tmp_path / "o.db") as o:
+        (row,) = o.due(10)
+    assert row.embedding is None

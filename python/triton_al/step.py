@@ -25,6 +25,9 @@ from triton_al.step_settings import StepSettings
 
 log = logging.getLogger("triton_al.step")
 
+EMBEDDING_MAX_DIMS = _core.OUTBOX_MAX_EMBEDDING_DIMS
+"""The longest embedding the outbox stores (`embedding_input`: [batch, D], 1 <= D <= this)."""
+
 
 class RequestError(ValueError):
     """One request's inputs are unusable; only that request fails."""
@@ -43,6 +46,9 @@ class RequestInputs:
     model_version: str | None = None
     boxes: np.ndarray | None = None
     """Detection: the boxes of this request's items, [batch, boxes, 4] FP32 (x0, y0, x1, y1)."""
+    embedding: np.ndarray | None = None
+    """The model's embedding of this request's items (`embedding_input`), [batch, D] FP32;
+    only the flagged items' rows are read (and stored)."""
 
 
 @dataclass
@@ -55,6 +61,8 @@ class StepCounts:
     refused: int = 0
     """Rows not stored because the asset is over `outbox_max_asset_bytes`."""
     outbox_errors: int = 0
+    invalid_embeddings: int = 0
+    """Flagged items stored without their embedding because it held NaN or Inf."""
 
 
 def sniff_media_type(data: bytes) -> str:
@@ -161,6 +169,10 @@ class ActiveLearningStep:
             )
         if request.boxes is not None:
             self._check_boxes(x, request.boxes)
+        if request.embedding is not None:
+            self._check_embedding(x, request.embedding)
+        elif self.settings.embedding_input is not None:
+            raise RequestError(f"missing input {self.settings.embedding_input!r}")
 
     def _check_boxes(self, scores: np.ndarray, boxes: np.ndarray) -> None:
         """The Rust step's rules and messages (`Step::check_boxes`; the native step's type check)."""
@@ -172,6 +184,28 @@ class ActiveLearningStep:
         if list(boxes.shape) != expected:
             raise RequestError(f"{name}: expected shape {expected} (x0, y0, x1, y1 for each box of "
                                f"{self.settings.scores_input}), got {list(boxes.shape)}")
+
+    def _check_embedding(self, scores: np.ndarray, embedding: np.ndarray) -> None:
+        """The Rust step's rules and messages (`Step::check_embedding`; the native step's type check)."""
+        name = self.settings.embedding_input or "embedding"
+        if not isinstance(embedding, np.ndarray) or embedding.dtype != np.float32:
+            got = triton_type_name(embedding) if isinstance(embedding, np.ndarray) else type(embedding).__name__
+            raise RequestError(f"{name}: expected FP32 embeddings, got {got}")
+        shape = list(embedding.shape)
+        if len(shape) != 2 or shape[0] != scores.shape[0] or not 1 <= shape[1] <= EMBEDDING_MAX_DIMS:
+            raise RequestError(f"{name}: expected shape [{scores.shape[0]}, D] (one embedding of D values, 1 <= D <= "
+                               f"{EMBEDDING_MAX_DIMS}, per item of {self.settings.scores_input}), got {shape}")
+
+    def _embedding_of(self, request: RequestInputs, j: int) -> np.ndarray | None:
+        """Item j's embedding to store: None without one, or (counted) when it holds NaN or
+        Inf: the item is stored without it."""
+        if request.embedding is None:
+            return None
+        row = request.embedding[j]
+        if np.isfinite(row).all():
+            return row
+        self.counts.invalid_embeddings += 1
+        return None
 
     def process(self, requests: Sequence[RequestInputs]) -> list[Evaluation | Exception]:
         """Score every request (one kernel call for all requests of compatible shape) and
@@ -222,6 +256,7 @@ class ActiveLearningStep:
 
     def _store(self, requests: Sequence[RequestInputs], results: list[Evaluation | Exception]) -> None:
         items = []
+        invalid_embeddings = self.counts.invalid_embeddings
         cfg = self.config
         layout = getattr(cfg.task_options, "layout", "nchw")
         for request, result in zip(requests, results):
@@ -259,8 +294,12 @@ class ActiveLearningStep:
                         threshold=cfg.threshold,
                         reason=reason,
                         upload_groups=list(cfg.upload_groups),
+                        embedding=self._embedding_of(request, j),
                     )
                 )
+        if self.counts.invalid_embeddings > invalid_embeddings:
+            log.warning("active_learning: %d flagged items stored without their embedding: %s held NaN or Inf",
+                        self.counts.invalid_embeddings - invalid_embeddings, self.settings.embedding_input or "embedding")
         if not items:
             return
         try:

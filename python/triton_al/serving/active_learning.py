@@ -5,7 +5,8 @@ A model repository's `active_learning/1/model.py` is one line:
 
 Inputs: the model's class scores (`scores_input`, default `PROBS`), optionally the original
 asset (`asset_input`, default `IMAGE`, BYTES), the detection boxes (`boxes_input`, FP32
-[batch, boxes, 4]) and `MODEL_VERSION` (BYTES or INT). Outputs, per
+[batch, boxes, 4]), the model's embedding of each item (`embedding_input`, FP32 [batch, D],
+stored with flagged items) and `MODEL_VERSION` (BYTES or INT). Outputs, per
 item: `SCORE` (FP32 [1]) and `FLAGGED` (BOOL [1]); any other output is a pass-through: a copy
 of the input of the same name (`attach` routes every model output through the step, so that
 Triton never prunes the step, whichever outputs a client asks for). Every request gets
@@ -226,9 +227,15 @@ class TritonPythonModel:
         self.settings = StepSettings.from_parameters(params)
         self.step = ActiveLearningStep(self.settings, repository=Path(args["model_repository"]).parent)
         self.inputs = {i["name"] for i in model_config.get("input", [])}
+        embedding = self.settings.embedding_input
+        if embedding is not None and embedding not in self.inputs:  # the native step's rule and message
+            listed = ", ".join(f'"{i["name"]}"' for i in model_config.get("input", []))
+            raise ValueError(f"active_learning step: embedding_input '{embedding}' is not an input of this model "
+                             f"(its inputs: [{listed}])")
         self.passthrough = passthrough_outputs(model_config)
         self.metrics = _Metrics(args.get("model_name", "active_learning"))
         self._last_errors = 0
+        self._last_invalid_embeddings = 0
         self.log = pb_utils.Logger
         s = self.settings.active_learning
         self.log.log_info(
@@ -260,6 +267,12 @@ class TritonPythonModel:
             if tensor is None:
                 raise RequestError(f"missing input {self.settings.boxes_input!r}")
             boxes = tensor.as_numpy()
+        embedding = None
+        if self.settings.embedding_input:  # checked (type, shape) by the step, as the native step does
+            tensor = pb_utils.get_input_tensor_by_name(request, self.settings.embedding_input)
+            if tensor is None:
+                raise RequestError(f"missing input {self.settings.embedding_input!r}")
+            embedding = tensor.as_numpy()
         version = None
         if "MODEL_VERSION" in self.inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, "MODEL_VERSION")
@@ -268,7 +281,8 @@ class TritonPythonModel:
                 version = v.decode() if isinstance(v, bytes) else str(v)
         if version is None and self.served_version is not None:
             version = self.served_version()
-        return RequestInputs(outputs=scores.as_numpy(), assets=assets, model_version=version, boxes=boxes)
+        return RequestInputs(outputs=scores.as_numpy(), assets=assets, model_version=version, boxes=boxes,
+                             embedding=embedding)
 
     def execute(self, requests):
         parsed: list[RequestInputs | Exception] = []
@@ -307,6 +321,11 @@ class TritonPythonModel:
             self.metrics.error(errors - self._last_errors)
             self.log.log_error(f"active_learning: {errors - self._last_errors} flagged items could not be stored")
             self._last_errors = errors
+        invalid = self.step.counts.invalid_embeddings
+        if invalid != self._last_invalid_embeddings:
+            self.log.log_warn(f"active_learning: {invalid - self._last_invalid_embeddings} flagged items stored without "
+                              f"their embedding: {self.settings.embedding_input} held NaN or Inf")
+            self._last_invalid_embeddings = invalid
         return responses
 
     def finalize(self) -> None:

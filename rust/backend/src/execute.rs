@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use triton_al_step::{Boxes, Scores, StepRequest};
+use triton_al_step::{Boxes, Embedding, Scores, StepRequest};
 
 use crate::model::ModelState;
 use crate::tensors::{self, AssetTensor};
@@ -17,6 +17,8 @@ struct Parsed<'a> {
     assets: Option<AssetTensor<'a>>,
     /// Detection boxes (`boxes_input`) and their shape; checked against the scores by the step.
     boxes: Option<(Cow<'a, [f32]>, Vec<usize>)>,
+    /// The model's embeddings (`embedding_input`) and their shape; checked by the step.
+    embedding: Option<(Cow<'a, [f32]>, Vec<usize>)>,
     model_version: Option<String>,
 }
 
@@ -37,6 +39,14 @@ fn parse<'a>(state: &ModelState, request: &'a Request) -> Result<Parsed<'a>, Str
         }
         None => None,
     };
+    let embedding = match &s.embedding_input {
+        Some(name) => {
+            let input = request.input(name)?.ok_or_else(|| format!("missing input '{name}'"))?;
+            let shape = tensors::sizes(input.name(), &input.shape())?;
+            Some((tensors::embedding(&input, &shape)?, shape))
+        }
+        None => None,
+    };
     let mut model_version = None;
     if state.version_input {
         model_version = request.input("MODEL_VERSION")?.and_then(|i| tensors::model_version(&i));
@@ -44,7 +54,7 @@ fn parse<'a>(state: &ModelState, request: &'a Request) -> Result<Parsed<'a>, Str
     if model_version.is_none() {
         model_version = state.served_version.as_ref().map(|v| v.get());
     }
-    Ok(Parsed { scores, shape, assets, boxes, model_version })
+    Ok(Parsed { scores, shape, assets, boxes, embedding, model_version })
 }
 
 /// The response's outputs: the requested ones of SCORE, FLAGGED and the pass-throughs.
@@ -86,6 +96,7 @@ pub fn execute(instance: Instance, state: &ModelState, requests: Vec<Request>) {
             scores: Scores { values: &p.scores, shape: &p.shape },
             assets: p.assets.as_ref().map(|a| a as &dyn triton_al_step::Assets),
             boxes: p.boxes.as_ref().map(|(values, shape)| Boxes { values, shape }),
+            embedding: p.embedding.as_ref().map(|(values, shape)| Embedding { values, shape }),
             model_version: p.model_version.clone(),
         })
         .collect();

@@ -121,6 +121,9 @@ impl ModelState {
         if let Some(boxes) = settings.boxes_input.as_deref().filter(|b| !inputs.contains(b)) {
             return Err(format!("active_learning step: boxes_input '{boxes}' is not an input of this model (its inputs: {inputs:?})"));
         }
+        if let Some(embedding) = settings.embedding_input.as_deref().filter(|e| !inputs.contains(e)) {
+            return Err(format!("active_learning step: embedding_input '{embedding}' is not an input of this model (its inputs: {inputs:?})"));
+        }
         let passthrough = passthrough_outputs(&config)?;
         let served_version = (!explicit_version).then(|| ServedVersion::new(server, settings.model_name.clone()));
         // The model's folder is in the repository; label_file is relative to the repository.

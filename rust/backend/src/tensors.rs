@@ -46,6 +46,15 @@ pub fn boxes<'a>(input: &Input<'a>, shape: &[usize]) -> Result<Cow<'a, [f32]>, S
     scores(input, shape)
 }
 
+/// A model's embeddings as f32: FP32 only (an embedding of D values per item), borrowed when
+/// aligned, so a batch without flagged items copies nothing.
+pub fn embedding<'a>(input: &Input<'a>, shape: &[usize]) -> Result<Cow<'a, [f32]>, String> {
+    if input.datatype() != sys::TRITONSERVER_TYPE_FP32 {
+        return Err(format!("{}: expected FP32 embeddings, got {}", input.name(), datatype_name(input.datatype())));
+    }
+    scores(input, shape)
+}
+
 /// numpy's type string for a Triton numeric type (what `numpy.save` records).
 fn npy_descr(datatype: sys::TRITONSERVER_DataType) -> Option<&'static str> {
     Some(match datatype {

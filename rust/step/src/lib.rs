@@ -12,4 +12,4 @@ pub use assets::{npy_bytes, sniff_media_type, NPY_MEDIA_TYPE};
 pub use triton_al_outbox::validate_group_name;
 pub use prediction::prediction_json;
 pub use settings::{parse_parameters, OutboxSettings, Parsed, StepSettings, Task, Value, OUTBOX_ENV, PARAMETERS_JSON};
-pub use step::{wait, Assets, BatchReport, Boxes, Evaluation, Processed, Scores, Step, StepRequest, REASONS};
+pub use step::{wait, Assets, BatchReport, Boxes, Embedding, Evaluation, Processed, Scores, Step, StepRequest, REASONS};

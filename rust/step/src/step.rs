@@ -1,12 +1,12 @@
 //! One dynamic batch through the step: score each request's items, flag them, and hand the
-//! flagged ones (asset, prediction, score, reason) to the outbox's writer thread.
+//! flagged ones (asset, prediction, score, reason, embedding) to the outbox's writer thread.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use triton_al_kernels as kernels;
-use triton_al_outbox::{NewItem, Outbox, OutboxConfig, OutboxError, OverflowPolicy, SyncMode, Ticket};
+use triton_al_outbox::{NewItem, Outbox, OutboxConfig, OutboxError, OverflowPolicy, SyncMode, Ticket, MAX_EMBEDDING_DIMS};
 
 use crate::prediction::prediction_json;
 use crate::settings::{StepSettings, Task};
@@ -33,12 +33,21 @@ pub struct Boxes<'a> {
     pub shape: &'a [usize],
 }
 
+/// One request's embeddings: [B, D] (one vector of D values per item), as contiguous f32.
+pub struct Embedding<'a> {
+    pub values: &'a [f32],
+    pub shape: &'a [usize],
+}
+
 /// What one inference request brings to the step.
 pub struct StepRequest<'a> {
     pub scores: Scores<'a>,
     pub assets: Option<&'a dyn Assets>,
     /// The boxes of a detection request (`boxes_input`), checked against the scores' shape.
     pub boxes: Option<Boxes<'a>>,
+    /// The model's embedding of each item (`embedding_input`), checked against the scores'
+    /// batch; only flagged items' rows are copied (to the outbox).
+    pub embedding: Option<Embedding<'a>>,
     /// The version of the model that produced the scores, when the request says.
     pub model_version: Option<String>,
 }
@@ -58,6 +67,8 @@ pub struct BatchReport {
     pub flagged: [u64; 4],
     /// Flagged items that could not be handed to the outbox (unreadable asset, outbox refused).
     pub outbox_errors: u64,
+    /// Flagged items handed to the outbox without their embedding, because it held NaN or Inf.
+    pub invalid_embeddings: u64,
     /// The first problems met, for the log.
     pub problems: Vec<String>,
 }
@@ -219,6 +230,43 @@ impl Step {
         Ok(())
     }
 
+    /// Check a request's embedding against its scores: one vector of 1 to 4096 values per item.
+    pub fn check_embedding(&self, scores: &Scores<'_>, embedding: &Embedding<'_>) -> Result<(), String> {
+        let name = self.settings.embedding_input.as_deref().unwrap_or("embedding");
+        let batch = scores.shape.first().copied().unwrap_or(0);
+        match embedding.shape {
+            &[b, d] if b == batch && (1..=MAX_EMBEDDING_DIMS).contains(&d) => {}
+            shape => {
+                return Err(format!(
+                    "{name}: expected shape [{batch}, D] (one embedding of D values, 1 <= D <= {MAX_EMBEDDING_DIMS}, per item of {}), got {shape:?}",
+                    self.settings.scores_input
+                ))
+            }
+        }
+        let expected: usize = embedding.shape.iter().product();
+        if embedding.values.len() != expected {
+            return Err(format!("{name}: shape {:?} needs {expected} values, got {}", embedding.shape, embedding.values.len()));
+        }
+        Ok(())
+    }
+
+    /// Item `j`'s embedding to store (a copy of its row): None without one, or when it holds
+    /// NaN or Inf (counted and reported: the item is stored without it).
+    fn embedding_of(&self, request: &StepRequest<'_>, j: usize, report: &mut BatchReport) -> Option<Vec<f32>> {
+        let embedding = request.embedding.as_ref()?;
+        let d = embedding.shape.get(1).copied().unwrap_or(0);
+        let row = embedding.values.get(j * d..(j + 1) * d)?;
+        if row.iter().all(|v| v.is_finite()) {
+            return Some(row.to_vec());
+        }
+        report.invalid_embeddings += 1;
+        if report.problems.len() < 4 {
+            let name = self.settings.embedding_input.as_deref().unwrap_or("embedding");
+            report.problems.push(format!("flagged item {j}: {name} holds NaN or Inf; stored without its embedding"));
+        }
+        None
+    }
+
     /// The outbox items for one request's flagged items (the asset copied only for them).
     fn flagged_items(&self, request: &StepRequest<'_>, evaluation: &Evaluation, report: &mut BatchReport, items: &mut Vec<NewItem>) {
         let s = &self.settings;
@@ -253,7 +301,7 @@ impl Step {
                 threshold: s.threshold,
                 reason: REASONS[reason as usize].to_string(),
                 upload_groups: self.groups.clone(),
-                embedding: None,
+                embedding: self.embedding_of(request, j, report),
             });
         }
     }
@@ -278,6 +326,11 @@ impl Step {
             let evaluation = match (evaluation, &request.boxes) {
                 (Ok(e), Some(boxes)) => self.check_boxes(&request.scores, boxes).map(|()| e),
                 (other, _) => other,
+            };
+            let evaluation = match (evaluation, &request.embedding, &self.settings.embedding_input) {
+                (Ok(e), Some(embedding), _) => self.check_embedding(&request.scores, embedding).map(|()| e),
+                (Ok(_), None, Some(name)) => Err(format!("missing input '{name}'")),
+                (other, _, _) => other,
             };
             if let Ok(e) = &evaluation {
                 report.scored += e.scores.len() as u64;
@@ -337,6 +390,7 @@ mod tests {
                 scores: Scores { values: &scores, shape: &shape },
                 assets: None,
                 boxes: Some(Boxes { values, shape: box_shape }),
+                embedding: None,
                 model_version: None,
             })
             .collect();
@@ -348,6 +402,93 @@ mod tests {
         );
         assert_eq!(processed.results[2].as_ref().unwrap_err(), "BOXES: expected shape [1, 2, 4] (x0, y0, x1, y1 for each box of DET), got [1, 6]");
         assert_eq!(processed.report.scored, 1);
+    }
+
+    fn embedding_step() -> Step {
+        let params: BTreeMap<String, String> = [("model_name", "m"), ("outbox_path", ""), ("embedding_input", "EMB"), ("threshold", "0.5")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Step::with_outbox(StepSettings::from_parameters(&params, None).unwrap(), None)
+    }
+
+    /// One PNG-looking asset per item.
+    struct ItemAssets(usize);
+
+    impl Assets for ItemAssets {
+        fn len(&self) -> usize {
+            self.0
+        }
+
+        fn asset(&self, index: usize) -> Result<(Vec<u8>, &'static str), String> {
+            let mut data = b"\x89PNG\r\n\x1a\n".to_vec();
+            data.extend_from_slice(format!("item {index}").as_bytes());
+            Ok((data, "image/png"))
+        }
+    }
+
+    #[test]
+    fn embeddings_of_the_wrong_shape_or_missing_fail_only_their_request_naming_the_input() {
+        let step = embedding_step();
+        let scores = [0.5f32, 0.5, 0.9, 0.1];
+        let shape = [2usize, 2];
+        let long = vec![0f32; 2 * 4097];
+        let cases: [(&[f32], &[usize]); 6] =
+            [(&[0.0; 6], &[2, 3]), (&[0.0; 6], &[2, 3, 1]), (&[0.0; 6], &[3, 2]), (&[], &[2, 0]), (&long, &[2, 4097]), (&[0.0; 5], &[2, 3])];
+        let mut requests: Vec<StepRequest<'_>> = cases
+            .iter()
+            .map(|&(values, embedding_shape)| StepRequest {
+                scores: Scores { values: &scores, shape: &shape },
+                assets: None,
+                boxes: None,
+                embedding: Some(Embedding { values, shape: embedding_shape }),
+                model_version: None,
+            })
+            .collect();
+        requests.push(StepRequest { scores: Scores { values: &scores, shape: &shape }, assets: None, boxes: None, embedding: None, model_version: None });
+        let processed = step.process(&requests);
+        assert!(processed.results[0].is_ok());
+        let errors: Vec<&str> = processed.results[1..].iter().map(|r| r.as_ref().unwrap_err().as_str()).collect();
+        let expected = |got: &str| format!("EMB: expected shape [2, D] (one embedding of D values, 1 <= D <= 4096, per item of PROBS), got {got}");
+        assert_eq!(
+            errors,
+            [
+                expected("[2, 3, 1]").as_str(),
+                expected("[3, 2]").as_str(),
+                expected("[2, 0]").as_str(),
+                expected("[2, 4097]").as_str(),
+                "EMB: shape [2, 3] needs 6 values, got 5",
+                "missing input 'EMB'",
+            ]
+        );
+        assert_eq!(processed.report.scored, 2);
+    }
+
+    #[test]
+    fn only_flagged_items_get_a_copy_of_their_embedding_and_nan_or_inf_leaves_it_out() {
+        let step = embedding_step();
+        // Items 0, 2 and 3 are uncertain (flagged); 1 is certain.
+        let scores = [0.5f32, 0.5, 0.99, 0.01, 0.5, 0.5, 0.6, 0.4];
+        let shape = [4usize, 2];
+        let embedding = [1.0f32, 2.0, 3.0, 4.0, 5.0, f32::NAN, 7.0, 8.0];
+        let assets = ItemAssets(4);
+        let request = StepRequest {
+            scores: Scores { values: &scores, shape: &shape },
+            assets: Some(&assets),
+            boxes: None,
+            embedding: Some(Embedding { values: &embedding, shape: &[4, 2] }),
+            model_version: None,
+        };
+        let evaluation = step.evaluate(&request.scores, 1).unwrap();
+        assert_eq!(evaluation.reasons.iter().map(|&r| r != 0).collect::<Vec<_>>(), [true, false, true, true]);
+        let mut report = BatchReport::default();
+        let mut items = Vec::new();
+        step.flagged_items(&request, &evaluation, &mut report, &mut items);
+        let stored: Vec<Option<Vec<f32>>> = items.into_iter().map(|item| item.embedding).collect();
+        assert_eq!(stored, [Some(vec![1.0, 2.0]), None, Some(vec![7.0, 8.0])]);
+        assert_eq!(report.invalid_embeddings, 1);
+        assert_eq!(report.problems, ["flagged item 2: EMB holds NaN or Inf; stored without its embedding"]);
+        assert_eq!(report.outbox_errors, 0);
     }
 
     #[test]
