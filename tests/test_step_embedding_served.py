@@ -124,3 +124,65 @@ def test_an_embedding_input_that_is_not_an_input_fails_the_load_naming_it(served
         config.write_text(good)
     served.load_model("embedder_active_learning")
     assert infer(served, np.zeros((1, 10), np.float32))["FLAGGED"].all()  # and it serves on
+
+
+def direct_config(name: str, step: str, outbox, embedding_type: str) -> str:
+    """A step model called directly (no ensemble), so a client can send any embedding."""
+    params = {"model_name": "m", "model_version": "1", "threshold": "0.5", "upload_groups": name, "outbox_path": str(outbox),
+              "scores_input": "PROBS", "asset_input": "IMAGE", "embedding_input": "EMB"}
+    return (
+        f'name: "{name}"\nbackend: "{"active_learning" if step == "native" else "python"}"\nmax_batch_size: 4\n'
+        'input [ { name: "PROBS" data_type: TYPE_FP32 dims: [ 2 ] },\n'
+        f'        {{ name: "EMB" data_type: TYPE_{embedding_type} dims: [ -1 ] optional: true }},\n'
+        '        { name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] optional: true } ]\n'
+        'output [ { name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] }, { name: "FLAGGED" data_type: TYPE_BOOL dims: [ 1 ] } ]\n'
+        + "".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n' for k, v in params.items())
+    )
+
+
+@pytest.mark.parametrize("step", ["native", "python"])
+def test_bad_embeddings_fail_their_request_naming_the_input_alike_in_both_steps(tmp_path, step):
+    from triton_al.attach import SHIM
+    from tritonclient.utils import InferenceServerException
+
+    repo, outbox = tmp_path / "repo", tmp_path / "outbox.db"
+    for name, embedding_type in (("emb", "FP32"), ("emb_fp64", "FP64")):
+        (repo / name / "1").mkdir(parents=True)
+        if step == "python":
+            (repo / name / "1" / "model.py").write_text(SHIM)
+        (repo / name / "config.pbtxt").write_text(direct_config(name, step, outbox, embedding_type))
+    probs = np.array([[0.5, 0.5]], np.float32)  # uncertain: flagged
+    image = np.array([[b"\x89PNG\r\n\x1a\n direct"]], dtype=object)
+
+    def send(model: str, embedding: np.ndarray | None):
+        inputs = [grpcclient.InferInput("PROBS", [1, 2], "FP32"), grpcclient.InferInput("IMAGE", [1, 1], "BYTES")]
+        inputs[0].set_data_from_numpy(probs)
+        inputs[1].set_data_from_numpy(image)
+        if embedding is not None:
+            e = grpcclient.InferInput("EMB", list(embedding.shape), "FP32" if embedding.dtype == np.float32 else "FP64")
+            e.set_data_from_numpy(embedding)
+            inputs.append(e)
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            return c.infer(model, inputs).as_numpy("FLAGGED").reshape(-1)
+
+    server = TritonServer(repo, model_control_mode="explicit", load_models=["emb", "emb_fp64"], log_path=tmp_path / "t.log")
+    with server:
+        failures = {}
+        for case, model, values in (("long", "emb", np.zeros((1, 4097), np.float32)),
+                                    ("empty", "emb", np.zeros((1, 0), np.float32)),
+                                    ("dtype", "emb_fp64", np.zeros((1, 3), np.float64)),
+                                    ("missing", "emb", None)):
+            with pytest.raises(InferenceServerException) as e:
+                send(model, values)
+            failures[case] = e.value.message()
+        good = np.array([[0.25, -2.0, 8.5]], np.float32)
+        assert list(send("emb", good)) == [True]  # and it serves on
+    shape = "EMB: expected shape [1, D] (one embedding of D values, 1 <= D <= 4096, per item of PROBS), got {}"
+    assert shape.format([1, 4097]) in failures["long"]
+    assert shape.format([1, 0]) in failures["empty"]
+    assert "EMB: expected FP32 embeddings, got FP64" in failures["dtype"]
+    assert "missing input 'EMB'" in failures["missing"]
+    with Outbox(outbox) as o:
+        (row,) = o.due(10)
+    assert row.content_hash == content_hash(image[0, 0])
+    np.testing.assert_array_equal(row.embedding, good[0])
