@@ -77,6 +77,7 @@ def serve_command(
     rate_limit: Annotated[Optional[list[str]], typer.Option("--rate-limit", help="Passed to the uploader: GROUP=N/minute (or /hour, /day). Repeatable.")] = None,
     budget_ledger: Annotated[Optional[str], typer.Option(help="Passed to the uploader: redis://HOST:PORT/DB shared by a fleet, so that --rate-limit budgets hold across it (see `triton-al uploader --budget-ledger`).")] = None,
     near_duplicate_distance: Annotated[Optional[str], typer.Option(help="Passed to the uploader: images within this many bits of one queued or delivered for the group are counted as near-duplicates and not uploaded; 0 or 'off' disables (see `triton-al uploader --near-duplicate-distance`).")] = None,
+    near_duplicate_embedding_distance: Annotated[Optional[str], typer.Option(help="Passed to the uploader: items whose embedding (stored by the step with --embedding-output) is within this cosine distance of one queued or delivered for the group, by the same model version, are counted as near-duplicates and not uploaded; 0 or 'off' disables (see `triton-al uploader --near-duplicate-embedding-distance`).")] = None,
     selection: Annotated[Optional[str], typer.Option(help="Passed to the uploader: which items go when a group's --rate-limit binds: fifo, uncertainty or diverse (see `triton-al uploader --selection`).")] = None,
 ) -> None:
     """Serve a model repository with Triton and the uploader sidecar until Ctrl-C / SIGTERM."""
@@ -129,6 +130,11 @@ def serve_command(
 
         _checked("--near-duplicate-distance", parse_distance, near_duplicate_distance)
         uploader_args += ["--near-duplicate-distance", near_duplicate_distance]
+    if near_duplicate_embedding_distance is not None:
+        from triton_al.uploader.near_duplicates import parse_embedding_distance
+
+        _checked("--near-duplicate-embedding-distance", parse_embedding_distance, near_duplicate_embedding_distance)
+        uploader_args += ["--near-duplicate-embedding-distance", near_duplicate_embedding_distance]
     if selection is not None:
         from triton_al.uploader.selection import parse_selection
 

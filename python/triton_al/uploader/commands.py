@@ -145,7 +145,8 @@ def uploader_command(
     fleet_claim_ttl: Annotated[str, typer.Option(help="With --budget-ledger: how long a claim lasts (a replica that dies holding one delays those items this long).")] = "5m",
     fleet_dedup_ttl: Annotated[str, typer.Option(help="With --budget-ledger: how long the ledger remembers that an item was delivered, so that other replicas do not upload it again.")] = "1h",
     near_duplicate_distance: Annotated[Optional[str], typer.Option(help="An image within this many bits (Hamming distance of 256-bit perceptual hashes: the image as it is, and aligned on its centre; the closer counts) of one queued or delivered for the same group is counted as a near-duplicate and not uploaded; 0 or 'off' uploads every image. Default: 20, on (measured: benchmarks/RESULTS.md, Near-duplicates).")] = None,
-    near_duplicate_max_entries: Annotated[int, typer.Option(min=1, help="Hashes the near-duplicate index keeps per group (the oldest evicted).")] = 100_000,
+    near_duplicate_embedding_distance: Annotated[Optional[str], typer.Option(help="When the model stores its embedding with each flagged item (attach --embedding-output): an item whose embedding is within this cosine distance (1 - cos, in (0, 1]) of one queued or delivered for the same group, computed by the same model name and version, is counted as a near-duplicate and not uploaded (OR the hash check: either suffices); 0 or 'off' disables this check. Default: 0.02, on (provisional).")] = None,
+    near_duplicate_max_entries: Annotated[int, typer.Option(min=1, help="Images (hashes and embeddings) the near-duplicate index keeps per group (the oldest evicted); memory: 64 bytes per hash and 4 x D bytes per embedding of D values.")] = 100_000,
     near_duplicate_max_age: Annotated[str, typer.Option(help="How long the near-duplicate index remembers an image (e.g. 30d).")] = "30d",
     selection: Annotated[str, typer.Option(help="When a group's --rate-limit allows fewer items than it has queued, which go: fifo (the oldest first), uncertainty (the lowest scores first) or diverse (a spread of uncertain images: uncertainty-weighted k-means over small image thumbnails, as many clusters as the budget, each cluster's most central image). Without a binding limit every item goes, oldest first.")] = "fifo",
     selection_pool: Annotated[int, typer.Option(min=1, help="With --selection uncertainty|diverse: the candidates per group (its most uncertain due items) chosen among; bounds the cost of each batch.")] = 2000,
@@ -177,9 +178,11 @@ def uploader_command(
             parse_ledger_uri(budget_ledger)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--budget-ledger") from None
-    from triton_al.uploader.near_duplicates import parse_distance
+    from triton_al.uploader.near_duplicates import parse_distance, parse_embedding_distance
 
     near_distance = _parsed(parse_distance, near_duplicate_distance, "--near-duplicate-distance")
+    near_embedding_distance = _parsed(parse_embedding_distance, near_duplicate_embedding_distance,
+                                      "--near-duplicate-embedding-distance")
     from triton_al.uploader.selection import Selector, parse_selection
 
     selector = Selector(_parsed(parse_selection, selection, "--selection"), pool=selection_pool)
@@ -280,20 +283,22 @@ def uploader_command(
         log.info("fleet: %s; budgets %s", fleet.describe(), {g: [str(r) for r in rules] for g, rules in limits.items()} or "none")
         limits = {}
     near = None
-    if near_distance:
+    if near_distance or near_embedding_distance:
         import sqlite3
 
         from triton_al.uploader.near_duplicates import NearDuplicateIndex, index_path
 
         try:
             near = NearDuplicateIndex(index_path(outbox), max_distance=near_distance, max_entries=near_duplicate_max_entries,
-                                      max_age_s=near_max_age_s, sink=target_id)
+                                      max_age_s=near_max_age_s, sink=target_id, max_embedding_distance=near_embedding_distance)
         except (ValueError, OSError, sqlite3.Error) as e:
             target.close()
             typer.echo(f"triton-al uploader: near-duplicate index {index_path(outbox)}: {e}", err=True)
             raise typer.Exit(2) from None
-        log.info("near-duplicates: within %d bits of an image queued or delivered for the group are not uploaded (index %s)",
-                 near_distance, near.path)
+        checks = [f"a hash within {near_distance} bits" if near_distance else "",
+                  f"an embedding (same model and version) within cosine distance {near_embedding_distance:g}" if near_embedding_distance else ""]
+        log.info("near-duplicates: items with %s of one queued or delivered for the group are not uploaded (index %s)",
+                 " or ".join(c for c in checks if c), near.path)
     worker = Uploader(box, target, batch_size=batch_size, batch_max_bytes=max_batch_bytes, limits=limits, rate_overflow=rate_overflow,
                       max_attempts=max_attempts, backoff=Backoff(base_s=backoff_base, cap_s=backoff_cap), metrics=metrics,
                       bounds=bounds, open_outbox=open_outbox, fleet=fleet, near_duplicates=near, selection=selector)

@@ -21,6 +21,17 @@ within `max_distance` bits (Hamming) of one already there is counted and not upl
   the distance: a word's distance is at most its hash's). The file records the hash it holds: a file written with another hash (the 64-bit
   pHash of the first version) is never compared with these; it is moved aside (its evidence
   kept there, readable by `seen_entries`) and a new index is started.
+- The model's embedding (when the step stored one with the item: `QueuedItem.embedding`) is
+  a second, independent check: an item is a near-duplicate when its hash is within
+  `max_distance` bits OR its embedding is within `max_embedding_distance` (cosine distance,
+  1 - cos) of an entry of its group; either check can be off, and either feature may be
+  absent (an undecodable image with an embedding is checked by its embedding; so is an asset
+  that is not an image). Embeddings are compared only with entries of the same model name
+  and version and the same dimension (`embedding_model`, e.g. `fashion_cnn/3`): a redeploy
+  starts a new space. In memory, per (group, model, dimension), a float32 matrix of unit rows;
+  a lookup is a matrix-vector product, and past `_LEAD_MIN_ROWS` rows a bound prunes it first
+  (`_Space`: the rows' leading principal coordinates give an upper bound of each cosine, and
+  only rows whose bound reaches the distance are compared in full; exact, same answer).
 - Entries are keyed by (group, content hash) with the outbox item's id: an item seen again
   (a retry, an item held back by a rate limit) matches itself, not a near-duplicate. An item
   that leaves the outbox without being delivered (dead-lettered, dropped) leaves the index
@@ -55,6 +66,12 @@ DEFAULT_MAX_DISTANCE = 20
 """On: at 20 bits (of 256) the index suppressed 0.1% of distinct Fashion-MNIST images with
 31,000 entries and 0.5% with 61,000, and caught most re-encodes and one-pixel shifts
 (benchmarks/RESULTS.md, "Near-duplicates"). 0 / 'off' turns it off."""
+DEFAULT_MAX_EMBEDDING_DISTANCE = 0.02
+"""Cosine distance (1 - cos) between the model's embeddings within which an item is a
+near-duplicate (`--near-duplicate-embedding-distance`; 0 / 'off' turns the check off).
+Provisional: to be set from a measurement (benchmarks/RESULTS.md, "Near-duplicates")."""
+EMBEDDING_MAX_DIM = 4096
+"""The longest embedding the index takes (the step's limit)."""
 DEFAULT_MAX_ENTRIES = 100_000
 DEFAULT_MAX_AGE_S = 30 * 86400.0
 INDEX_SUFFIX = ".near-duplicates"
@@ -193,6 +210,61 @@ def parse_distance(value: str | int | None) -> int:
     return n
 
 
+def parse_embedding_distance(value: str | float | None) -> float:
+    """`--near-duplicate-embedding-distance`: a cosine distance (1 - cos) in (0, 1], or 0 /
+    'off' to disable; None: the default."""
+    if value is None:
+        return DEFAULT_MAX_EMBEDDING_DISTANCE
+    text = str(value).strip().lower()
+    if text in ("off", "none", "false", "no"):
+        return 0.0
+    try:
+        d = float(text)
+    except ValueError:
+        raise ValueError(f"--near-duplicate-embedding-distance: expected a cosine distance (1 - cos) in (0, 1] or 0/'off', "
+                         f"got {value!r}") from None
+    if d == 0:
+        return 0.0
+    if not 0 < d <= 1:  # NaN too
+        raise ValueError(f"--near-duplicate-embedding-distance: expected a cosine distance (1 - cos) in (0, 1] or 0/'off', got {value!r}")
+    return d
+
+
+def model_key(item) -> str:
+    """The space an item's embedding lives in: its model's name and version (`name/version`).
+    Embeddings of two versions are never compared (a redeploy starts a new space)."""
+    return f"{getattr(item, 'model_name', '')}/{getattr(item, 'model_version', '')}"
+
+
+def unit_embedding(embedding) -> np.ndarray:
+    """An embedding as a unit-length float32 vector; ValueError (saying why) when it is not 1 to
+    `EMBEDDING_MAX_DIM` finite numbers with a length above zero."""
+    try:
+        e = np.asarray(embedding, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"not numbers ({err})") from None
+    if e.ndim != 1 or not 1 <= e.size <= EMBEDDING_MAX_DIM:
+        raise ValueError(f"expected 1-{EMBEDDING_MAX_DIM} values in one dimension, got shape {list(e.shape)}")
+    if not np.isfinite(e).all():
+        raise ValueError("holds NaN or Inf")
+    norm = float(np.linalg.norm(e))
+    if not norm > 0:
+        raise ValueError("all zero (no direction)")
+    return (e / norm).astype(np.float32)
+
+
+def _item_embedding(item) -> np.ndarray | None:
+    """The item's embedding as a unit vector, or None: none stored, or unusable (logged at debug)."""
+    e = getattr(item, "embedding", None)
+    if e is None:
+        return None
+    try:
+        return unit_embedding(e)
+    except ValueError as err:
+        log.debug("item %s of %s: embedding not used: %s", getattr(item, "id", "?"), getattr(item, "upload_group", "?"), err)
+        return None
+
+
 @dataclass(frozen=True)
 class Match:
     """A queued item found within the distance of an entry already in its group's index."""
@@ -202,64 +274,247 @@ class Match:
     content_hash: str
     first: str
     """The content hash of the entry it is a near-duplicate of (the one uploaded)."""
-    distance: int
+    distance: int | None
+    """Hash matches: the bits between the two (0: the same content queued again); None for
+    embedding matches."""
+    kind: str = "hash"
+    """Which check matched: "hash" (perceptual hash, `distance` bits) or "embedding"."""
+    embedding_distance: float | None = None
+    """Embedding matches: the cosine distance (1 - cos) to the entry."""
 
 
-class _Group:
-    """One upload group's hashes in memory: a growing uint64 array (a row per entry), the first
-    word of each of a row's hashes beside it (the lookup scans these, and reads a row only when
-    they are within the distance), its keys and item ids."""
+class _Rows:
+    """Rows keyed by content hash, in parallel arrays (one per width; width 0: one value a row)
+    grown by doubling; a removal moves the last row into the gap (order does not matter to a
+    lookup), so the arrays stay dense."""
 
-    def __init__(self) -> None:
-        self.hashes = np.empty((1024, WORDS), np.uint64)
-        self.lead = np.empty((1024, PARTS), np.uint64)
+    def __init__(self, *columns: tuple[int, type], capacity: int = 1024) -> None:
+        self.arrays = [np.empty((capacity, w) if w else (capacity,), dt) for w, dt in columns]
         self.keys: list[str] = []
-        self.ids: list[int] = []
         self.pos: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def add(self, key: str, h: np.ndarray, item_id: int) -> None:
+    def add(self, key: str, *rows) -> int:
         n = len(self.keys)
-        if n == len(self.hashes):
-            grown = np.empty((2 * n, WORDS), np.uint64)
-            grown[:n] = self.hashes
-            self.hashes = grown
-            lead = np.empty((2 * n, PARTS), np.uint64)
-            lead[:n] = self.lead
-            self.lead = lead
-        self.hashes[n] = h
-        self.lead[n] = h[::WORDS // PARTS]
+        if n == len(self.arrays[0]):
+            for i, a in enumerate(self.arrays):
+                grown = np.empty((2 * n, *a.shape[1:]), a.dtype)
+                grown[:n] = a
+                self.arrays[i] = grown
+        for a, r in zip(self.arrays, rows):
+            if r is not None:
+                a[n] = r
         self.keys.append(key)
-        self.ids.append(item_id)
         self.pos[key] = n
+        return n
 
-    def remove(self, key: str) -> None:
-        """Swap with the last entry (order does not matter to a lookup)."""
+    def remove(self, key: str) -> bool:
         at = self.pos.pop(key, None)
         if at is None:
-            return
+            return False
         last = len(self.keys) - 1
         if at != last:
             moved = self.keys[last]
-            self.hashes[at] = self.hashes[last]
-            self.lead[at] = self.lead[last]
-            self.keys[at], self.ids[at] = moved, self.ids[last]
+            for a in self.arrays:
+                a[at] = a[last]
+            self.keys[at] = moved
             self.pos[moved] = at
         self.keys.pop()
-        self.ids.pop()
+        return True
+
+    def view(self, i: int) -> np.ndarray:
+        return self.arrays[i][:len(self.keys)]
+
+
+_LEAD_MIN_ROWS = 4096
+"""Below this many rows a lookup is one matrix-vector product over all of them."""
+_SLACK = 1e-4
+"""Float32 rounding allowance of the bound (it must never prune the nearest row)."""
+_TAIL_EPS = 4e-6
+
+
+def _lead_width(dim: int) -> int:
+    """Leading principal coordinates kept per row for the bound (0: none, the rows are short)."""
+    return 0 if dim < 48 else 16 if dim <= 128 else 32
+
+
+def _principal_axes(sample: np.ndarray, m: int, seed: int) -> np.ndarray:
+    """[D, m] orthonormal columns spanning (about) the top-m right singular vectors of the
+    sample's rows (uncentred: the directions holding the rows' energy); randomised range
+    finder with two power iterations, so that D = 4096 stays cheap. Only how well the bound
+    prunes depends on them, never the answer (any orthonormal columns give a true bound)."""
+    d = sample.shape[1]
+    k = min(m + 8, d, len(sample))
+    y = sample @ np.random.default_rng(seed).standard_normal((d, k)).astype(np.float32)
+    for _ in range(2):
+        y, _ = np.linalg.qr(y)
+        y = sample @ (sample.T @ y)
+    q, _ = np.linalg.qr(y.astype(np.float64))
+    _, _, vt = np.linalg.svd(q.T @ sample.astype(np.float64), full_matrices=False)
+    return np.ascontiguousarray(vt[:m].T, dtype=np.float32)
+
+
+def _tail(lead_sq):
+    """The length of a unit vector's part outside the axes, from its lead's squared length,
+    never under the true one: float32 rounding (of the unit rows, of the products) is below
+    `_TAIL_EPS`, and a square root amplifies it near 0."""
+    return np.sqrt(np.maximum(0.0, 1.0 - lead_sq) + _TAIL_EPS)
+
+
+class _Space:
+    """One group's embeddings of one model (name/version) and dimension: unit rows, float32
+    [n, D]. A lookup is `rows @ v` (one matrix-vector product), the nearest row within the
+    distance its answer. Past `_LEAD_MIN_ROWS` rows (and for D >= 48), each row also keeps its
+    first m coordinates on principal axes P fitted to the rows (`lead` = row @ P) and the length
+    of the rest (`tail`); for unit rows x and v, cos(x, v) <= lead(x).lead(v) + tail(x) tail(v)
+    (Cauchy-Schwarz on the part outside P), so only rows whose bound reaches 1 - distance can
+    be within it: one [n, m] product and a few vector operations, then the few rows left in
+    full. The same answer as the full product; fitted again when the rows have grown 4x."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.m = _lead_width(dim)
+        self.rows = _Rows((dim, np.float32), (max(self.m, 1), np.float32), (0, np.float32), capacity=64)
+        self.axes: np.ndarray | None = None
+        self.fitted_at = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, key: str, v: np.ndarray) -> None:
+        if self.axes is None:
+            self.rows.add(key, v, None, None)
+        else:
+            lead = v @ self.axes
+            self.rows.add(key, v, lead, _tail(float(lead @ lead)))
+
+    def remove(self, key: str) -> bool:
+        return self.rows.remove(key)
+
+    def _fit(self) -> None:
+        x = self.rows.view(0)
+        n = len(x)
+        pick = np.random.default_rng(n).choice(n, min(n, 4096), replace=False) if n > 4096 else slice(None)
+        self.axes = _principal_axes(x[pick], self.m, seed=n)
+        lead = x @ self.axes
+        self.rows.arrays[1][:n] = lead
+        self.rows.arrays[2][:n] = _tail(np.einsum("ij,ij->i", lead, lead))
+        self.fitted_at = n
+
+    def nearest(self, v: np.ndarray, max_distance: float) -> tuple[int, float] | None:
+        """(row, cosine distance) of the nearest row within `max_distance` of unit vector v
+        (the first of equals), or None."""
+        n = len(self.rows)
+        if n == 0:
+            return None
+        x = self.rows.view(0)
+        if self.m and n >= _LEAD_MIN_ROWS:
+            if self.axes is None or n >= 4 * self.fitted_at:
+                self._fit()
+            assert self.axes is not None
+            q = v @ self.axes
+            bound = self.rows.view(1) @ q
+            bound += self.rows.view(2) * float(_tail(float(q @ q)))
+            cands = np.flatnonzero(bound >= 1.0 - max_distance - _SLACK)
+            if len(cands) == 0:
+                return None
+            if len(cands) < n // 8:  # otherwise gathering them costs more than the full product
+                sims = x[cands] @ v
+                k = int(np.argmax(sims))
+                return self._within(int(cands[k]), float(sims[k]), max_distance)
+        sims = x @ v
+        j = int(np.argmax(sims))
+        return self._within(j, float(sims[j]), max_distance)
+
+    @staticmethod
+    def _within(j: int, cos: float, max_distance: float) -> tuple[int, float] | None:
+        d = max(0.0, 1.0 - cos)
+        return (j, d) if d <= max_distance else None
+
+
+class _Group:
+    """One upload group's entries in memory: the item id of each (by content hash); the hashes
+    of those that have one, as a growing uint64 array (a row per entry) with the first word of
+    each of a row's hashes beside it (the Rust lookup scans these, and reads a row only when
+    they are within the distance); the embeddings of those that have one, a `_Space` per
+    (model, dimension)."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.hashes = _Rows((WORDS, np.uint64), (PARTS, np.uint64))
+        self.spaces: dict[tuple[str, int], _Space] = {}
+        self.space_of: dict[str, tuple[str, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, key: str, item_id: int, h: np.ndarray | None, model: str | None, v: np.ndarray | None) -> None:
+        self.remove(key)
+        self.ids[key] = item_id
+        if h is not None:
+            self.hashes.add(key, h, h[::WORDS // PARTS])
+        if v is not None and model is not None:
+            space_key = (model, len(v))
+            space = self.spaces.get(space_key)
+            if space is None:
+                space = self.spaces[space_key] = _Space(len(v))
+            space.add(key, v)
+            self.space_of[key] = space_key
+
+    def remove(self, key: str) -> None:
+        if self.ids.pop(key, None) is None:
+            return
+        self.hashes.remove(key)
+        space_key = self.space_of.pop(key, None)
+        if space_key is not None:
+            space = self.spaces[space_key]
+            space.remove(key)
+            if not len(space):
+                del self.spaces[space_key]
+
+    def nearest_hash(self, h: np.ndarray, max_distance: int) -> tuple[str, int] | None:
+        n = len(self.hashes)
+        if n == 0:
+            return None
+        found = _core.nearest_hamming_within(self.hashes.view(0), self.hashes.view(1), h, PARTS, max_distance)
+        return None if found is None else (self.hashes.keys[found[0]], found[1])
+
+    def nearest_embedding(self, model: str, v: np.ndarray, max_distance: float) -> tuple[str, float] | None:
+        space = self.spaces.get((model, len(v)))
+        found = None if space is None else space.nearest(v, max_distance)
+        return None if found is None else (space.rows.keys[found[0]], found[1])
 
 
 def _blob(h: np.ndarray) -> bytes:
     return np.asarray(h, "<u8").tobytes()
 
 
-def _unblob(b: bytes) -> np.ndarray:
+def _unblob(b: bytes) -> np.ndarray | None:
+    """A stored hash; None for an entry without one (stored empty: the image was not hashed)."""
+    if not b:
+        return None
     h = np.frombuffer(b, "<u8")
     if h.shape != (WORDS,):
         raise ValueError(f"a stored hash of {len(b)} bytes, expected {WORDS * 8}")
     return h.astype(np.uint64)
+
+
+def _embedding_blob(v: np.ndarray) -> bytes:
+    return np.asarray(v, "<f4").tobytes()
+
+
+def _stored_embedding(b: bytes | None) -> np.ndarray | None:
+    """A stored embedding (little-endian float32, unit length), or None (none, or not usable)."""
+    if not b:
+        return None
+    if len(b) % 4:
+        return None
+    try:
+        return unit_embedding(np.frombuffer(b, "<f4"))
+    except ValueError:
+        return None
 
 
 _SCHEMA = """
@@ -267,15 +522,19 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITH
 CREATE TABLE IF NOT EXISTS entries (
     upload_group TEXT NOT NULL,
     content_hash TEXT NOT NULL,      -- the outbox's SHA-256 of the asset
-    hash BLOB NOT NULL,              -- HASH_NAME: 8 little-endian uint64 words (plain, then aligned)
+    hash BLOB NOT NULL,              -- HASH_NAME: 8 little-endian uint64 words (plain, then aligned); empty: not hashed
     item_id INTEGER NOT NULL,        -- the outbox item it came from (an item seen again matches itself)
     added_at REAL NOT NULL,
     seen INTEGER NOT NULL DEFAULT 0, -- near-duplicates of it not uploaded
     last_seen_at REAL,
+    embedding BLOB,                  -- the model's embedding: little-endian float32, unit length; NULL: none
+    embedding_model TEXT,            -- the model (name/version) that computed it: only the same one's are compared
     PRIMARY KEY (upload_group, content_hash)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_age ON entries (upload_group, added_at);
 """
+_ADDED_COLUMNS = (("embedding", "BLOB"), ("embedding_model", "TEXT"))
+"""Columns a file written before the embeddings lacks: added when it is opened (its entries keep working)."""
 
 
 def _stored_hash(path: Path) -> str | None:
@@ -299,19 +558,26 @@ def index_path(outbox: str | os.PathLike[str]) -> Path:
 
 
 class NearDuplicateIndex:
-    """The per-group index of perceptual hashes of items queued or delivered (see the module).
-    Used by one uploader (its lock keeps it so); not shared between processes."""
+    """The per-group index of perceptual hashes and embeddings of items queued or delivered
+    (see the module). Used by one uploader (its lock keeps it so); not shared between processes.
+
+    `max_distance`: bits (0: the hash check off, images not hashed); `max_embedding_distance`:
+    cosine distance (0, the default here: the embedding check off, embeddings not kept). At
+    least one is on."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_distance: int, max_entries: int = DEFAULT_MAX_ENTRIES,
-                 max_age_s: float = DEFAULT_MAX_AGE_S, sink: str | None = None) -> None:
-        if not 1 <= max_distance < HASH_BITS:
-            raise ValueError(f"max_distance: expected 1-{HASH_BITS - 1} bits, got {max_distance}")
+                 max_age_s: float = DEFAULT_MAX_AGE_S, sink: str | None = None, max_embedding_distance: float = 0.0) -> None:
+        if not 0 <= max_embedding_distance <= 1:  # NaN too
+            raise ValueError(f"max_embedding_distance: expected a cosine distance in (0, 1], or 0 (off), got {max_embedding_distance}")
+        if not (1 <= max_distance < HASH_BITS or (max_distance == 0 and max_embedding_distance > 0)):
+            raise ValueError(f"max_distance: expected 1-{HASH_BITS - 1} bits (0 only with an embedding distance), got {max_distance}")
         if max_entries <= 0:
             raise ValueError(f"max_entries: expected a positive number of entries per group, got {max_entries}")
         if not max_age_s > 0:
             raise ValueError(f"max_age_s: expected a positive age in seconds, got {max_age_s}")
         self.path = Path(path)
         self.max_distance = int(max_distance)
+        self.max_embedding_distance = float(max_embedding_distance)
         self.max_entries = int(max_entries)
         self.max_age_s = float(max_age_s)
         self._lock = threading.Lock()
@@ -348,6 +614,12 @@ class NearDuplicateIndex:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            have = {r[1] for r in conn.execute("PRAGMA table_info(entries)")}
+            missing = [(name, kind) for name, kind in _ADDED_COLUMNS if name not in have]
+            for name, kind in missing:  # a file written before the embeddings: its entries stay
+                conn.execute(f"ALTER TABLE entries ADD COLUMN {name} {kind}")
+            if missing:
+                log.info("near-duplicate index %s: added the columns %s", self.path, ", ".join(n for n, _ in missing))
             conn.execute("SELECT count(*) FROM entries").fetchone()
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('hash', ?)", (HASH_NAME,))
             if sink is not None:
@@ -366,52 +638,80 @@ class NearDuplicateIndex:
             self._conn.close()
 
     def _group(self, name: str) -> _Group:
+        """A group's entries, read from the file the first time (only the features of the
+        checks that are on are held in memory)."""
         g = self._groups.get(name)
         if g is None:
             g = self._groups[name] = _Group()
-            for key, h, item_id in self._conn.execute(
-                    "SELECT content_hash, hash, item_id FROM entries WHERE upload_group = ? ORDER BY added_at", (name,)):
-                g.add(key, _unblob(h), item_id)
+            embeddings = "embedding, embedding_model" if self.max_embedding_distance else "NULL, NULL"
+            for key, h, item_id, e, model in self._conn.execute(
+                    f"SELECT content_hash, hash, item_id, {embeddings} FROM entries WHERE upload_group = ? ORDER BY added_at", (name,)):
+                v = _stored_embedding(e) if model is not None else None
+                g.add(key, item_id, _unblob(h) if self.max_distance else None, model, v)
         return g
 
     def screen(self, items: Iterable, *, now: float | None = None) -> list[Match]:
-        """Hash the items (queued outbox items: `id`, `upload_group`, `content_hash`,
-        `media_type`, `asset`) and look each up in its group: those within the distance of an
-        entry are returned (not added); the others are added (an item seen before matches
-        itself and is left as it is). Items that are not images, or that Pillow cannot
-        decode, are neither hashed nor returned."""
+        """Look each item (a queued outbox item: `id`, `upload_group`, `content_hash`,
+        `media_type`, `asset`, and `model_name`, `model_version`, `embedding` when it has one)
+        up in its group: an item whose hash is within `max_distance` bits of an entry's, or
+        whose embedding is within `max_embedding_distance` of an entry's of the same model and
+        dimension, is returned (not added); the others are added (an item seen before matches
+        itself and is left as it is). Items with neither feature (not an image, or one Pillow
+        cannot decode, and no usable embedding) are neither indexed nor returned."""
         now = time.time() if now is None else now
         matches: list[Match] = []
         added: list[tuple] = []
         with self._lock:
             for item in items:
-                if not str(item.media_type).lower().startswith("image/"):
+                image = self.max_distance > 0 and str(item.media_type).lower().startswith("image/")
+                v = _item_embedding(item) if self.max_embedding_distance else None
+                if not image and v is None:
                     continue
                 g = self._group(item.upload_group)
-                at = g.pos.get(item.content_hash)
+                at = g.ids.get(item.content_hash)
                 if at is not None:
-                    if g.ids[at] != item.id:  # the same image queued again after its delivery record went
+                    if at != item.id:  # the same content queued again after its delivery record went
                         matches.append(Match(item.id, item.upload_group, item.content_hash, item.content_hash, 0))
                     continue
-                try:
-                    h = image_hash(item.asset)
-                except UndecodableImage as e:
-                    log.debug("item %d of %s not hashed: %s", item.id, item.upload_group, e)
+                h = None
+                if image:
+                    try:
+                        h = image_hash(item.asset)
+                    except UndecodableImage as e:
+                        log.debug("item %d of %s not hashed: %s", item.id, item.upload_group, e)
+                if h is None and v is None:
                     continue
-                nearest = _core.nearest_hamming_within(g.hashes[:len(g)], g.lead[:len(g)], h, PARTS, self.max_distance)
-                if nearest is not None:
-                    matches.append(Match(item.id, item.upload_group, item.content_hash, g.keys[nearest[0]], nearest[1]))
+                match = self._lookup(g, item, h, v)
+                if match is not None:
+                    matches.append(match)
                     continue
-                g.add(item.content_hash, h, item.id)
-                added.append((item.upload_group, item.content_hash, _blob(h), item.id, now))
+                model = model_key(item) if v is not None else None
+                g.add(item.content_hash, item.id, h, model, v)
+                added.append((item.upload_group, item.content_hash, b"" if h is None else _blob(h), item.id, now,
+                              None if v is None else _embedding_blob(v), model))
             if added:
                 with self._conn:
                     self._conn.execute("BEGIN")
-                    self._conn.executemany("INSERT OR REPLACE INTO entries (upload_group, content_hash, hash, item_id, added_at) "
-                                           "VALUES (?, ?, ?, ?, ?)", added)
+                    self._conn.executemany("INSERT OR REPLACE INTO entries (upload_group, content_hash, hash, item_id, added_at, "
+                                           "embedding, embedding_model) VALUES (?, ?, ?, ?, ?, ?, ?)", added)
                     for group in {a[0] for a in added}:
                         self._evict_over_bound(group)
         return matches
+
+    def _lookup(self, g: _Group, item, h: np.ndarray | None, v: np.ndarray | None) -> Match | None:
+        """The hash check, then (when it found nothing) the embedding check."""
+        if h is not None:
+            found = g.nearest_hash(h, self.max_distance)
+            if found is not None:
+                log.debug("item %d of %s: near-duplicate of %s by hash (%d bits)", item.id, item.upload_group, found[0], found[1])
+                return Match(item.id, item.upload_group, item.content_hash, found[0], found[1])
+        if v is not None:
+            near = g.nearest_embedding(model_key(item), v, self.max_embedding_distance)
+            if near is not None:
+                log.debug("item %d of %s: near-duplicate of %s by embedding (cosine distance %.4g)", item.id,
+                          item.upload_group, near[0], near[1])
+                return Match(item.id, item.upload_group, item.content_hash, near[0], None, "embedding", near[1])
+        return None
 
     def _evict_over_bound(self, group: str) -> None:
         g = self._groups[group]
@@ -444,8 +744,7 @@ class NearDuplicateIndex:
         with self._lock:
             for item in items:
                 g = self._groups.get(item.upload_group)
-                at = None if g is None else g.pos.get(item.content_hash)
-                if at is not None and g.ids[at] == item.id:
+                if g is not None and g.ids.get(item.content_hash) == item.id:
                     g.remove(item.content_hash)
                     doomed.append((item.upload_group, item.content_hash, item.id))
             if doomed:
@@ -471,15 +770,17 @@ class NearDuplicateIndex:
         return len(old)
 
     def entry(self, group: str, content_hash: str) -> dict | None:
-        """One entry (hash, item_id, added_at, seen, last_seen_at), or None."""
+        """One entry (hash or None, item_id, added_at, seen, last_seen_at, embedding (unit,
+        float32) or None, embedding_model), or None."""
         with self._lock:
-            cur = self._conn.execute("SELECT hash, item_id, added_at, seen, last_seen_at FROM entries "
+            cur = self._conn.execute("SELECT hash, item_id, added_at, seen, last_seen_at, embedding, embedding_model FROM entries "
                                      "WHERE upload_group = ? AND content_hash = ?", (group, content_hash))
             row = cur.fetchone()
             if row is None:
                 return None
             out = dict(zip([d[0] for d in cur.description], row))
         out["hash"] = _unblob(out["hash"])
+        out["embedding"] = None if out["embedding"] is None else np.frombuffer(out["embedding"], "<f4").astype(np.float32)
         return out
 
     def sizes(self) -> dict[str, int]:
@@ -493,7 +794,8 @@ def seen_entries(path: str | os.PathLike[str], *, group: str | None = None, limi
     near-duplicates`): group, content hash (the image uploaded), seen, added_at, last_seen_at."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"near-duplicate index {path} does not exist (the uploader creates it unless started with --near-duplicate-distance off)")
+        raise ValueError(f"near-duplicate index {path} does not exist (the uploader creates it unless started with "
+                         "--near-duplicate-distance off and --near-duplicate-embedding-distance off)")
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)) as conn:
             cur = conn.execute("SELECT upload_group, content_hash, seen, added_at, last_seen_at FROM entries WHERE seen > 0 "

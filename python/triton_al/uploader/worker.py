@@ -141,7 +141,7 @@ class Uploader:
     fleet: Any | None = None
     """A `ledger.FleetGate`: budgets and claims shared by a fleet of uploaders (`--budget-ledger`)."""
     near_duplicates: Any | None = None
-    """A `near_duplicates.NearDuplicateIndex` (`--near-duplicate-distance`), or None: off."""
+    """A `near_duplicates.NearDuplicateIndex` (`--near-duplicate-distance`, `--near-duplicate-embedding-distance`), or None: off."""
     selection: Any | None = None
     """A `selection.Selector` (`--selection`): which items go when a group's budget binds; None: FIFO."""
 
@@ -368,8 +368,14 @@ class Uploader:
         except Exception as e:  # noqa: BLE001 - the evidence only
             log.error("near-duplicate index: could not count %d near-duplicates: %s", len(matches), e)
         outcome.near_duplicates = len(matches)
-        log.info("%d near-duplicates not uploaded (within %d bits of an item queued or delivered)", len(matches),
-                 self.near_duplicates.max_distance)
+        by_embedding = sum(1 for m in matches if getattr(m, "kind", "hash") == "embedding")
+        kinds = []
+        if len(matches) > by_embedding:
+            kinds.append(f"{len(matches) - by_embedding} by hash, within {self.near_duplicates.max_distance} bits")
+        if by_embedding:
+            kinds.append(f"{by_embedding} by embedding, within cosine distance "
+                         f"{getattr(self.near_duplicates, 'max_embedding_distance', 0.0):g}")
+        log.info("%d near-duplicates not uploaded (%s of an item queued or delivered)", len(matches), "; ".join(kinds))
         gone = {m.item_id for m in matches}
         return [i for i in batch if i.id not in gone]
 
