@@ -299,3 +299,106 @@ def test_the_simulation_uses_the_same_selection_among_the_most_uncertain(fashion
     assert set(chosen.tolist()) <= uncertain
     assert len(set(labels[chosen].tolist())) >= 8  # spread over the classes
     assert chosen.tolist() == select("diverse", probs, 50, rng, feats).tolist()
+
+
+# The model's embeddings as the features ------------------------------------------------------
+
+
+def same_pixels(pixels: np.ndarray, n: int) -> list[bytes]:
+    """n PNGs of the same pixels (identical thumbnails), each with its own bytes (a text
+    chunk), so that each is its own item."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    out = []
+    for i in range(n):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("copy", str(i))
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
+        out.append(buffer.getvalue())
+    assert len({content_hash(a) for a in out}) == n and len({thumbnail(a).tobytes() for a in out}) == 1
+    return out
+
+
+def embedded(seed: int, asset: bytes, score: float, embedding, version: str = "1"):
+    from dataclasses import replace
+
+    return replace(item(seed, asset=asset, score=score), embedding=embedding, model_version=version)
+
+
+def embedding_groups(k: int, per: int, dim: int = 16, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """k clear groups of `per` embeddings each (ReLU-like, non-negative), interleaved: (rows, group of each)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 1, (k, dim)) * (rng.uniform(0, 1, (k, dim)) > 0.5)
+    group = np.tile(np.arange(k), per)
+    rows = np.maximum(centres[group] + 0.03 * rng.standard_normal((k * per, dim)), 0).astype(np.float32)
+    return rows, group
+
+
+def test_diverse_clusters_the_embeddings_when_the_items_have_them_not_the_thumbnails(tmp_path, fashion):
+    """Items whose images are the same pixels (one thumbnail) but whose embeddings fall in
+    four clear groups: one of each group is chosen; without embeddings, the same items give
+    the thumbnails nothing to tell apart."""
+    images, _ = fashion
+    rows, group = embedding_groups(4, 6)
+    assets = same_pixels(images[0], len(rows))
+    scores = np.random.default_rng(1).uniform(0.1, 0.4, len(rows))
+    scores[group == 0] = np.linspace(0.01, 0.05, 6)  # group 0 the most uncertain: uncertainty alone takes only its items
+    with Outbox(tmp_path / "o.db") as o:
+        o.append_many([embedded(i, a, s, e) for i, (a, s, e) in enumerate(zip(assets, scores, rows))])
+        ids = sorted(c[0] for c in o.selection_candidates(GROUP, 100, with_assets=False))
+        reads = []
+        queued_items = o.queued_items
+        o.queued_items = lambda wanted: reads.append(len(wanted)) or queued_items(wanted)
+        sel = Selector("diverse")
+        got = sel.select(o, GROUP, 4, 4, now=1e12)
+        assert sel.last_basis == "embeddings of fashion_cnn/1 [16]"
+        assert sorted(group[[i - ids[0] for i in got]]) == [0, 1, 2, 3], group[[i - ids[0] for i in got]]
+        assert group[got[0] - ids[0]] == 0  # the most uncertain group first
+        assert reads == [len(rows)]
+        uncertain = Selector("uncertainty").select(o, GROUP, 4, 4, now=1e12)
+        assert set(group[[i - ids[0] for i in uncertain]]) == {0}
+        o.mark_delivered(got[:2], now=1e12)
+        sel._plans.clear()  # plan again: the features come from the cache, nothing is read
+        assert len(sel.select(o, GROUP, 4, 4, now=1e12)) == 4 and reads == [len(rows)]
+    # The same items without embeddings: the thumbnails (all equal) cannot tell the groups apart.
+    with Outbox(tmp_path / "plain.db") as o:
+        o.append_many([item(i, asset=a, score=float(s)) for i, (a, s) in enumerate(zip(assets, scores))])
+        plain_ids = sorted(c[0] for c in o.selection_candidates(GROUP, 100, with_assets=False))
+        sel = Selector("diverse")
+        plain = sel.select(o, GROUP, 4, 4, now=1e12)
+        assert sel.last_basis == "thumbnails"
+        assert len(set(group[[i - plain_ids[0] for i in plain]])) < 4
+
+
+def test_embeddings_of_one_model_version_are_clustered_the_rest_go_after(tmp_path, fashion):
+    """A redeploy while items are queued: the candidates' embeddings of the version most of them
+    have are clustered; another version's (not comparable) and items without one are not mixed
+    in (nor clustered on thumbnails): they are ranked by uncertainty after."""
+    images, _ = fashion
+    rows, group = embedding_groups(3, 4)
+    assets = [encode_png(images[i]) for i in range(20)]  # distinct images: thumbnails would differ
+    items = [embedded(i, assets[i], 0.3, rows[i]) for i in range(12)]  # version 1: 3 groups of 4
+    items += [embedded(12 + i, assets[12 + i], 0.01, rows[i], version="2") for i in range(3)]  # the most uncertain
+    items += [embedded(15 + i, assets[15 + i], 0.02, None) for i in range(3)]  # no embedding
+    items += [embedded(18, assets[18], 0.03, rows[0][:8])]  # version 1, another dimension
+    with Outbox(tmp_path / "o.db") as o:
+        o.append_many(items)
+        ids = sorted(c[0] for c in o.selection_candidates(GROUP, 100, with_assets=False))
+        sel = Selector("diverse")
+        got = [i - ids[0] for i in sel.select(o, GROUP, 3, 3, now=1e12)]
+        assert sel.last_basis == "embeddings of fashion_cnn/1 [16]"
+        assert all(i < 12 for i in got) and sorted(group[got]) == [0, 1, 2], got
+        # A budget beyond the clustered rows: they first, then the others by uncertainty.
+        sel = Selector("diverse")
+        more = [i - ids[0] for i in sel.select(o, GROUP, 16, 16, now=1e12)]
+        assert sorted(more[:12]) == list(range(12)) and more[12:] == [12, 13, 14, 15]
+    # As many version 2 as version 1 rows: the newer (a redeploy's) wins the tie.
+    with Outbox(tmp_path / "tie.db") as o:
+        o.append_many([embedded(i, assets[i], 0.3, rows[i]) for i in range(3)]
+                      + [embedded(3 + i, assets[3 + i], 0.3, rows[i], version="2") for i in range(3)])
+        sel = Selector("diverse")
+        sel.select(o, GROUP, 2, 2, now=1e12)
+        assert sel.last_basis == "embeddings of fashion_cnn/2 [16]"

@@ -14,6 +14,14 @@ or budget and more items due than its allowance, `--selection` decides which go 
   is made when too few of its items are still due. Assets that are not decodable images
   get no thumbnail: they are ranked by uncertainty after the images.
 
+  When the model stores its embedding with each flagged item (`QueuedItem.embedding`),
+  the clusters are of the embeddings instead of the thumbnails: the candidates whose
+  embedding is of the model (name and version) and dimension most of them have are
+  clustered; the others (another model version's embeddings: a redeploy; no embedding) are
+  ranked by uncertainty after them. Thumbnails are used only when no candidate has an
+  embedding: embedding and thumbnail rows are never clustered together. `choose` treats
+  both alike (`features`: rows centred and scaled to unit length).
+
   (Before, `diverse` was a greedy uncertainty-weighted k-center, `pick_kcenter`: it
   favoured outliers, and from a cold start it beat random by only 0.5 points in the
   simulation; `benchmarks/RESULTS.md`, "Selection under a budget".)
@@ -203,8 +211,10 @@ def thumbnails_of_pixels(images: np.ndarray) -> np.ndarray:
 
 def choose(strategy: str, scores: Sequence[float], assets: Sequence[bytes] | None, k: int,
            features: Sequence[np.ndarray | None] | None = None) -> list[int]:
-    """Positions (into the candidates) of the k to send, in sending order. `features`:
-    thumbnails already computed (None where undecodable); otherwise computed from `assets`."""
+    """Positions (into the candidates) of the k to send, in sending order. `features`: a row
+    per candidate already computed, thumbnails or the model's embeddings, all of one kind and
+    length (None where there is none: ranked by uncertainty after the others); otherwise
+    thumbnails computed from `assets`."""
     strategy = parse_selection(strategy)
     n = len(scores)
     k = min(max(0, int(k)), n)
@@ -228,10 +238,27 @@ def choose(strategy: str, scores: Sequence[float], assets: Sequence[bytes] | Non
     return picked
 
 
+def _embedding(item) -> np.ndarray | None:
+    """An item's embedding as float32 when it can be a feature row (1-D, 1 to 4096 finite
+    values, not all zero), else None."""
+    e = getattr(item, "embedding", None)
+    if e is None:
+        return None
+    try:
+        x = np.asarray(e, dtype=np.float32)
+    except (TypeError, ValueError):
+        return None
+    if x.ndim != 1 or not 1 <= x.size <= 4096 or not np.isfinite(x).all() or not np.any(x):
+        log.debug("selection: the embedding of item %s is not usable (shape %s)", getattr(item, "id", "?"), list(x.shape))
+        return None
+    return x
+
+
 @dataclass
 class Selector:
     """Asked by the uploader, for a group whose allowance is below its due items, which
-    items to send. Thumbnails are cached by content hash (bounded). `diverse` plans the
+    items to send. Features are cached (bounded): thumbnails by content hash, embeddings by
+    content hash and model (name/version, dimension). `diverse` plans the
     clusters for the group's whole budget at once and hands the plan out batch by batch
     (the simulation's round: one budget chosen at once); a new plan is made when fewer of
     its items are still due than the batch asks for. Plans live in memory (a restart
@@ -243,7 +270,12 @@ class Selector:
     last_seconds: float = 0.0
     """Time the last `select` took (query, decoding, picking)."""
     plans_made: int = 0
+    last_basis: str = ""
+    """What the last plan clustered: "thumbnails", or "embeddings of MODEL/VERSION [D]"."""
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    """content hash -> thumbnail (or None); (content hash, model, D) -> embedding."""
+    _spaces: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    """item id -> (model, D) of its embedding, or None: it has none (read with the item)."""
     _plans: dict = field(default_factory=dict, repr=False)
     """group -> ids of the current plan still to send, in sending order."""
     _budget: dict = field(default_factory=dict, repr=False)
@@ -258,17 +290,57 @@ class Selector:
     def active(self) -> bool:
         return self.strategy != "fifo"
 
-    def _feature(self, content_hash: str, asset: bytes | None) -> np.ndarray | None:
-        if content_hash in self._cache:
-            self._cache.move_to_end(content_hash)
-            return self._cache[content_hash]
-        if asset is None:  # the item left the outbox in between: no feature, nothing cached
-            return None
-        f = thumbnail(asset)
-        self._cache[content_hash] = f
+    def _remember(self, key, value) -> None:
+        self._cache[key] = value
+        self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        return f
+
+    def _cached(self, cand) -> bool:
+        space = self._spaces.get(cand[0], False)
+        if space is False:
+            return False
+        key = cand[2] if space is None else (cand[2], *space)
+        if key not in self._cache:
+            return False
+        self._cache.move_to_end(key)
+        return True
+
+    def _read(self, outbox, ids: list[int]) -> None:
+        """Read these items once: their embedding (with its model) and, for those without
+        one, their thumbnail."""
+        for item in outbox.queued_items(ids):
+            e = _embedding(item)
+            if e is not None:
+                space = (f"{item.model_name}/{item.model_version}", len(e))
+                self._remember((item.content_hash, *space), e)
+            else:
+                space = None
+                if item.content_hash not in self._cache:
+                    self._remember(item.content_hash, thumbnail(item.asset))
+            self._spaces[item.id] = space
+            self._spaces.move_to_end(item.id)
+        while len(self._spaces) > self.cache_size:
+            self._spaces.popitem(last=False)
+
+    def features(self, outbox, cands: Sequence[tuple]) -> list[np.ndarray | None]:
+        """The feature row of each candidate (id, score, content hash, ...) for `diverse`: the
+        embeddings of the model and dimension most candidates' are of (None for the rest),
+        or, when no candidate has an embedding, thumbnails (None where undecodable)."""
+        missing = [c[0] for c in cands if not self._cached(c)]  # only these items are read
+        if missing:
+            self._read(outbox, missing)
+        spaces = [self._spaces.get(c[0]) for c in cands]
+        counts: dict[tuple, list[int]] = {}
+        for c, space in zip(cands, spaces):
+            if space is not None and (c[2], *space) in self._cache:
+                counts.setdefault(space, []).append(c[0])
+        if counts:  # the most common; a tie: the one of the newest item (a redeploy's)
+            chosen = max(counts, key=lambda k: (len(counts[k]), max(counts[k])))
+            self.last_basis = f"embeddings of {chosen[0]} [{chosen[1]}]"
+            return [self._cache.get((c[2], *chosen)) if space == chosen else None for c, space in zip(cands, spaces)]
+        self.last_basis = "thumbnails"
+        return [self._cache.get(c[2]) for c in cands]
 
     def select(self, outbox, group: str, allowance: int, limit: int, *, now: float,
                max_delay_s: float | None = None, ignore_backoff: bool = False) -> list[int] | None:
@@ -289,11 +361,11 @@ class Selector:
             plan = [i for i in self._plans.get(group, ()) if i in due]
             if len(plan) < k:
                 size = self._budget[group] = max(allowance, self._budget.get(group, 0))
-                missing = [c[0] for c in cands if c[2] not in self._cache]  # only these assets are read
-                assets = {i.content_hash: i.asset for i in outbox.queued_items(missing)} if missing else {}
-                feats = [self._feature(c[2], assets.get(c[2])) for c in cands]
+                feats = self.features(outbox, cands)
                 plan = [cands[i][0] for i in choose("diverse", scores, None, size, features=feats)]
                 self.plans_made += 1
+                log.debug("selection diverse: planned %d of %d candidates of group %s over %s", len(plan), len(cands),
+                          group, self.last_basis)
             self._plans[group] = plan
             ids = plan[:k]
         else:
