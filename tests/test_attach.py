@@ -313,3 +313,19 @@ def test_the_cli_wires_an_embedding(tmp_path):
     assert step_params(tmp_path, "emb_active_learning")["embedding_input"] == "EMBEDDING"
     r = CliRunner().invoke(app, [*base, "--embedding-output", "FEATURE_MAP"])
     assert r.exit_code == 2 and "expected [D]" in r.output
+
+
+def test_the_scores_output_is_told_apart_from_an_embedding(tmp_path):
+    """Two float [D] outputs: the one named like an embedding, or given as --embedding-output,
+    is not taken for the class scores."""
+    model(tmp_path, "named", 'max_batch_size: 4\ninput [{ name: "x" data_type: TYPE_FP32 dims: [3] }]\n'
+          'output [{ name: "PROBS" data_type: TYPE_FP32 dims: [10] }, { name: "EMBEDDING" data_type: TYPE_FP32 dims: [64] }]')
+    attach(tmp_path, "named", step="python")
+    assert step_params(tmp_path, "named_active_learning")["scores_input"] == "PROBS"
+    model(tmp_path, "anon", 'max_batch_size: 4\ninput [{ name: "x" data_type: TYPE_FP32 dims: [3] }]\n'
+          'output [{ name: "out_a" data_type: TYPE_FP32 dims: [10] }, { name: "out_b" data_type: TYPE_FP32 dims: [64] }]')
+    with pytest.raises(AttachError, match="cannot tell which output"):
+        attach(tmp_path, "anon", kind="probs", step="python")
+    attach(tmp_path, "anon", kind="probs", step="python", embedding_output="out_b")
+    params = step_params(tmp_path, "anon_active_learning")
+    assert (params["scores_input"], params["embedding_input"]) == ("out_a", "out_b")

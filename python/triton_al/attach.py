@@ -108,7 +108,21 @@ def infer_kind(name: str) -> Kind | None:
     return None
 
 
-def choose_output(config, output: str | None, task: str | None, kind: Kind | None) -> ScoresOutput:
+EMBEDDING_WORDS = ("embed", "feature", "feat", "hidden", "pooled", "penultimate")
+"""Outputs named with these hold an item's features, not class scores: left out when
+working out which output holds the scores (the example model has PROBS [10] beside
+EMBEDDING [64])."""
+
+
+def looks_like_embedding(name: str) -> bool:
+    return any(word in name.lower() for word in EMBEDDING_WORDS)
+
+
+def choose_output(config, output: str | None, task: str | None, kind: Kind | None,
+                  not_scores: tuple[str | None, ...] = ()) -> ScoresOutput:
+    """The output holding the class scores: `output`, or the one float output whose dims fit
+    the task, leaving out `not_scores` (the boxes and embedding outputs) and, when that still
+    leaves several, the outputs named like embeddings."""
     batched = config.max_batch_size > 0
     floats = [o for o in config.output if _dtype(o) in FLOAT_TYPES]
     if output is not None:
@@ -122,6 +136,9 @@ def choose_output(config, output: str | None, task: str | None, kind: Kind | Non
         candidates = [o for o in floats if (task or infer_task(list(o.dims), batched))]
         if task is None:
             candidates = [o for o in candidates if infer_task(list(o.dims), batched) == "classification"]
+        candidates = [o for o in candidates if o.name not in not_scores]
+        if len(candidates) > 1:
+            candidates = [o for o in candidates if not looks_like_embedding(o.name)] or candidates
         if len(candidates) != 1:
             raise AttachError(
                 f"cannot tell which output of {config.name!r} holds the class scores "
@@ -385,7 +402,7 @@ def attach(
     clashing = [o.name for o in base.output if o.name in STEP_OUTPUTS]
     if clashing:
         raise AttachError(f"model {model!r} has output(s) {clashing}: the step adds outputs of those names to the ensemble")
-    scores = choose_output(base, output, task, kind)
+    scores = choose_output(base, output, task, kind, not_scores=(boxes_output, embedding_output))
     if boxes_output is not None:
         check_boxes_output(base, boxes_output, scores)
     if embedding_output is not None:
