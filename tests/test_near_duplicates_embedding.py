@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from image_helpers import jpeg
+from outbox_helpers import store_index, uploaders  # noqa: F401
 
 from triton_al.example.data import encode_png, load
 from triton_al.outbox import FlaggedItem, Outbox, content_hash
@@ -392,3 +393,84 @@ def test_bad_values_of_the_flag_are_refused_by_the_uploader_and_by_serve(tmp_pat
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert not index_path(outbox).exists()
+
+
+# The uploader --------------------------------------------------------------------------------
+
+
+def flagged(seed: int, asset: bytes, embedding, *, version: str = "1", media_type: str = "image/png") -> FlaggedItem:
+    return FlaggedItem(asset=asset, media_type=media_type, model_name="fashion_cnn", model_version=version,
+                       prediction={"label": seed % 10, "probs": [0.1] * 10}, score=0.1, strategy="entropy", threshold=0.5,
+                       reason="uncertain", upload_groups=[GROUP], embedding=embedding)
+
+
+def store_hashes(store) -> set[str]:
+    return {r["content_hash"] for r in store_index(store, GROUP)}
+
+
+def drain(uploader: Uploader) -> None:
+    for _ in range(100):
+        if uploader.step() is None:
+            return
+    raise AssertionError("the queue never drained")
+
+
+def test_the_uploader_suppresses_near_duplicates_by_embedding_or_hash_and_remembers_them(tmp_path, fashion, base, caplog):
+    """A real outbox whose items carry the model's embedding, drained by the uploader into a
+    local store: a distinct image with a near embedding, and an undecodable one with a near
+    embedding, are counted not uploaded (by embedding); a JPEG copy with a far embedding too (by
+    hash); the same embedding from another model version, and an image without an embedding,
+    are uploaded."""
+    outbox, store = tmp_path / "outbox.db", tmp_path / "store"
+    a, b, d, e = (encode_png(fashion[i]) for i in (0, 1, 2, 3))
+    copy = jpeg(fashion[0], 75)
+    broken = encode_png(fashion[4])[:60]
+    items = [flagged(0, a, base), flagged(1, b, at_distance(base, 0.005, 1)), flagged(2, copy, at_distance(base, 0.6, 2)),
+             flagged(3, d, base, version="2"), flagged(4, e, None), flagged(5, broken, at_distance(base, 0.01, 5))]
+    with Outbox(outbox) as o:
+        o.append_many(items)
+        assert [i.embedding is not None for i in o.due(10)] == [True, True, True, True, False, True]
+        ix = NearDuplicateIndex(index_path(outbox), max_distance=DEFAULT_MAX_DISTANCE,
+                                max_embedding_distance=DEFAULT_MAX_EMBEDDING_DISTANCE)
+        sink = LocalStore(store)
+        with caplog.at_level(logging.INFO, logger="triton_al.uploader"):
+            drain(Uploader(o, sink, near_duplicates=ix, seed=1))
+        counters = o.counters()
+        assert counters.get("queued_items", 0) == 0 and counters["uploaded"] == 3
+        assert counters[f"near_duplicates/{GROUP}"] == 3
+        assert o.dead_letters() == []  # the undecodable image never reached the store
+    assert store_hashes(store) == {content_hash(x) for x in (a, d, e)}
+    (line,) = [r.getMessage() for r in caplog.records if "near-duplicates not uploaded" in r.getMessage()]
+    assert "1 by hash, within 20 bits" in line and "2 by embedding, within cosine distance 0.02" in line, line
+    first = ix.entry(GROUP, content_hash(a))
+    assert first["seen"] == 3 and first["embedding_model"] == "fashion_cnn/1"
+    assert ix.entry(GROUP, content_hash(d))["embedding_model"] == "fashion_cnn/2"
+    ix.close()
+    # A restart (a new index over the same file): another near embedding of version 1 is not uploaded.
+    with Outbox(outbox) as o:
+        o.append_many([flagged(6, encode_png(fashion[5]), at_distance(base, 0.01, 6))])
+        ix = NearDuplicateIndex(index_path(outbox), max_distance=DEFAULT_MAX_DISTANCE,
+                                max_embedding_distance=DEFAULT_MAX_EMBEDDING_DISTANCE)
+        drain(Uploader(o, LocalStore(store), near_duplicates=ix, seed=2))
+        assert o.counters()[f"near_duplicates/{GROUP}"] == 4
+        ix.close()
+    assert store_hashes(store) == {content_hash(x) for x in (a, d, e)}
+
+
+def test_the_uploader_process_takes_the_flag(tmp_path, uploaders, fashion, base):
+    """`triton-al uploader`: by default both checks are on; `--near-duplicate-embedding-distance
+    off` uploads a near embedding (the hash still holds back a JPEG copy); with the hash off
+    and a wide embedding distance, the copy (far embedding) goes and the near embedding not."""
+    a, b, copy = encode_png(fashion[0]), encode_png(fashion[1]), jpeg(fashion[0], 75)
+    cases = (("on", (), {a}),
+             ("off", ("--near-duplicate-embedding-distance", "off"), {a, b}),
+             ("wide", ("--near-duplicate-embedding-distance", "0.5", "--near-duplicate-distance", "off"), {a, copy}))
+    for name, extra, stored in cases:
+        outbox, store = tmp_path / name / "outbox.db", tmp_path / name / "store"
+        outbox.parent.mkdir()
+        with Outbox(outbox) as o:
+            o.append_many([flagged(0, a, base), flagged(1, b, at_distance(base, 0.01 if name != "wide" else 0.3, 1)),
+                           flagged(2, copy, at_distance(base, 0.9, 2), media_type="image/jpeg")])
+        up = uploaders(outbox, store, "--once", "--log-format", "text", *extra)
+        assert up.proc.wait(60) == 0, up.log()
+        assert store_hashes(store) == {content_hash(x) for x in stored}, (name, up.log())
