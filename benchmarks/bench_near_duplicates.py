@@ -26,6 +26,13 @@ tell near-copies from distinct images on Fashion-MNIST, and what it costs per fl
   the SQLite insert), median of repeated runs; and the uploader draining 2,000 distinct
   Fashion-MNIST PNGs into a local store with suppression off and on (an empty index, and a
   group already holding 100,000 entries).
+- Embeddings (`--embeddings`, on when the model file and the `onnx` package are there): the
+  example model's 64-value embedding (`h`, the ReLU of the dense layer before the classifier;
+  read from the committed model.onnx, the output added in memory when the file has none) of
+  the same decoded images, unit length; distance = 1 - cosine to the nearest entry (numpy, a
+  matrix product per block of entries). The same recall per copy kind and false suppression
+  as the hashes, at cosine distances 0.0005-0.05, alone and OR the adopted hash at 20 bits
+  (an item is suppressed when either is within its distance, as the index does it).
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ from triton_al.uploader import near_duplicates as nd
 from triton_al.uploader.near_duplicates import DEFAULT_MAX_DISTANCE, PARTS, WORDS, NearDuplicateIndex, distances, image_hash
 
 THRESHOLDS = {64: (2, 4, 6, 8), 256: (12, 16, 20, 24, 28, 32)}
+ADOPTED = "pHash 256 + aligned pHash 256 (adopted)"
+MODEL = Path(__file__).resolve().parents[1] / "model_repository" / "fashion_cnn" / "1" / "model.onnx"
+EMBEDDING_DISTANCES = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+COMBINED_BITS = 20  # the hash's default distance, ORed with the embedding's
 
 
 def shifted(a: np.ndarray, dx: int, dy: int) -> np.ndarray:
@@ -126,10 +137,10 @@ def candidate_hashes(pixels: np.ndarray) -> dict[str, np.ndarray]:
     plain = nd._dct_bits(x)
     aligned = nd._dct_bits(nd._aligned(small, x))
     return {"pHash 64 (first version)": _dct64(grey, False), "pHash 64, mean-centred (AC signs)": _dct64(grey, True),
-            "pHash 256": plain, "aligned pHash 256": aligned, "pHash 256 + aligned pHash 256 (adopted)": np.concatenate([plain, aligned])}
+            "pHash 256": plain, "aligned pHash 256": aligned, ADOPTED: np.concatenate([plain, aligned])}
 
 
-PARTS_OF = {"pHash 256 + aligned pHash 256 (adopted)": PARTS}
+PARTS_OF = {ADOPTED: PARTS}
 
 
 def _nearest(index: np.ndarray, queries: np.ndarray, parts: int, sizes: list[int]) -> dict[int, np.ndarray]:
@@ -151,7 +162,145 @@ def _own(copies: np.ndarray, originals: np.ndarray, parts: int) -> np.ndarray:
     return np.unpackbits(x.view(np.uint8), axis=1).reshape(len(x), parts, -1).sum(2).min(1)
 
 
-def quality(n_originals: int, n_background: int, seed: int = 0) -> dict:
+def embedder(path: Path = MODEL):
+    """A function: decoded grey images [n, 28, 28] uint8 -> the model's embeddings, unit
+    length, float32 [n, d]. The committed model's `embedding` output, or (a file without it)
+    its layer `h` exposed as an output in memory."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from triton_al.example.data import to_model_input
+
+    model = onnx.load(str(path))
+    outputs = [o.name for o in model.graph.output]
+    name = "embedding" if "embedding" in outputs else "h"
+    if name not in outputs:
+        model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 64]))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def embed(pixels: np.ndarray) -> np.ndarray:
+        pixels = np.asarray(pixels)
+        out = [session.run([name], {"image": to_model_input(pixels[i:i + 4096])})[0] for i in range(0, len(pixels), 4096)]
+        x = np.concatenate(out).astype(np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    return embed
+
+
+def _nearest_cosine(index: np.ndarray, queries: np.ndarray, sizes: list[int], block: int = 8192) -> dict[int, np.ndarray]:
+    """Per prefix size of `index` (unit rows), each query's cosine distance (1 - cos) to its
+    nearest entry: a matrix product per block of entries, the running maximum of the cosine."""
+    best = np.full(len(queries), -np.inf, np.float32)
+    out, start = {}, 0
+    for size in sizes:
+        for b in range(start, size, block):
+            best = np.maximum(best, (queries @ index[b:min(b + block, size)].T).max(axis=1))
+        start = max(start, size)
+        out[size] = (1.0 - best).astype(np.float64)
+    return out
+
+
+def _rates(own: dict[str, np.ndarray], new: dict[int, np.ndarray], any_entry: dict[str, np.ndarray]) -> dict:
+    """Recall per copy kind (`own`: True where a copy is within the distance of its own
+    original), false suppression per index size (`new`: True where a distinct query is)."""
+    per = {t: float(v.mean()) for t, v in own.items()}
+    recall = float(np.mean(list(per.values())))
+    false = {e: float(v.mean()) for e, v in new.items()}
+    return {"recall": recall, "recall_any_entry_largest_index": float(np.mean([v.mean() for v in any_entry.values()])),
+            "per_transform": per, "false": false,
+            "precision_even_mix": {e: recall / (recall + f) if recall + f else math.nan for e, f in false.items()}}
+
+
+def through_index(distance: float, index_hashes: np.ndarray, index_emb: np.ndarray, queries: dict[str, tuple[list, np.ndarray]]) -> dict:
+    """The uploader's own `NearDuplicateIndex` (hash at COMBINED_BITS, embeddings at `distance`)
+    holding the same entries (written into its file as `_preload` does), each query screened
+    alone (and forgotten when it was added, so the index stays the same): which are suppressed,
+    per query set. Skipped (with the reason) when the index takes no embeddings."""
+    import inspect
+
+    if "max_embedding_distance" not in inspect.signature(NearDuplicateIndex).parameters:
+        return {"skipped": "NearDuplicateIndex has no max_embedding_distance"}
+    model = "fashion_cnn/1"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "outbox.db.near-duplicates"
+        index = NearDuplicateIndex(path, max_distance=COMBINED_BITS, max_embedding_distance=distance, max_entries=len(index_hashes) + 10)
+        now = time.time()
+        with index._conn:
+            index._conn.execute("BEGIN")
+            index._conn.executemany(
+                "INSERT INTO entries (upload_group, content_hash, hash, item_id, added_at, embedding, embedding_model) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [("g", f"e{i}", nd._blob(h), -i - 1, now - 3600 + i * 1e-3, np.asarray(v, "<f4").tobytes(), model)
+                 for i, (h, v) in enumerate(zip(index_hashes, index_emb))])
+        index.close()
+        index = NearDuplicateIndex(path, max_distance=COMBINED_BITS, max_embedding_distance=distance, max_entries=len(index_hashes) + 10)
+        out, n = {}, 0
+        for name, (pixels, emb) in queries.items():
+            suppressed, kinds = [], {}
+            for px, v in zip(pixels, emb):
+                n += 1
+                item = SimpleNamespace(id=n, upload_group="g", content_hash=f"q{n}", media_type="image/png", asset=encode_png(px),
+                                       model_name="fashion_cnn", model_version="1", embedding=v)
+                match = index.screen([item])
+                if match:
+                    kinds[getattr(match[0], "kind", "hash")] = kinds.get(getattr(match[0], "kind", "hash"), 0) + 1
+                else:
+                    index.forget([item])
+                suppressed.append(bool(match))
+            out[name] = {"suppressed": np.asarray(suppressed), "by": kinds}
+        out["entries"] = index.sizes().get("g", 0)
+        index.close()
+    return out
+
+
+def embedding_quality(embed, orig_px: list, copy_px: dict, new_px: list, background_px: list, hashes: dict,
+                      check_distance: float | None = None) -> dict:
+    """The embedding's tables (alone, and OR the adopted hash at COMBINED_BITS) over the same
+    images as the hash tables; `hashes`: the adopted hash's distances (own, to any entry, new),
+    and its rows of the index (`rows`). `check_distance`: also screen every query through the
+    uploader's NearDuplicateIndex at that embedding distance and compare its decisions."""
+    orig, new = embed(np.stack(orig_px)), embed(np.stack(new_px))
+    copies = {t: embed(np.stack(px)) for t, px in copy_px.items()}
+    index = orig if not background_px else np.concatenate([orig, embed(np.stack(background_px))])
+    entries = hashes["index_sizes"]
+    d_new = _nearest_cosine(index, new, entries)
+    d_any = {t: _nearest_cosine(index, c, [entries[-1]])[entries[-1]] for t, c in copies.items()}
+    d_own = {t: 1.0 - (c * orig).sum(1).astype(np.float64) for t, c in copies.items()}
+    alone, combined = {}, {}
+    h_own = {t: d <= COMBINED_BITS for t, d in hashes["own"].items()}
+    h_any = {t: d <= COMBINED_BITS for t, d in hashes["any"].items()}
+    h_new = {e: d <= COMBINED_BITS for e, d in hashes["new"].items()}
+    for th in EMBEDDING_DISTANCES:
+        e_own = {t: d <= th for t, d in d_own.items()}
+        e_any = {t: d <= th for t, d in d_any.items()}
+        e_new = {e: d <= th for e, d in d_new.items()}
+        alone[th] = _rates(e_own, e_new, e_any)
+        combined[th] = _rates({t: e_own[t] | h_own[t] for t in e_own}, {e: e_new[e] | h_new[e] for e in e_new},
+                              {t: e_any[t] | h_any[t] for t in e_any})
+    q = [1, 5, 10, 25, 50]
+    spread = {"own_copy_median": {t: float(np.median(d)) for t, d in d_own.items()},
+              "own_copy_p90": {t: float(np.percentile(d, 90)) for t, d in d_own.items()},
+              "distinct_nearest_percentiles": {e: {p: float(np.percentile(d, p)) for p in q} for e, d in d_new.items()}}
+    out = {"dimensions": int(index.shape[1]), "index_sizes": entries, "by_distance": alone,
+           "or_hash": {"bits": COMBINED_BITS, "hash_alone": _rates(h_own, h_new, h_any), "by_distance": combined},
+           "distances": spread}
+    if check_distance is not None:
+        ours = {"distinct": h_new[entries[-1]] | (d_new[entries[-1]] <= check_distance),
+                **{t: h_any[t] | (d_any[t] <= check_distance) for t in copies}}
+        r = through_index(check_distance, hashes["rows"], index, {"distinct": (new_px, new), **{t: (copy_px[t], copies[t]) for t in copies}})
+        if "skipped" in r:
+            out["through_index"] = r
+        else:
+            differ = {t: int((ours[t] != r[t]["suppressed"]).sum()) for t in ours}
+            out["through_index"] = {"embedding_distance": check_distance, "entries": r["entries"], "queries": sum(len(v) for v in ours.values()),
+                                    "suppressed_numpy": {t: int(v.sum()) for t, v in ours.items()},
+                                    "suppressed_index": {t: int(r[t]["suppressed"].sum()) for t in ours},
+                                    "by_check": {t: r[t]["by"] for t in ours}, "differ": differ}
+    return out
+
+
+def quality(n_originals: int, n_background: int, seed: int = 0, embeddings: Path | None = None,
+            check_distance: float | None = None) -> dict:
     rng = np.random.default_rng(seed)
     test, _ = load("test")
     order = unique(test, rng.permutation(len(test)))
@@ -166,15 +315,18 @@ def quality(n_originals: int, n_background: int, seed: int = 0) -> dict:
         rows = [candidate_hashes(p) for p in images]
         return {name: np.stack([r[name] for r in rows]) for name in rows[0]} if rows else {}
 
-    orig = hashed([test[i] for i in originals])
-    copies = {name: hashed([decoded(make(test[i])) for i in originals]) for name, make in transforms(rng).items()}
-    new = hashed([test[i] for i in distinct])
-    background = hashed([load("train")[0][i] for i in picks]) if picks else None
+    orig_px, new_px = [test[i] for i in originals], [test[i] for i in distinct]
+    copy_px = {name: [decoded(make(test[i])) for i in originals] for name, make in transforms(rng).items()}
+    background_px = [load("train")[0][i] for i in picks]
+    orig = hashed(orig_px)
+    copies = {name: hashed(px) for name, px in copy_px.items()}
+    new = hashed(new_px)
+    background = hashed(background_px) if picks else None
     # The index's hash is the adopted candidate: the same bits from the encoded bytes.
     for k in range(5):
-        assert np.array_equal(image_hash(encode_png(test[originals[k]])), orig["pHash 256 + aligned pHash 256 (adopted)"][k])
+        assert np.array_equal(image_hash(encode_png(test[originals[k]])), orig[ADOPTED][k])
     sizes = sorted({0, *(n for n in (2_000, 10_000, 30_000) if n < len(picks)), len(picks)})
-    results = {}
+    results, adopted = {}, {}
     for name in orig:
         parts = PARTS_OF.get(name, 1)
         index = orig[name] if background is None else np.concatenate([orig[name], background[name]])
@@ -183,6 +335,8 @@ def quality(n_originals: int, n_background: int, seed: int = 0) -> dict:
         d_copy_any = {t: _nearest(index, copies[t][name], parts, [entries[-1]])[entries[-1]] for t in copies}
         d_own = {t: _own(copies[t][name], orig[name], parts) for t in copies}
         bits = orig[name].shape[1] * 64 // parts
+        if name == ADOPTED:
+            adopted = {"index_sizes": entries, "own": d_own, "any": d_copy_any, "new": d_new, "rows": index}
         rows = {}
         for th in THRESHOLDS[bits]:
             per = {t: float((d <= th).mean()) for t, d in d_own.items()}
@@ -192,7 +346,11 @@ def quality(n_originals: int, n_background: int, seed: int = 0) -> dict:
                         "per_transform": per, "false": false,
                         "precision_even_mix": {e: recall / (recall + f) if recall + f else math.nan for e, f in false.items()}}
         results[name] = {"bits": bits, "parts": parts, "index_sizes": entries, "by_distance": rows}
-    return {"originals": len(originals), "distinct_queries": len(distinct), "background": len(picks), "results": results}
+    out = {"originals": len(originals), "distinct_queries": len(distinct), "background": len(picks), "results": results}
+    if embeddings is not None:
+        out["embedding"] = embedding_quality(embedder(embeddings), orig_px, copy_px, new_px, background_px, adopted, check_distance)
+        out["embedding"]["model"] = str(embeddings)
+    return out
 
 
 def _timed(fn, n: int, repeats: int) -> tuple[float, float]:
@@ -302,6 +460,8 @@ def report(q: dict, c: dict | None = None, through: dict | None = None) -> str:
             lines.append(f"| {t} | " + " | ".join(f"{row['per_transform'][n]:.0%}" for n in names) + f" | {row['recall']:.1%} | "
                          + " / ".join(f"{row['false'][e]:.1%}" for e in sizes) + f" | {row['precision_even_mix'][sizes[-1]]:.1%} |")
         lines.append("")
+    if q.get("embedding"):
+        lines += embedding_report(q["embedding"])
     if c:
         lines.append(f"cost per item, CPU (wall) time, load average {c['load_average']:.1f}: hash of a 28x28 PNG {c['hash_cpu_us']:.0f} µs "
                      f"({c['hash_us']:.0f}), the first version's 64-bit pHash {c['hash_64bit_cpu_us']:.0f} µs; lookup at {c['entries']:,} entries {c['lookup_cpu_us']:.0f} µs ({c['lookup_us']:.0f}), "
@@ -314,6 +474,39 @@ def report(q: dict, c: dict | None = None, through: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def embedding_report(e: dict) -> list[str]:
+    sizes = e["index_sizes"]
+    names = list(next(iter(e["by_distance"].values()))["per_transform"])
+    head = ("| " + " | ".join(names) + " | recall, all kinds | false suppression at " + " / ".join(f"{n:,}" for n in sizes)
+            + f" entries | precision, even mix, at {sizes[-1]:,} |")
+
+    def row(label, r):
+        return (f"| {label} | " + " | ".join(f"{r['per_transform'][n]:.0%}" for n in names) + f" | {r['recall']:.1%} | "
+                + " / ".join(f"{r['false'][n]:.1%}" for n in sizes) + f" | {r['precision_even_mix'][sizes[-1]]:.1%} |")
+
+    lines = [f"model embedding ({e['dimensions']} values, unit length, {e.get('model', '')}): cosine distance (1 - cos) to the nearest entry",
+             "| distance " + head, "|---|" + "---|" * (len(names) + 3)]
+    lines += [row(f"{th:g}", r) for th, r in e["by_distance"].items()]
+    b = e["or_hash"]["bits"]
+    lines += ["", f"hash (adopted, {b} bits) OR embedding within the distance",
+              "| embedding distance " + head, "|---|" + "---|" * (len(names) + 3), row(f"off (hash {b} bits alone)", e["or_hash"]["hash_alone"])]
+    lines += [row(f"{th:g}", r) for th, r in e["or_hash"]["by_distance"].items()]
+    d = e["distances"]
+    lines += ["", "embedding distance of a near-copy to its own original, median (90th percentile): "
+              + ", ".join(f"{t} {d['own_copy_median'][t]:.4f} ({d['own_copy_p90'][t]:.4f})" for t in names),
+              "distance of a distinct query to its nearest entry, percentiles 1/5/10/25/50: "
+              + "; ".join(f"{n:,} entries " + " / ".join(f"{v:.4f}" for v in d["distinct_nearest_percentiles"][n].values()) for n in sizes), ""]
+    t = e.get("through_index")
+    if t and "skipped" in t:
+        lines += [f"through NearDuplicateIndex: skipped ({t['skipped']})", ""]
+    elif t:
+        lines += [f"through NearDuplicateIndex (hash {b} bits OR embedding {t['embedding_distance']:g}), {t['entries']:,} entries, "
+                  f"{t['queries']:,} queries screened one by one: decisions differing from numpy's: "
+                  + ", ".join(f"{k} {v}" for k, v in t["differ"].items()) + "; suppressed (numpy / index, by check): "
+                  + ", ".join(f"{k} {t['suppressed_numpy'][k]}/{t['suppressed_index'][k]} {t['by_check'][k]}" for k in t["differ"]), ""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--originals", type=int, default=1000)
@@ -323,12 +516,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-only", action="store_true", help="the tables only, no cost or throughput")
     parser.add_argument("--cost-only", action="store_true", help="cost and throughput only, no tables")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/near_duplicates.json"))
+    parser.add_argument("--embeddings", type=Path, nargs="?", const=MODEL, default=None,
+                        help="also the model's embeddings (an ONNX file; the example model's by default): alone and OR the hash")
+    parser.add_argument("--no-embeddings", action="store_true", help="skip the embedding tables (on by default when onnx imports)")
+    parser.add_argument("--check-index", type=float, default=None, metavar="DISTANCE",
+                        help="also screen every query through the uploader's NearDuplicateIndex (hash 20 bits, embeddings at DISTANCE) "
+                             "and compare its decisions with the tables' (at the largest index)")
     args = parser.parse_args(argv)
     if args.originals < 1 or args.background < 0 or args.entries < 1:
         parser.error("--originals and --entries must be positive, --background not negative")
     started = time.time()
     load_before = os.getloadavg()[0]
-    q = None if args.cost_only else quality(args.originals, args.background)
+    emb = None if args.no_embeddings else args.embeddings
+    if emb is None and not args.no_embeddings:
+        try:
+            import onnx  # noqa: F401  (the bench extra has it)
+            emb = MODEL if MODEL.exists() else None
+        except ImportError:
+            print("embeddings skipped: the onnx package is not installed", file=sys.stderr)
+    q = None if args.cost_only else quality(args.originals, args.background, embeddings=emb, check_distance=args.check_index)
     c = t = None
     if not args.quality_only:
         c = cost(args.entries)
