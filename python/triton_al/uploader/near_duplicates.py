@@ -367,16 +367,19 @@ class _Space:
     """One group's embeddings of one model (name/version) and dimension: unit rows, float32
     [n, D]. A lookup is `rows @ v` (one matrix-vector product), the nearest row within the
     distance its answer. Past `_LEAD_MIN_ROWS` rows (and for D >= 48), each row also keeps its
-    first m coordinates on principal axes P fitted to the rows (`lead` = row @ P) and the length
-    of the rest (`tail`); for unit rows x and v, cos(x, v) <= lead(x).lead(v) + tail(x) tail(v)
-    (Cauchy-Schwarz on the part outside P), so only rows whose bound reaches 1 - distance can
-    be within it: one [n, m] product and a few vector operations, then the few rows left in
-    full. The same answer as the full product; fitted again when the rows have grown 4x."""
+    first m coordinates on principal axes P fitted to the rows (row @ P) and, as an (m+1)-th,
+    the length of the rest (`_tail`): for unit rows x and v, cos(x, v) <= (xP).(vP) + tail(x)
+    tail(v) (Cauchy-Schwarz on the part outside P), so only rows whose bound reaches
+    1 - distance can be within it. The bound of every row is one [n, m+1] matrix-vector
+    product (the query's lead and tail against the rows'); the few rows left are compared in
+    full. The same answer as the full product; fitted again when the rows have grown 4x.
+    Measured at 100,000 rows (2 loaded cores): D=64 0.5-0.9 ms against 1-1.7 ms for the full
+    product; D=512 1.3-1.9 ms against ~10 ms."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.m = _lead_width(dim)
-        self.rows = _Rows((dim, np.float32), (max(self.m, 1), np.float32), (0, np.float32), capacity=64)
+        self.rows = _Rows((dim, np.float32), (self.m + 1, np.float32), capacity=64)
         self.axes: np.ndarray | None = None
         self.fitted_at = 0
 
@@ -384,11 +387,15 @@ class _Space:
         return len(self.rows)
 
     def add(self, key: str, v: np.ndarray) -> None:
-        if self.axes is None:
-            self.rows.add(key, v, None, None)
-        else:
-            lead = v @ self.axes
-            self.rows.add(key, v, lead, _tail(float(lead @ lead)))
+        self.rows.add(key, v, None if self.axes is None else self._lead(v))
+
+    def _lead(self, v: np.ndarray) -> np.ndarray:
+        """v's coordinates on the axes, then the length of the rest."""
+        assert self.axes is not None
+        lead = np.empty(self.m + 1, np.float32)
+        lead[:self.m] = v @ self.axes
+        lead[self.m] = _tail(float(lead[:self.m] @ lead[:self.m]))
+        return lead
 
     def remove(self, key: str) -> bool:
         return self.rows.remove(key)
@@ -398,9 +405,9 @@ class _Space:
         n = len(x)
         pick = np.random.default_rng(n).choice(n, min(n, 4096), replace=False) if n > 4096 else slice(None)
         self.axes = _principal_axes(x[pick], self.m, seed=n)
-        lead = x @ self.axes
-        self.rows.arrays[1][:n] = lead
-        self.rows.arrays[2][:n] = _tail(np.einsum("ij,ij->i", lead, lead))
+        lead = self.rows.arrays[1]
+        lead[:n, :self.m] = x @ self.axes
+        lead[:n, self.m] = _tail(np.einsum("ij,ij->i", lead[:n, :self.m], lead[:n, :self.m]))
         self.fitted_at = n
 
     def nearest(self, v: np.ndarray, max_distance: float) -> tuple[int, float] | None:
@@ -413,10 +420,7 @@ class _Space:
         if self.m and n >= _LEAD_MIN_ROWS:
             if self.axes is None or n >= 4 * self.fitted_at:
                 self._fit()
-            assert self.axes is not None
-            q = v @ self.axes
-            bound = self.rows.view(1) @ q
-            bound += self.rows.view(2) * float(_tail(float(q @ q)))
+            bound = self.rows.view(1) @ self._lead(v)
             cands = np.flatnonzero(bound >= 1.0 - max_distance - _SLACK)
             if len(cands) == 0:
                 return None
