@@ -284,12 +284,12 @@ class Match:
 
 
 class _Rows:
-    """Rows keyed by content hash, in parallel arrays (one per width; width 0: one value a row)
-    grown by doubling; a removal moves the last row into the gap (order does not matter to a
-    lookup), so the arrays stay dense."""
+    """Rows keyed by content hash, in parallel arrays (a width and type each) grown by doubling;
+    a removal moves the last row into the gap (order does not matter to a lookup), so the
+    arrays stay dense."""
 
     def __init__(self, *columns: tuple[int, type], capacity: int = 1024) -> None:
-        self.arrays = [np.empty((capacity, w) if w else (capacity,), dt) for w, dt in columns]
+        self.arrays = [np.empty((capacity, w), dt) for w, dt in columns]
         self.keys: list[str] = []
         self.pos: dict[str, int] = {}
 
@@ -304,7 +304,7 @@ class _Rows:
                 grown[:n] = a
                 self.arrays[i] = grown
         for a, r in zip(self.arrays, rows):
-            if r is not None:
+            if r is not None:  # (None: filled in later)
                 a[n] = r
         self.keys.append(key)
         self.pos[key] = n
