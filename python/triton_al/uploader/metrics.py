@@ -58,7 +58,8 @@ class OutboxCollector(Collector):
             family.add_metric(list(labels.values()), counters.get(key, 0))
         yield from families.values()
         near = CounterMetricFamily("triton_al_uploader_near_duplicates", "Items not uploaded: within the near-duplicate distance "
-                                   "of an image queued or delivered for that group (--near-duplicate-distance)", labels=["group"])
+                                   "of an item queued or delivered for that group, by perceptual hash (--near-duplicate-distance) "
+                                   "or by the model's embedding (--near-duplicate-embedding-distance)", labels=["group"])
         for key, value in counters.items():
             if key.startswith(NEAR_DUPLICATES_PREFIX):
                 near.add_metric([key[len(NEAR_DUPLICATES_PREFIX):]], value)
