@@ -64,7 +64,8 @@ def pipeline(tmp_path_factory, request):
     from triton_al.attach import attach
 
     attach(repository, "nan_model", output="PROBS", kind="probs", step=step)
-    attach(repository, "fashion_cnn", preprocess="preprocess", step_name="active_learning", kind="probs", step=step)
+    attach(repository, "fashion_cnn", preprocess="preprocess", step_name="active_learning", kind="probs", step=step,
+           embedding_output="EMBEDDING")  # as committed: the step stores each flagged item's embedding
     # The example model is confident: flag more so that small test batches flag something.
     set_parameter(repository / "active_learning" / "config.pbtxt", "threshold", str(THRESHOLD))
     models = ["fashion_cnn_al", "fashion_cnn", "preprocess", "active_learning", "nan_model_al"]
@@ -122,6 +123,21 @@ def test_a_client_naming_any_subset_of_outputs_gets_them_and_every_item_is_score
     assert pipeline.flush(30).complete
     stored = {r["content_hash"] for r in LocalStore(pipeline.store).index("active-learning")}
     assert expected_in_store <= stored
+
+
+def test_the_embedding_is_served_to_clients_that_ask_for_it(client):
+    """EMBEDDING passes through the step like the model's other outputs: a client naming it
+    gets the model's own values (the layer whose softmax-head gives PROBS); others don't."""
+    pngs, _, _ = fashion_pngs(5, start=300)
+    inp = grpcclient.InferInput("IMAGE", list(pngs.shape), "BYTES")
+    inp.set_data_from_numpy(pngs)
+    names = ("PROBS", "EMBEDDING", "SCORE")
+    result = client.infer("fashion_cnn_al", [inp], outputs=[grpcclient.InferRequestedOutput(n) for n in names])
+    embedding, score = result.as_numpy("EMBEDDING"), result.as_numpy("SCORE")
+    assert embedding.shape == (5, 64) and embedding.dtype == np.float32 and (embedding >= 0).all()
+    plain = client.infer("fashion_cnn_al", [inp], outputs=[grpcclient.InferRequestedOutput("SCORE")])
+    assert plain.as_numpy("EMBEDDING") is None
+    np.testing.assert_array_equal(plain.as_numpy("SCORE"), score)
 
 
 def test_the_plain_model_keeps_working_beside_the_ensemble(client):
