@@ -79,6 +79,7 @@ def serve_command(
     near_duplicate_distance: Annotated[Optional[str], typer.Option(help="Passed to the uploader: images within this many bits of one queued or delivered for the group are counted as near-duplicates and not uploaded; 0 or 'off' disables (see `triton-al uploader --near-duplicate-distance`).")] = None,
     near_duplicate_embedding_distance: Annotated[Optional[str], typer.Option(help="Passed to the uploader: items whose embedding (stored by the step with --embedding-output) is within this cosine distance of one queued or delivered for the group, by the same model version, are counted as near-duplicates and not uploaded; 0 or 'off' disables (see `triton-al uploader --near-duplicate-embedding-distance`).")] = None,
     selection: Annotated[Optional[str], typer.Option(help="Passed to the uploader: which items go when a group's --rate-limit binds: fifo, uncertainty or diverse (see `triton-al uploader --selection`).")] = None,
+    near_duplicate_share: Annotated[bool, typer.Option("--near-duplicate-share/--no-near-duplicate-share", help="Passed to the uploader: with --budget-ledger, share near-duplicate entries with the fleet through the ledger (see `triton-al uploader --near-duplicate-share`).")] = True,
 ) -> None:
     """Serve a model repository with Triton and the uploader sidecar until Ctrl-C / SIGTERM."""
     from triton_al.private import keep_files_private
@@ -125,6 +126,8 @@ def serve_command(
 
         _checked("--budget-ledger", parse_ledger_uri, budget_ledger)
         uploader_args += ["--budget-ledger", budget_ledger]
+        if not near_duplicate_share:
+            uploader_args += ["--no-near-duplicate-share"]
     if near_duplicate_distance is not None:
         from triton_al.uploader.near_duplicates import parse_distance
 

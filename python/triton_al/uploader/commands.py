@@ -148,6 +148,7 @@ def uploader_command(
     near_duplicate_embedding_distance: Annotated[Optional[str], typer.Option(help="When the model stores its embedding with each flagged item (attach --embedding-output): an item whose embedding is within this cosine distance (1 - cos, in (0, 1]) of one queued or delivered for the same group, computed by the same model name and version, is counted as a near-duplicate and not uploaded (OR the hash check: either suffices); 0 or 'off' disables this check. Default: 0.02, on (provisional).")] = None,
     near_duplicate_max_entries: Annotated[int, typer.Option(min=1, help="Images (hashes and embeddings) the near-duplicate index keeps per group (the oldest evicted); memory: 64 bytes per hash and 4 x D bytes per embedding of D values.")] = 100_000,
     near_duplicate_max_age: Annotated[str, typer.Option(help="How long the near-duplicate index remembers an image (e.g. 30d).")] = "30d",
+    near_duplicate_share: Annotated[bool, typer.Option("--near-duplicate-share/--no-near-duplicate-share", help="With --budget-ledger: share the near-duplicate index's entries with the fleet through the ledger (a Redis stream per group), so that a near-copy of an image another replica queued or delivered for the group is not uploaded again. While the ledger does not answer, this replica's index screens alone (nothing is held or dropped for it) and catches up when it answers.")] = True,
     selection: Annotated[str, typer.Option(help="When a group's --rate-limit allows fewer items than it has queued, which go: fifo (the oldest first), uncertainty (the lowest scores first) or diverse (a spread of uncertain images: uncertainty-weighted k-means over small image thumbnails, as many clusters as the budget, each cluster's most central image). Without a binding limit every item goes, oldest first.")] = "fifo",
     selection_pool: Annotated[int, typer.Option(min=1, help="With --selection uncertainty|diverse: the candidates per group (its most uncertain due items) chosen among; bounds the cost of each batch.")] = 2000,
 ) -> None:
@@ -288,17 +289,26 @@ def uploader_command(
 
         from triton_al.uploader.near_duplicates import NearDuplicateIndex, index_path
 
+        share = None
+        if fleet is not None and near_duplicate_share:
+            from triton_al.uploader.near_duplicates_share import SharedEntries
+
+            share = SharedEntries.for_ledger(fleet.ledger, max_len=near_duplicate_max_entries, ttl_s=near_max_age_s,
+                                             defer_exact=fleet_claims)
         try:
             near = NearDuplicateIndex(index_path(outbox), max_distance=near_distance, max_entries=near_duplicate_max_entries,
-                                      max_age_s=near_max_age_s, sink=target_id, max_embedding_distance=near_embedding_distance)
+                                      max_age_s=near_max_age_s, sink=target_id, max_embedding_distance=near_embedding_distance,
+                                      share=share)
         except (ValueError, OSError, sqlite3.Error) as e:
             target.close()
             typer.echo(f"triton-al uploader: near-duplicate index {index_path(outbox)}: {e}", err=True)
             raise typer.Exit(2) from None
         checks = [f"a hash within {near_distance} bits" if near_distance else "",
                   f"an embedding (same model and version) within cosine distance {near_embedding_distance:g}" if near_embedding_distance else ""]
-        log.info("near-duplicates: items with %s of one queued or delivered for the group are not uploaded (index %s)",
-                 " or ".join(c for c in checks if c), near.path)
+        log.info("near-duplicates: items with %s of one queued or delivered for the group are not uploaded (index %s%s)",
+                 " or ".join(c for c in checks if c), near.path, f"; {share.describe()}" if share is not None else "")
+    elif fleet is not None and near_duplicate_share:
+        log.info("near-duplicates: both checks off, nothing to share with the fleet")
     worker = Uploader(box, target, batch_size=batch_size, batch_max_bytes=max_batch_bytes, limits=limits, rate_overflow=rate_overflow,
                       max_attempts=max_attempts, backoff=Backoff(base_s=backoff_base, cap_s=backoff_cap), metrics=metrics,
                       bounds=bounds, open_outbox=open_outbox, fleet=fleet, near_duplicates=near, selection=selector)

@@ -39,6 +39,9 @@ within `max_distance` bits (Hamming) of one already there is counted and not upl
 - Bounded: at most `max_entries` per group (the oldest evicted) and `max_age_s` (checked by
   the uploader's maintenance). The index remembers the sink it was built for and starts empty
   for another one (as the outbox's delivery records do with --forget-deliveries).
+- In a fleet (`--budget-ledger`), the indexes of every replica share their entries through the
+  ledger's Redis (`share`, `near_duplicates_share.py`): each publishes what it adds and forgets,
+  and adds the others' entries (`origin` set, kept in the file too) before screening a batch.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ EMBEDDING_MAX_DIM = 4096
 DEFAULT_MAX_ENTRIES = 100_000
 DEFAULT_MAX_AGE_S = 30 * 86400.0
 INDEX_SUFFIX = ".near-duplicates"
+REMOTE_ITEM_ID = -1
+"""The item id of an entry another replica published (it is not an item of this outbox)."""
 COUNTER_PREFIX = "near_duplicates/"
 """Outbox counters of near-duplicates not uploaded, one per group (`near_duplicates/<group>`)."""
 HASH_NAME = "dct256+aligned-dct256/2"
@@ -281,6 +286,8 @@ class Match:
     """Which check matched: "hash" (perceptual hash, `distance` bits) or "embedding"."""
     embedding_distance: float | None = None
     """Embedding matches: the cosine distance (1 - cos) to the entry."""
+    origin: str | None = None
+    """The replica that published the entry matched (its ledger owner id), or None: this one's."""
 
 
 class _Rows:
@@ -450,13 +457,18 @@ class _Group:
         self.hashes = _Rows((WORDS, np.uint64), (PARTS, np.uint64))
         self.spaces: dict[tuple[str, int], _Space] = {}
         self.space_of: dict[str, tuple[str, int]] = {}
+        self.origins: dict[str, str] = {}
+        """Entries another replica published: content hash -> its origin."""
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def add(self, key: str, item_id: int, h: np.ndarray | None, model: str | None, v: np.ndarray | None) -> None:
+    def add(self, key: str, item_id: int, h: np.ndarray | None, model: str | None, v: np.ndarray | None,
+            origin: str | None = None) -> None:
         self.remove(key)
         self.ids[key] = item_id
+        if origin is not None:
+            self.origins[key] = origin
         if h is not None:
             self.hashes.add(key, h, h[::WORDS // PARTS])
         if v is not None and model is not None:
@@ -470,6 +482,7 @@ class _Group:
     def remove(self, key: str) -> None:
         if self.ids.pop(key, None) is None:
             return
+        self.origins.pop(key, None)
         self.hashes.remove(key)
         space_key = self.space_of.pop(key, None)
         if space_key is not None:
@@ -533,11 +546,12 @@ CREATE TABLE IF NOT EXISTS entries (
     last_seen_at REAL,
     embedding BLOB,                  -- the model's embedding: little-endian float32, unit length; NULL: none
     embedding_model TEXT,            -- the model (name/version) that computed it: only the same one's are compared
+    origin TEXT,                     -- NULL: this replica's; else the replica (ledger owner id) that published it (item_id -1)
     PRIMARY KEY (upload_group, content_hash)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_age ON entries (upload_group, added_at);
 """
-_ADDED_COLUMNS = (("embedding", "BLOB"), ("embedding_model", "TEXT"))
+_ADDED_COLUMNS = (("embedding", "BLOB"), ("embedding_model", "TEXT"), ("origin", "TEXT"))
 """Columns a file written before the embeddings lacks: added when it is opened (its entries keep working)."""
 
 
@@ -567,10 +581,12 @@ class NearDuplicateIndex:
 
     `max_distance`: bits (0: the hash check off, images not hashed); `max_embedding_distance`:
     cosine distance (0, the default here: the embedding check off, embeddings not kept). At
-    least one is on."""
+    least one is on. `share`: a `near_duplicates_share.SharedEntries` (the fleet's entries, through
+    the ledger), or None: this index alone."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_distance: int, max_entries: int = DEFAULT_MAX_ENTRIES,
-                 max_age_s: float = DEFAULT_MAX_AGE_S, sink: str | None = None, max_embedding_distance: float = 0.0) -> None:
+                 max_age_s: float = DEFAULT_MAX_AGE_S, sink: str | None = None, max_embedding_distance: float = 0.0,
+                 share=None) -> None:
         if not 0 <= max_embedding_distance <= 1:  # NaN too
             raise ValueError(f"max_embedding_distance: expected a cosine distance in (0, 1], or 0 (off), got {max_embedding_distance}")
         if not (1 <= max_distance < HASH_BITS or (max_distance == 0 and max_embedding_distance > 0)):
@@ -586,6 +602,8 @@ class NearDuplicateIndex:
         self.max_age_s = float(max_age_s)
         self._lock = threading.Lock()
         self._groups: dict[str, _Group] = {}
+        self.share = share
+        self._cursors: dict[str, str] = {}  # group -> the last stream ID read (also in the file's meta)
         self._conn = self._open(sink)
 
     def _open(self, sink: str | None) -> sqlite3.Connection:
@@ -630,6 +648,7 @@ class NearDuplicateIndex:
                 row = conn.execute("SELECT value FROM meta WHERE key = 'sink'").fetchone()
                 if row is not None and row[0] != sink:
                     n = conn.execute("DELETE FROM entries").rowcount
+                    conn.execute("DELETE FROM meta WHERE key LIKE 'cursor:%'")
                     log.warning("near-duplicate index %s was built for %s, not %s: %d entries forgotten", self.path, row[0], sink, n)
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('sink', ?)", (sink,))
         except BaseException:
@@ -648,10 +667,11 @@ class NearDuplicateIndex:
         if g is None:
             g = self._groups[name] = _Group()
             embeddings = "embedding, embedding_model" if self.max_embedding_distance else "NULL, NULL"
-            for key, h, item_id, e, model in self._conn.execute(
-                    f"SELECT content_hash, hash, item_id, {embeddings} FROM entries WHERE upload_group = ? ORDER BY added_at", (name,)):
+            for key, h, item_id, e, model, origin in self._conn.execute(
+                    f"SELECT content_hash, hash, item_id, {embeddings}, origin FROM entries WHERE upload_group = ? "
+                    "ORDER BY added_at", (name,)):
                 v = _stored_embedding(e) if model is not None else None
-                g.add(key, item_id, _unblob(h) if self.max_distance else None, model, v)
+                g.add(key, item_id, _unblob(h) if self.max_distance else None, model, v, origin)
         return g
 
     def screen(self, items: Iterable, *, now: float | None = None) -> list[Match]:
@@ -665,7 +685,12 @@ class NearDuplicateIndex:
         now = time.time() if now is None else now
         matches: list[Match] = []
         added: list[tuple] = []
+        published: list = []
+        taken: list[tuple] = []
         with self._lock:
+            items = list(items)
+            if self.share is not None:
+                self._sync({i.upload_group for i in items}, now)
             for item in items:
                 image = self.max_distance > 0 and str(item.media_type).lower().startswith("image/")
                 v = _item_embedding(item) if self.max_embedding_distance else None
@@ -674,8 +699,15 @@ class NearDuplicateIndex:
                 g = self._group(item.upload_group)
                 at = g.ids.get(item.content_hash)
                 if at is not None:
-                    if at != item.id:  # the same content queued again after its delivery record went
-                        matches.append(Match(item.id, item.upload_group, item.content_hash, item.content_hash, 0))
+                    if at == REMOTE_ITEM_ID and self.share is not None and self.share.defer_exact:
+                        # Another replica's entry of this very content: the ledger's claims decide (delivered
+                        # there: recorded without an upload; being uploaded: held). This replica's entry now.
+                        g.ids[item.content_hash] = item.id
+                        g.origins.pop(item.content_hash, None)
+                        taken.append((item.id, item.upload_group, item.content_hash))
+                    elif at != item.id:  # the same content queued again after its delivery record went
+                        matches.append(Match(item.id, item.upload_group, item.content_hash, item.content_hash, 0,
+                                             origin=g.origins.get(item.content_hash)))
                     continue
                 h = None
                 if image:
@@ -693,13 +725,22 @@ class NearDuplicateIndex:
                 g.add(item.content_hash, item.id, h, model, v)
                 added.append((item.upload_group, item.content_hash, b"" if h is None else _blob(h), item.id, now,
                               None if v is None else _embedding_blob(v), model))
-            if added:
+                if self.share is not None:
+                    published.append((item.upload_group, item.content_hash, h, model, v))
+            if added or taken:
                 with self._conn:
                     self._conn.execute("BEGIN")
                     self._conn.executemany("INSERT OR REPLACE INTO entries (upload_group, content_hash, hash, item_id, added_at, "
                                            "embedding, embedding_model) VALUES (?, ?, ?, ?, ?, ?, ?)", added)
+                    self._conn.executemany("UPDATE entries SET item_id = ?, origin = NULL WHERE upload_group = ? AND content_hash = ?",
+                                           taken)
                     for group in {a[0] for a in added}:
                         self._evict_over_bound(group)
+            if published:  # after the file has them, before the batch is uploaded
+                from triton_al.uploader.near_duplicates_share import Event
+
+                owner = self.share.owner
+                self.share.publish([Event("add", group, key, owner, now, h, model, v) for group, key, h, model, v in published])
         return matches
 
     def _lookup(self, g: _Group, item, h: np.ndarray | None, v: np.ndarray | None) -> Match | None:
@@ -708,14 +749,66 @@ class NearDuplicateIndex:
             found = g.nearest_hash(h, self.max_distance)
             if found is not None:
                 log.debug("item %d of %s: near-duplicate of %s by hash (%d bits)", item.id, item.upload_group, found[0], found[1])
-                return Match(item.id, item.upload_group, item.content_hash, found[0], found[1])
+                return Match(item.id, item.upload_group, item.content_hash, found[0], found[1], origin=g.origins.get(found[0]))
         if v is not None:
             near = g.nearest_embedding(model_key(item), v, self.max_embedding_distance)
             if near is not None:
                 log.debug("item %d of %s: near-duplicate of %s by embedding (cosine distance %.4g)", item.id,
                           item.upload_group, near[0], near[1])
-                return Match(item.id, item.upload_group, item.content_hash, near[0], None, "embedding", near[1])
+                return Match(item.id, item.upload_group, item.content_hash, near[0], None, "embedding", near[1],
+                             origin=g.origins.get(near[0]))
         return None
+
+    def _sync(self, groups: set[str], now: float) -> None:
+        """The other replicas' changes to these groups since the last read (a group read for the
+        first time: the stream's whole retained history), applied to memory and the file, with
+        the position read up to. Nothing happens when the ledger does not answer."""
+        cursors = {}
+        for name in sorted(groups):
+            self._group(name)
+            if name not in self._cursors:
+                row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (self._cursor_key(name),)).fetchone()
+                self._cursors[name] = row[0] if row is not None else "0-0"
+            cursors[name] = self._cursors[name]
+        got = self.share.read(cursors)
+        if got is None:
+            return
+        upserts: list[tuple] = []
+        deletes: list[tuple] = []
+        for name, (last, events) in got.items():
+            g = self._groups[name]
+            for e in events:
+                at = g.ids.get(e.key)
+                if e.op == "del":
+                    if at == REMOTE_ITEM_ID and g.origins.get(e.key) == e.origin:
+                        g.remove(e.key)
+                        deletes.append((name, e.key))
+                    continue
+                if (at is not None and at != REMOTE_ITEM_ID) or e.added_at < now - self.max_age_s:
+                    continue  # this replica's own entry of it stays; an expired one is not taken
+                v = e.embedding if self.max_embedding_distance and e.embedding is not None else None
+                g.add(e.key, REMOTE_ITEM_ID, e.hash if self.max_distance else None, e.model if v is not None else None, v, e.origin)
+                upserts.append((name, e.key, b"" if e.hash is None else _blob(e.hash), REMOTE_ITEM_ID, e.added_at,
+                                None if e.embedding is None else _embedding_blob(e.embedding), e.model, e.origin))
+        with self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ? AND item_id = -1", deletes)
+            self._conn.executemany(
+                "INSERT INTO entries (upload_group, content_hash, hash, item_id, added_at, embedding, embedding_model, origin) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (upload_group, content_hash) DO UPDATE SET hash = excluded.hash, "
+                "item_id = excluded.item_id, added_at = excluded.added_at, embedding = excluded.embedding, "
+                "embedding_model = excluded.embedding_model, origin = excluded.origin", upserts)
+            for name, (last, _) in got.items():
+                if last != self._cursors.get(name):
+                    self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (self._cursor_key(name), last))
+                self._cursors[name] = last
+            for name in {u[0] for u in upserts}:
+                self._evict_over_bound(name)
+        if upserts or deletes:
+            log.debug("near-duplicate index: %d entries from other replicas added, %d removed", len(upserts), len(deletes))
+
+    def _cursor_key(self, group: str) -> str:
+        return f"cursor:{self.share.stream_key(group)}"
 
     def _evict_over_bound(self, group: str) -> None:
         g = self._groups[group]
@@ -755,6 +848,10 @@ class NearDuplicateIndex:
                 with self._conn:
                     self._conn.execute("BEGIN")
                     self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ? AND item_id = ?", doomed)
+                if self.share is not None:  # every replica's index lets it go (eviction is each one's own)
+                    from triton_al.uploader.near_duplicates_share import Event
+
+                    self.share.publish([Event("del", group, key, self.share.owner) for group, key, _ in doomed])
         return len(doomed)
 
     def maintain(self, *, now: float | None = None) -> int:
@@ -775,9 +872,9 @@ class NearDuplicateIndex:
 
     def entry(self, group: str, content_hash: str) -> dict | None:
         """One entry (hash or None, item_id, added_at, seen, last_seen_at, embedding (unit,
-        float32) or None, embedding_model), or None."""
+        float32) or None, embedding_model, origin: None for this replica's), or None."""
         with self._lock:
-            cur = self._conn.execute("SELECT hash, item_id, added_at, seen, last_seen_at, embedding, embedding_model FROM entries "
+            cur = self._conn.execute("SELECT hash, item_id, added_at, seen, last_seen_at, embedding, embedding_model, origin FROM entries "
                                      "WHERE upload_group = ? AND content_hash = ?", (group, content_hash))
             row = cur.fetchone()
             if row is None:
@@ -795,14 +892,17 @@ class NearDuplicateIndex:
 
 def seen_entries(path: str | os.PathLike[str], *, group: str | None = None, limit: int = 100) -> list[dict]:
     """The entries that near-duplicates were counted on, most seen first (`triton-al outbox
-    near-duplicates`): group, content hash (the image uploaded), seen, added_at, last_seen_at."""
+    near-duplicates`): group, content hash (the image uploaded), seen, added_at, last_seen_at, and
+    origin (null: uploaded by this replica; else the replica of the fleet that published it)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"near-duplicate index {path} does not exist (the uploader creates it unless started with "
                          "--near-duplicate-distance off and --near-duplicate-embedding-distance off)")
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)) as conn:
-            cur = conn.execute("SELECT upload_group, content_hash, seen, added_at, last_seen_at FROM entries WHERE seen > 0 "
+            has_origin = any(r[1] == "origin" for r in conn.execute("PRAGMA table_info(entries)"))
+            origin = "origin" if has_origin else "NULL AS origin"
+            cur = conn.execute(f"SELECT upload_group, content_hash, seen, added_at, last_seen_at, {origin} FROM entries WHERE seen > 0 "
                                "AND (?1 IS NULL OR upload_group = ?1) ORDER BY seen DESC, added_at LIMIT ?2", (group, int(limit)))
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row)) for row in cur.fetchall()]

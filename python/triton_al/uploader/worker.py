@@ -375,7 +375,9 @@ class Uploader:
         if by_embedding:
             kinds.append(f"{by_embedding} by embedding, within cosine distance "
                          f"{getattr(self.near_duplicates, 'max_embedding_distance', 0.0):g}")
-        log.info("%d near-duplicates not uploaded (%s of an item queued or delivered)", len(matches), "; ".join(kinds))
+        remote = sum(1 for m in matches if getattr(m, "origin", None) is not None)
+        fleet = f", {remote} of them of another replica's" if remote else ""
+        log.info("%d near-duplicates not uploaded (%s of an item queued or delivered%s)", len(matches), "; ".join(kinds), fleet)
         gone = {m.item_id for m in matches}
         return [i for i in batch if i.id not in gone]
 

@@ -1,0 +1,309 @@
+"""Fleet-wide near-duplicate entries: the near-duplicate index (`near_duplicates.py`) of every
+uploader of a fleet shares its entries through the fleet's ledger (`--budget-ledger`, the same
+Redis, the same namespace per sink), so that a near-copy arriving at replica B of an image
+replica A queued or delivered to the same group is counted and not uploaded again. On whenever
+the uploader has a ledger and an index (`--no-near-duplicate-share` keeps each index to itself).
+
+- **Publishing.** Every entry an index adds (a screened item that was not a near-duplicate) is
+  appended to a Redis Stream per (sink, group), `tal:{<sink>}:n:<group>` (beside the ledger's
+  budget `:b:` and claim `:c:` keys, in their hash slot): the content hash, the two 256-bit
+  hashes (64 bytes), the unit embedding (float32) and its model (`name/version`) when it has
+  one, `added_at`, and the origin (the replica's owner id, as the ledger names it: host and
+  outbox path). `XADD ... MAXLEN ~ --near-duplicate-max-entries`, and the stream expires
+  `--near-duplicate-max-age` after its last entry. An entry that leaves an index undelivered
+  (`forget`: dead-lettered, dropped over a budget) is published as a removal; eviction by age or
+  size is not (each replica bounds its own index). One pipelined round trip per batch that
+  added entries, sent right after the screening, before the batch is uploaded.
+- **Reading.** Before screening a batch, the index reads what was appended to its groups'
+  streams since its last read: one `XREAD` (non-blocking, every group of the batch in one
+  command, `COUNT` 10,000 per stream and more round trips only when a stream has more) and adds
+  the others' entries to the group (`origin` set, item id -1), so that a lookup sees them; its
+  own are skipped; a removal removes the entry only if it is still the same replica's. A group
+  seen for the first time catches up from the stream's retained history; the position read up
+  to is kept per stream in the index file, so a restarted replica reads only what it missed.
+- **Remote entries are kept in the index file**, like its own (column `origin`): they count
+  against `max_entries`, expire by `max_age_s`, survive a restart, and the evidence stays where
+  `triton-al outbox near-duplicates` shows it: a local near-copy of another replica's image is
+  counted (`seen`) on that entry, listed with its `origin`.
+- **Exact copies are the ledger's.** An item whose content hash is another replica's entry is
+  the ledger's claims' business (with claims on, the default): it is not suppressed here but
+  taken over as this replica's entry and passed on, and the claim says whether it was already
+  delivered (recorded without an upload) or is being uploaded elsewhere (held). With
+  `--no-fleet-claims` it is suppressed here like any copy at distance 0.
+- **The ledger unreachable or answering wrongly.** Screening goes on with the index as it is
+  (never held, never dropped for sharing); what it could not publish waits in memory (at most
+  `max_entries` events) and goes with the next round trip that works; reading resumes from the
+  last position, so it catches up. One log line per change of state, asked again with backoff
+  (0.5 s doubling to 30 s): a ledger that does not answer costs one socket timeout (2 s) per
+  try. While the ledger is down, claims (on by default) hold every group anyway (`ledger.py`),
+  so a batch is screened only once it answers, after reading what it missed. A stream entry
+  that cannot be used (wrong sizes, not a number, an unknown version, garbage) is skipped with
+  a debug line.
+
+The window it leaves: two replicas screening near-copies of one image at the same moment both
+miss the other's entry (each publishes after its screening; there is no lock across the fleet)
+and both upload. A replica killed between its screening and its publication never publishes
+those entries (the claims still stop exact copies). Its cost: one XREAD round trip per batch
+screened, and one pipelined XADD round trip per batch that added entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from triton_al.config import validate_group_name
+
+log = logging.getLogger("triton_al.uploader")
+
+FORMAT = b"1"
+"""The version of a stream entry's fields; entries of another version are skipped."""
+READ_COUNT = 10_000
+"""Stream entries read per stream per XREAD (a longer backlog takes more round trips)."""
+HASH_BYTES = 64  # near_duplicates.WORDS uint64 words
+MAX_KEY = 128
+MAX_MODEL = 512
+
+
+@dataclass(frozen=True)
+class Event:
+    """One index change, as published: an entry added (its features) or removed."""
+
+    op: str
+    """"add" or "del"."""
+    group: str
+    key: str
+    """The content hash."""
+    origin: str
+    added_at: float = 0.0
+    hash: np.ndarray | None = None
+    """uint64 [8], or None (not hashed)."""
+    model: str | None = None
+    embedding: np.ndarray | None = None
+    """Unit float32, or None."""
+
+
+def encode(e: Event) -> dict[str, bytes]:
+    fields = {"v": FORMAT, "op": e.op.encode(), "k": e.key.encode(), "o": e.origin.encode()}
+    if e.op == "add":
+        fields["t"] = repr(float(e.added_at)).encode()
+        if e.hash is not None:
+            fields["h"] = np.asarray(e.hash, "<u8").tobytes()
+        if e.embedding is not None and e.model is not None:
+            fields["e"] = np.asarray(e.embedding, "<f4").tobytes()
+            fields["m"] = e.model.encode()
+    return fields
+
+
+def _text(value: Any, limit: int) -> str:
+    if not isinstance(value, bytes) or not 0 < len(value) <= limit:
+        raise ValueError("missing or too long")
+    text = value.decode("utf-8")
+    if not text.isprintable() or text != text.strip():
+        raise ValueError("not printable")
+    return text
+
+
+def decode(group: str, fields: Any) -> Event:
+    """A stream entry's fields as an Event; ValueError (saying why) for anything unusable."""
+    from triton_al.uploader.near_duplicates import EMBEDDING_MAX_DIM, unit_embedding
+
+    if not isinstance(fields, dict):
+        raise ValueError(f"fields are a {type(fields).__name__}")
+    f = {k.encode() if isinstance(k, str) else k: v for k, v in fields.items()}
+    if f.get(b"v") != FORMAT:
+        raise ValueError(f"format {f.get(b'v')!r}, expected {FORMAT!r}")
+    op = f.get(b"op")
+    key, origin = _text(f.get(b"k"), MAX_KEY), _text(f.get(b"o"), MAX_KEY)
+    if op == b"del":
+        return Event("del", group, key, origin)
+    if op != b"add":
+        raise ValueError(f"op {op!r}")
+    added_at = float(_text(f.get(b"t"), 64))
+    if not math.isfinite(added_at):
+        raise ValueError("added_at is not finite")
+    h = f.get(b"h")
+    if h is not None:
+        if not isinstance(h, bytes) or len(h) != HASH_BYTES:
+            raise ValueError(f"a hash of {len(h) if isinstance(h, bytes) else '?'} bytes, expected {HASH_BYTES}")
+        h = np.frombuffer(h, "<u8").astype(np.uint64)
+    e, model = f.get(b"e"), None
+    if e is not None:
+        if not isinstance(e, bytes) or len(e) % 4 or not 1 <= len(e) // 4 <= EMBEDDING_MAX_DIM:
+            raise ValueError(f"an embedding of {len(e) if isinstance(e, bytes) else '?'} bytes")
+        e = unit_embedding(np.frombuffer(e, "<f4"))
+        model = _text(f.get(b"m"), MAX_MODEL)
+    if h is None and e is None:
+        raise ValueError("an entry with neither a hash nor an embedding")
+    return Event("add", group, key, origin, added_at, h, model, e)
+
+
+class SharedEntries:
+    """The Redis side of sharing: publishes an index's changes and reads the others'. Never
+    raises for the ledger's sake: a failed read returns None, a failed publication waits."""
+
+    def __init__(self, client: Any, prefix: str, owner: str, *, where: str = "redis", max_len: int = 100_000,
+                 ttl_s: float = 30 * 86400.0, defer_exact: bool = True, read_count: int = READ_COUNT,
+                 backoff_base_s: float = 0.5, backoff_cap_s: float = 30.0,
+                 monotonic: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
+        if max_len <= 0 or not ttl_s > 0 or read_count <= 0:
+            raise ValueError(f"max_len, ttl_s and read_count must be positive, got {max_len}, {ttl_s}, {read_count}")
+        self.client, self.prefix, self.owner, self.where = client, prefix, owner, where
+        self.max_len, self.ttl_ms, self.read_count = int(max_len), int(ttl_s * 1000), int(read_count)
+        self.defer_exact = defer_exact
+        """Exact copies (an item whose content hash is another replica's entry) are left to the claims."""
+        self.backoff_base_s, self.backoff_cap_s, self.monotonic = backoff_base_s, backoff_cap_s, monotonic
+        self._rng = random.Random(seed)
+        self.up = True
+        self.error = ""
+        self.failures = 0
+        self._retry_at = 0.0
+        self.pending: deque[Event] = deque(maxlen=self.max_len)
+        self.skipped = 0
+        """Stream entries that could not be used (skipped)."""
+        self.round_trips = 0
+
+    @classmethod
+    def for_ledger(cls, ledger: Any, **kwargs: Any) -> SharedEntries:
+        """Sharing through a `ledger.Ledger`: its client, namespace (per sink) and owner id."""
+        return cls(ledger.client, ledger.prefix, ledger.owner, where=ledger.where, **kwargs)
+
+    def describe(self) -> str:
+        return f"shared through the budget ledger {self.where}"
+
+    def stream_key(self, group: str) -> str:
+        return f"{self.prefix}:n:{validate_group_name(group)}"
+
+    # State -------------------------------------------------------------------------
+
+    def _ready(self) -> bool:
+        return self.up or self.monotonic() >= self._retry_at
+
+    def _failed(self, what: str, error: BaseException) -> None:
+        self.failures += 1
+        delay = max(0.05, self._rng.uniform(0.5, 1.0) * min(self.backoff_cap_s, self.backoff_base_s * 2 ** min(self.failures, 20)))
+        self._retry_at = self.monotonic() + delay
+        self.error = f"near-duplicate sharing through the budget ledger {self.where}: {what} failed ({type(error).__name__}: {error})"
+        if self.up:  # once per change of state
+            log.warning("%s; screening with this replica's index alone (nothing held or dropped for it), "
+                        "%d changes waiting to be published; asking again with backoff", self.error, len(self.pending))
+        self.up = False
+
+    def _answered(self) -> None:
+        if not self.up:
+            log.warning("near-duplicate sharing: the budget ledger %s answers again; catching up", self.where)
+        self.up, self.error, self.failures = True, "", 0
+
+    # Publishing ----------------------------------------------------------------------
+
+    def _queue_writes(self, pipe: Any, events: Iterable[Event]) -> int:
+        streams = set()
+        n = 0
+        for e in events:
+            key = self.stream_key(e.group)
+            pipe.xadd(key, encode(e), maxlen=self.max_len, approximate=True)
+            streams.add(key)
+            n += 1
+        for key in sorted(streams):
+            pipe.pexpire(key, self.ttl_ms)
+        return n
+
+    def publish(self, events: Iterable[Event]) -> bool:
+        """Append the events (with any still waiting) to their groups' streams, in one round
+        trip; on failure they wait for the next one that works. True when published."""
+        self.pending.extend(events)
+        if not self.pending or not self._ready():
+            return False
+        batch = list(self.pending)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            self._queue_writes(pipe, batch)
+            self.round_trips += 1
+            answers = pipe.execute()
+            if any(isinstance(a, Exception) for a in answers):
+                raise next(a for a in answers if isinstance(a, Exception))
+        except Exception as e:  # noqa: BLE001 - a redis error, a broken connection, anything: never the uploader's problem
+            self._failed("publish", e)
+            return False
+        for _ in batch:
+            self.pending.popleft()
+        self._answered()
+        return True
+
+    # Reading -------------------------------------------------------------------------
+
+    def read(self, cursors: Mapping[str, str]) -> dict[str, tuple[str, list[Event]]] | None:
+        """What the other replicas published to these groups after each cursor (a stream ID;
+        "0-0": the whole retained history): per group, the last ID read and the usable events
+        (own ones skipped, bad ones skipped with a debug line). Also publishes what waits.
+        None when the ledger did not answer (or answered wrongly)."""
+        if not cursors or not self._ready():
+            return None
+        keys = {self.stream_key(g): g for g in cursors}
+        at = {k: cursors[g] or "0-0" for k, g in keys.items()}
+        out: dict[str, tuple[str, list[Event]]] = {g: (cursors[g] or "0-0", []) for g in cursors}
+        waiting = list(self.pending)
+        try:
+            while at:
+                pipe = self.client.pipeline(transaction=False)
+                if waiting:
+                    self._queue_writes(pipe, waiting)
+                pipe.xread(at, count=self.read_count)
+                self.round_trips += 1
+                answers = pipe.execute(raise_on_error=False)
+                for a in answers:
+                    if isinstance(a, Exception):
+                        raise a
+                if waiting:
+                    for _ in waiting:
+                        self.pending.popleft()
+                    waiting = []
+                full = self._absorb(answers[-1], keys, out)
+                at = {k: out[keys[k]][0] for k in full}
+        except Exception as e:  # noqa: BLE001 - see publish
+            self._failed("read", e)
+            return None
+        self._answered()
+        return out
+
+    def _absorb(self, answer: Any, keys: dict[str, str], out: dict[str, tuple[str, list[Event]]]) -> list[str]:
+        """Adds an XREAD answer to `out`; returns the streams that gave a full COUNT (more may follow)."""
+        if answer is None:
+            return []
+        if isinstance(answer, dict):  # RESP3
+            answer = [[k, v[0] if v and isinstance(v[0], list) and len(v) == 1 else v] for k, v in answer.items()]
+        if not isinstance(answer, list):
+            raise ValueError(f"XREAD answered a {type(answer).__name__}")
+        full = []
+        for stream in answer:
+            if not isinstance(stream, (list, tuple)) or len(stream) != 2:
+                raise ValueError(f"XREAD answered {str(stream)[:80]!r}")
+            name = stream[0].decode() if isinstance(stream[0], bytes) else str(stream[0])
+            group = keys.get(name)
+            if group is None or not isinstance(stream[1], list):
+                raise ValueError(f"XREAD answered a stream not asked for: {name[:80]!r}")
+            last, events = out[group]
+            for entry in stream[1]:
+                if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                    raise ValueError(f"XREAD answered an entry {str(entry)[:80]!r}")
+                last = entry[0].decode() if isinstance(entry[0], bytes) else str(entry[0])
+                try:
+                    event = decode(group, entry[1])
+                except (ValueError, UnicodeDecodeError, TypeError) as e:
+                    self.skipped += 1
+                    log.debug("near-duplicate sharing: stream entry %s of group %s skipped: %s", last, group, e)
+                    continue
+                if event.origin != self.owner:
+                    events.append(event)
+            out[group] = (last, events)
+            if len(stream[1]) >= self.read_count:
+                full.append(name)
+        return full

@@ -1,0 +1,355 @@
+"""Near-duplicate entries shared by a fleet through the ledger's Redis: a real redis-server
+(Debian's, started as tests/test_fleet.py does, stopped by PID), real outboxes, indexes and
+uploaders in process, and `triton-al uploader` processes sharing one local store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from image_helpers import jpeg, noisy
+from outbox_helpers import store_index, uploaders  # noqa: F401 - uploaders is a fixture
+
+from triton_al.example.data import encode_png, load
+from triton_al.outbox import FlaggedItem, Outbox, content_hash
+from triton_al.sinks.local import LocalStore
+from triton_al.uploader.commands import sink_identity
+from triton_al.uploader.ledger import FleetGate, Ledger, owner_id
+from triton_al.uploader.near_duplicates import REMOTE_ITEM_ID, NearDuplicateIndex, index_path, seen_entries
+from triton_al.uploader.near_duplicates_share import Event, SharedEntries, encode
+from triton_al.uploader.worker import Backoff, Uploader
+
+redis = pytest.importorskip("redis", reason="the fleet extra (redis) is not installed")
+from test_fleet import RedisServer  # noqa: E402 - after the importorskip
+
+GROUP = "active-learning"
+D = 64
+
+
+@pytest.fixture(scope="module")
+def fashion() -> np.ndarray:
+    images, _ = load("test")
+    return images
+
+
+@pytest.fixture
+def ledger_server(tmp_path):
+    server = RedisServer(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def unit(x) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return (x / np.linalg.norm(x)).astype(np.float32)
+
+
+def at_distance(e: np.ndarray, d: float, seed: int) -> np.ndarray:
+    """A unit vector at cosine distance d (1 - cos) from unit vector e."""
+    r = np.random.default_rng(seed).standard_normal(len(e))
+    r -= (r @ e) * e
+    r /= np.linalg.norm(r)
+    return unit((1 - d) * e + np.sqrt(1 - (1 - d) ** 2) * r)
+
+
+def queued(i: int, asset: bytes, *, media_type: str = "image/png", embedding=None, version: str = "1",
+           group: str = GROUP) -> SimpleNamespace:
+    """What the index reads of a queued outbox item."""
+    return SimpleNamespace(id=i, upload_group=group, content_hash=content_hash(asset), media_type=media_type, asset=asset,
+                           model_name="fashion_cnn", model_version=version, embedding=embedding)
+
+
+def tensor(i: int) -> bytes:
+    return f"tensor {i}".encode()  # not an image: checked by its embedding alone
+
+
+class Fleet:
+    """Indexes of several replicas (one outbox path each) sharing one ledger namespace."""
+
+    def __init__(self, root: Path, url: str, namespace: str = "local:/fleet-store") -> None:
+        self.root, self.url, self.namespace = root, url, namespace
+        self.opened: list[tuple[NearDuplicateIndex, Ledger]] = []
+
+    def index(self, name: str, *, share: bool = True, claims: bool = True, **kw) -> NearDuplicateIndex:
+        outbox = self.root / f"{name}.db"
+        ledger = Ledger.open(self.url, self.namespace, owner_id(outbox), timeout_s=0.5)
+        shared = SharedEntries.for_ledger(ledger, max_len=1000, ttl_s=86400, defer_exact=claims, backoff_base_s=0.02,
+                                          backoff_cap_s=0.05) if share else None
+        kw.setdefault("max_distance", 20)
+        kw.setdefault("max_embedding_distance", 0.02)
+        ix = NearDuplicateIndex(index_path(outbox), sink=self.namespace, share=shared, **kw)
+        self.opened.append((ix, ledger))
+        return ix
+
+    def close(self) -> None:
+        for ix, ledger in self.opened:
+            ix.close()
+            ledger.close()
+
+
+@pytest.fixture
+def fleet(tmp_path, ledger_server):
+    f = Fleet(tmp_path, ledger_server.url)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+# The indexes ---------------------------------------------------------------------------------
+
+
+def test_a_near_copy_of_another_replicas_image_matches_its_entry_and_the_evidence_is_kept(fleet, fashion):
+    a, b = fleet.index("a"), fleet.index("b")
+    original, copy = encode_png(fashion[10]), jpeg(fashion[10], 75)
+    assert a.screen([queued(1, original)]) == []
+    (m,) = b.screen([queued(7, copy, media_type="image/jpeg")])
+    assert (m.first, m.kind, m.origin) == (content_hash(original), "hash", a.share.owner)
+    b.record([m])
+    entry = b.entry(GROUP, content_hash(original))
+    assert (entry["item_id"], entry["origin"], entry["seen"]) == (REMOTE_ITEM_ID, a.share.owner, 1)
+    (row,) = seen_entries(b.path)
+    assert (row["content_hash"], row["seen"], row["origin"]) == (content_hash(original), 1, a.share.owner)
+    # A's own index is left alone by its own publication; a distinct image is nobody's copy.
+    assert a.entry(GROUP, content_hash(original))["origin"] is None
+    assert b.screen([queued(8, encode_png(fashion[11]))]) == []
+    assert a.screen([queued(2, noisy(fashion[11], 4, 1))])[0].origin == b.share.owner
+
+
+def test_an_embedding_near_copy_matches_across_replicas_only_for_the_same_model_version(fleet):
+    a, b = fleet.index("a"), fleet.index("b")
+    base = unit(np.random.default_rng(0).standard_normal(D))
+    assert a.screen([queued(1, tensor(1), media_type="application/x-npy", embedding=base)]) == []
+    (m,) = b.screen([queued(5, tensor(5), media_type="application/x-npy", embedding=at_distance(base, 0.01, 1))])
+    assert (m.kind, m.first, m.origin) == ("embedding", content_hash(tensor(1)), a.share.owner)
+    assert m.embedding_distance == pytest.approx(0.01, abs=1e-3)
+    other_version = queued(6, tensor(6), media_type="application/x-npy", embedding=at_distance(base, 0.001, 2), version="2")
+    assert b.screen([other_version]) == [], "another model version is another space"
+    assert b.screen([queued(7, tensor(7), media_type="application/x-npy", embedding=at_distance(base, 0.3, 3))]) == []
+    assert a.screen([queued(2, tensor(2), media_type="application/x-npy", embedding=at_distance(base, 0.001, 4),
+                            version="2")])[0].origin == b.share.owner
+
+
+def test_a_forgotten_entry_leaves_every_replica_so_a_later_near_copy_is_taken(fleet, fashion):
+    a, b = fleet.index("a"), fleet.index("b")
+    original = queued(1, encode_png(fashion[10]))
+    assert a.screen([original]) == []
+    assert b.screen([queued(5, encode_png(fashion[12]))]) == []  # B has read A's entry now
+    assert b.entry(GROUP, original.content_hash)["origin"] == a.share.owner
+    assert a.forget([original]) == 1  # A dead-lettered it
+    copy = queued(6, jpeg(fashion[10], 75), media_type="image/jpeg")
+    assert b.screen([copy]) == [], "the near-copy is no longer anybody's duplicate"
+    assert b.entry(GROUP, original.content_hash) is None
+    assert a.screen([queued(2, noisy(fashion[10], 4, 3))])[0].first == copy.content_hash, "B's copy is the fleet's entry now"
+
+
+def test_a_replica_started_later_catches_up_and_a_restart_reads_only_what_it_missed(fleet, fashion):
+    a = fleet.index("a")
+    firsts = [queued(i, encode_png(fashion[i])) for i in range(100)]
+    assert a.screen(firsts) == []
+    late = fleet.index("late")
+    matches = late.screen([queued(1000 + i, jpeg(fashion[i], 75), media_type="image/jpeg") for i in (3, 50, 99)])
+    assert [m.first for m in matches] == [firsts[i].content_hash for i in (3, 50, 99)]
+    assert late.sizes() == {GROUP: 100}
+    late.close()
+    assert a.screen([queued(200, encode_png(fashion[200]))]) == []
+    again = fleet.index("late")  # restarted on its file: only the one entry published since
+    trips = again.share.round_trips
+    assert again.screen([queued(2000, jpeg(fashion[200], 75), media_type="image/jpeg")])[0].first == content_hash(encode_png(fashion[200]))
+    assert again.share.round_trips - trips == 1 and again.sizes() == {GROUP: 101}
+
+
+def test_without_sharing_the_indexes_stay_apart(fleet, fashion):
+    a, b = fleet.index("a", share=False), fleet.index("b", share=False)
+    assert a.screen([queued(1, encode_png(fashion[10]))]) == []
+    assert b.screen([queued(2, jpeg(fashion[10], 75), media_type="image/jpeg")]) == []
+    assert not fleet.opened[0][1].client.keys("*:n:*"), "nothing published"
+
+
+def test_an_exact_copy_is_left_to_the_claims_and_suppressed_here_without_them(fleet, fashion):
+    asset = encode_png(fashion[10])
+    a = fleet.index("a")
+    assert a.screen([queued(1, asset)]) == []
+    with_claims = fleet.index("b")
+    assert with_claims.screen([queued(9, asset)]) == [], "the ledger's claim decides (delivered elsewhere, or held)"
+    entry = with_claims.entry(GROUP, content_hash(asset))
+    assert (entry["item_id"], entry["origin"]) == (9, None), "taken over as this replica's entry"
+    assert with_claims.screen([queued(9, asset)]) == [], "and it matches itself when screened again"
+    without = fleet.index("c", claims=False)
+    (m,) = without.screen([queued(4, asset)])
+    assert (m.distance, m.first, m.origin) == (0, content_hash(asset), a.share.owner)
+
+
+def test_garbage_in_the_stream_is_skipped_and_a_stream_of_the_wrong_type_never_crashes(fleet, fashion, caplog):
+    a = fleet.index("a")
+    client = fleet.opened[0][1].client
+    key = a.share.stream_key(GROUP)
+    good = encode(Event("add", GROUP, content_hash(b"x"), "someone", 1e12, np.zeros(8, np.uint64)))
+    bad = [
+        {**good, "h": b"\x00" * 63},  # a hash of the wrong size
+        {**good, "e": b"\x00\x00\x80", "m": b"m/1"},  # 3 bytes of embedding
+        {**good, "e": np.array([np.nan, 1], "<f4").tobytes(), "m": b"m/1"},
+        {**good, "e": np.ones(4, "<f4").tobytes()},  # an embedding without its model
+        {**good, "t": b"soon"}, {**good, "t": b"nan"},
+        {**good, "op": b"drop"}, {**good, "v": b"2"}, {"junk": b"\xff\xfe"},
+        {**good, "k": b"\xff\xfe"}, {**good, "k": b"a" * 500}, {**good, "o": b""},
+        {k: v for k, v in good.items() if k != "h"},  # neither a hash nor an embedding
+    ]
+    for fields in bad:
+        client.xadd(key, fields)
+    far = queued(50, encode_png(fashion[50]))
+    client.xadd(key, encode(Event("add", GROUP, far.content_hash, "someone", 1e12, a_hash(far))))
+    with caplog.at_level(logging.DEBUG, logger="triton_al.uploader"):
+        (m,) = a.screen([queued(1, jpeg(fashion[50], 75), media_type="image/jpeg")])
+    assert m.first == far.content_hash and m.origin == "someone", "the good entry after the garbage is read"
+    assert a.share.skipped == len(bad) and a.share.up
+    assert sum("stream entry" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records) == len(bad)
+    # Another group's stream is not a stream at all: reading answers an error; screening goes on alone.
+    client.set(a.share.stream_key("other"), "not a stream")
+    with caplog.at_level(logging.WARNING, logger="triton_al.uploader"):
+        assert a.screen([queued(2, encode_png(fashion[60]), group="other")]) == []
+    assert not a.share.up and "WRONGTYPE" in a.share.error
+
+
+def a_hash(item) -> np.ndarray:
+    from triton_al.uploader.near_duplicates import image_hash
+
+    return image_hash(item.asset)
+
+
+# Uploaders sharing a store ----------------------------------------------------------------
+
+
+def flagged(asset: bytes, media_type: str = "image/png") -> FlaggedItem:
+    return FlaggedItem(asset=asset, media_type=media_type, model_name="fashion_cnn", model_version="1",
+                       prediction={"label": 1, "probs": [0.1] * 10}, score=0.1, strategy="entropy", threshold=0.5,
+                       reason="uncertain", upload_groups=[GROUP])
+
+
+def replica(root: Path, name: str, url: str, store: Path, *, claims: bool = True) -> Uploader:
+    outbox = Outbox(root / f"{name}.db")
+    target = sink_identity(f"local:{store}")
+    ledger = Ledger.open(url, target, owner_id(outbox.path), timeout_s=0.5)
+    gate = FleetGate(ledger, {}, claims=claims, backoff_base_s=0.02, backoff_cap_s=0.05)
+    share = SharedEntries.for_ledger(ledger, max_len=1000, ttl_s=86400, defer_exact=claims, backoff_base_s=0.02, backoff_cap_s=0.05)
+    index = NearDuplicateIndex(index_path(outbox.path), max_distance=20, max_embedding_distance=0.02, sink=target, share=share)
+    return Uploader(outbox, LocalStore(store), batch_size=16, poll_interval_s=0.02, backoff=Backoff(0.02, 0.05, 0.01),
+                    fleet=gate, near_duplicates=index, seed=1)
+
+
+def drain(u: Uploader) -> None:
+    for _ in range(200):
+        if u.step() is None:
+            return
+    raise AssertionError("the queue never drained")
+
+
+def close(*workers: Uploader) -> None:
+    for w in workers:
+        w.near_duplicates.close()
+        w.fleet.ledger.close()
+        w.outbox.close()
+
+
+def stored(store: Path) -> set[str]:
+    return {r["content_hash"] for r in store_index(store, GROUP)}
+
+
+def test_a_jpeg_copy_queued_on_b_of_an_image_delivered_via_a_is_not_uploaded_and_is_counted(tmp_path, ledger_server, fashion):
+    store = tmp_path / "store"
+    a, b = replica(tmp_path, "a", ledger_server.url, store), replica(tmp_path, "b", ledger_server.url, store)
+    try:
+        original, distinct = encode_png(fashion[10]), encode_png(fashion[11])
+        a.outbox.append_many([flagged(original)])
+        drain(a)
+        b.outbox.append_many([flagged(jpeg(fashion[10], 75), "image/jpeg"), flagged(distinct), flagged(original)])
+        drain(b)
+        assert stored(store) == {content_hash(original), content_hash(distinct)}
+        counters = b.outbox.counters()
+        assert counters[f"near_duplicates/{GROUP}"] == 1 and counters.get("queued_items", 0) == 0
+        assert counters["uploaded"] == 2, "the distinct image, and the exact copy recorded as delivered by A (the claim's 'done')"
+        assert b.near_duplicates.entry(GROUP, content_hash(original))["seen"] == 1
+    finally:
+        close(a, b)
+
+
+def test_with_the_ledger_killed_b_keeps_uploading_alone_and_catches_up_after_its_restart(tmp_path, ledger_server, fashion, caplog):
+    store = tmp_path / "store"
+    # Without claims, groups without a fleet budget do not wait for the ledger: B goes on uploading.
+    a = replica(tmp_path, "a", ledger_server.url, store, claims=False)
+    b = replica(tmp_path, "b", ledger_server.url, store, claims=False)
+    try:
+        a.outbox.append_many([flagged(encode_png(fashion[1]))])
+        drain(a)
+        b.outbox.append_many([flagged(encode_png(fashion[5]))])
+        drain(b)  # B screened a batch: it has read A's entry
+        ledger_server.stop()
+        a.outbox.append_many([flagged(encode_png(fashion[2]))])
+        with caplog.at_level(logging.WARNING, logger="triton_al.uploader"):
+            drain(a)  # screened and uploaded, its entry waits to be published
+            b.outbox.append_many([flagged(jpeg(fashion[1], 75), "image/jpeg"), flagged(encode_png(fashion[3])),
+                                  flagged(noisy(fashion[3], 4, 1))])
+            for _ in range(3):
+                drain(b)
+        assert a.near_duplicates.share.pending and not b.near_duplicates.share.up
+        assert content_hash(encode_png(fashion[3])) in stored(store), "B uploads with its local index"
+        assert b.outbox.counters()[f"near_duplicates/{GROUP}"] == 2, "its own near-copy and A's (read before the outage)"
+        logged = [r.getMessage() for r in caplog.records if "near-duplicate sharing" in r.getMessage()]
+        assert len(logged) == 2 and all("screening with this replica's index alone" in m for m in logged), "once per replica"
+        ledger_server.start()  # the same port
+        a.outbox.append_many([flagged(encode_png(fashion[4]))])
+        drain(a)  # publishes what waited
+        assert not a.near_duplicates.share.pending
+        b.outbox.append_many([flagged(jpeg(fashion[2], 75), "image/jpeg")])
+        drain(b)
+        assert b.near_duplicates.share.up
+        assert b.outbox.counters()[f"near_duplicates/{GROUP}"] == 3, "A's image of the outage, caught up"
+        assert content_hash(jpeg(fashion[2], 75)) not in stored(store)
+    finally:
+        close(a, b)
+
+
+# The uploader processes ---------------------------------------------------------------------
+
+
+def run(uploaders, outbox: Path, store: Path, url: str, *extra: str) -> str:  # noqa: F811
+    up = uploaders(outbox, store, "--once", "--log-format", "text", "--budget-ledger", url, *extra)
+    assert up.proc.wait(60) == 0, up.log()
+    return up.log()
+
+
+def test_uploader_processes_share_entries_through_the_ledger_unless_told_not_to(tmp_path, ledger_server, uploaders, fashion):  # noqa: F811
+    original, copy = encode_png(fashion[10]), jpeg(fashion[10], 75)
+    for mode, extra in (("shared", ()), ("apart", ("--no-near-duplicate-share",))):
+        store, a, b = tmp_path / mode / "store", tmp_path / mode / "a.db", tmp_path / mode / "b.db"
+        store.parent.mkdir()
+        with Outbox(a) as o:
+            o.append_many([flagged(original)])
+        log_a = run(uploaders, a, store, ledger_server.url, *extra)
+        with Outbox(b) as o:
+            o.append_many([flagged(copy, "image/jpeg")])
+        log_b = run(uploaders, b, store, ledger_server.url, *extra)
+        if mode == "shared":
+            assert "shared through the budget ledger" in log_a
+            assert stored(store) == {content_hash(original)}, log_b
+            assert "1 of them of another replica's" in log_b
+            with Outbox(b) as o:
+                assert o.counters()[f"near_duplicates/{GROUP}"] == 1
+            listed = subprocess.run([sys.executable, "-m", "triton_al.cli", "outbox", "near-duplicates", "--outbox", str(b)],
+                                    capture_output=True, text=True, timeout=60, check=True)
+            (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
+            assert (row["content_hash"], row["seen"], row["origin"]) == (content_hash(original), 1, owner_id(a))
+        else:
+            assert "shared through" not in log_a
+            assert stored(store) == {content_hash(original), content_hash(copy)}
+            with sqlite3.connect(index_path(b)) as db:
+                assert db.execute("SELECT count(*) FROM entries WHERE origin IS NOT NULL").fetchone() == (0,)
