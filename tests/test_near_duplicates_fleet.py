@@ -193,16 +193,21 @@ def test_garbage_in_the_stream_is_skipped_and_a_stream_of_the_wrong_type_never_c
     a = fleet.index("a")
     client = fleet.opened[0][1].client
     key = a.share.stream_key(GROUP)
-    good = encode(Event("add", GROUP, content_hash(b"x"), "someone", 1e12, np.zeros(8, np.uint64)))
+    good = encode(Event("add", GROUP, content_hash(b"x"), "someone", 1e12, np.zeros(8, np.uint64)))[b"d"]
+    with_embedding = encode(Event("add", GROUP, content_hash(b"y"), "someone", 1e12, None, "m/1", unit(np.ones(4))))[b"d"]
+    head = 1 + 1 + 1 + 8 + 2 * 4
+    nan = bytearray(with_embedding)
+    nan[-4:] = np.array([np.nan], "<f4").tobytes()
     bad = [
-        {**good, "h": b"\x00" * 63},  # a hash of the wrong size
-        {**good, "e": b"\x00\x00\x80", "m": b"m/1"},  # 3 bytes of embedding
-        {**good, "e": np.array([np.nan, 1], "<f4").tobytes(), "m": b"m/1"},
-        {**good, "e": np.ones(4, "<f4").tobytes()},  # an embedding without its model
-        {**good, "t": b"soon"}, {**good, "t": b"nan"},
-        {**good, "op": b"drop"}, {**good, "v": b"2"}, {"junk": b"\xff\xfe"},
-        {**good, "k": b"\xff\xfe"}, {**good, "k": b"a" * 500}, {**good, "o": b""},
-        {k: v for k, v in good.items() if k != "h"},  # neither a hash nor an embedding
+        {"d": good[:-1]}, {"d": good + b"\0"},  # a hash one byte short, one byte too many
+        {"d": good[:10]}, {"d": b""}, {"junk": b"\xff\xfe"}, {"d": b"\xff" * 200},
+        {"d": bytes([2]) + good[1:]},  # another layout version
+        {"d": good[:1] + bytes([7]) + good[2:]},  # an unknown op
+        {"d": good[:2] + bytes([0]) + good[3:]},  # says no hash, holds 64 bytes more
+        {"d": good[:3] + np.array([np.nan], "<f8").tobytes() + good[11:]},  # added_at NaN
+        {"d": good[:head] + b"\xff" * 64 + good[head + 64:]},  # a key that is not UTF-8
+        {"d": bytes(nan)},  # an embedding holding NaN
+        {"d": with_embedding[:-4]},  # an embedding one value short
     ]
     for fields in bad:
         client.xadd(key, fields)
@@ -353,3 +358,26 @@ def test_uploader_processes_share_entries_through_the_ledger_unless_told_not_to(
             assert stored(store) == {content_hash(original), content_hash(copy)}
             with sqlite3.connect(index_path(b)) as db:
                 assert db.execute("SELECT count(*) FROM entries WHERE origin IS NOT NULL").fetchone() == (0,)
+
+
+def test_serve_passes_the_setting_on_to_its_uploader(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import triton_al.serving.pipeline as pipeline
+    from triton_al.cli import app
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(*args, uploader_args, **kwargs):
+        seen.append(uploader_args)
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "Pipeline", fake)
+    base = ["serve", "--model-repository", str(tmp_path), "--data-dir", str(tmp_path / "data"), "--budget-ledger", "redis://127.0.0.1:1/0"]
+    for extra, expected in (([], False), (["--no-near-duplicate-share"], True), (["--near-duplicate-share"], False)):
+        r = CliRunner().invoke(app, base + extra)
+        assert isinstance(r.exception, Stop), r.output
+        assert ("--no-near-duplicate-share" in seen[-1]) is expected, seen[-1]

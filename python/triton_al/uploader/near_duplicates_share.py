@@ -9,7 +9,7 @@ the uploader has a ledger and an index (`--no-near-duplicate-share` keeps each i
   budget `:b:` and claim `:c:` keys, in their hash slot): the content hash, the two 256-bit
   hashes (64 bytes), the unit embedding (float32) and its model (`name/version`) when it has
   one, `added_at`, and the origin (the replica's owner id, as the ledger names it: host and
-  outbox path). `XADD ... MAXLEN ~ --near-duplicate-max-entries`, and the stream expires
+  outbox path), packed in one field (`encode`: a parser reads one value per entry, not eight). `XADD ... MAXLEN ~ --near-duplicate-max-entries`, and the stream expires
   `--near-duplicate-max-age` after its last entry. An entry that leaves an index undelivered
   (`forget`: dead-lettered, dropped over a budget) is published as a removal; eviction by age or
   size is not (each replica bounds its own index). One pipelined round trip per batch that
@@ -52,6 +52,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -64,13 +65,18 @@ from triton_al.config import validate_group_name
 
 log = logging.getLogger("triton_al.uploader")
 
-FORMAT = b"1"
-"""The version of a stream entry's fields; entries of another version are skipped."""
+FORMAT = 1
+"""The version of a stream entry's layout (its first byte); entries of another version are skipped."""
 READ_COUNT = 10_000
 """Stream entries read per stream per XREAD (a longer backlog takes more round trips)."""
-HASH_BYTES = 64  # near_duplicates.WORDS uint64 words
-MAX_KEY = 128
-MAX_MODEL = 512
+HASH_BYTES = 64  # near_duplicates.WORDS little-endian uint64 words
+WORDS_ = HASH_BYTES // 8
+MAX_TEXT = 512
+_HEAD = struct.Struct("<BBBdHHHH")  # version, op (0 add, 1 del), flags (1: a hash), added_at, then the lengths of
+# the key, the origin, the model (bytes) and the embedding (values); then those, in the order key, origin, hash, model, embedding
+_OPS = ("add", "del")
+FIELD = b"d"
+"""The one field of a stream entry: the whole entry packed (one field parses ~8x faster than one per value)."""
 
 
 @dataclass(frozen=True)
@@ -91,24 +97,23 @@ class Event:
     """Unit float32, or None."""
 
 
-def encode(e: Event) -> dict[str, bytes]:
-    fields = {"v": FORMAT, "op": e.op.encode(), "k": e.key.encode(), "o": e.origin.encode()}
-    if e.op == "add":
-        fields["t"] = repr(float(e.added_at)).encode()
-        if e.hash is not None:
-            fields["h"] = np.asarray(e.hash, "<u8").tobytes()
-        if e.embedding is not None and e.model is not None:
-            fields["e"] = np.asarray(e.embedding, "<f4").tobytes()
-            fields["m"] = e.model.encode()
-    return fields
+def encode(e: Event) -> dict[bytes, bytes]:
+    """A stream entry's fields: `d`, the event packed (see `_HEAD`)."""
+    key, origin = e.key.encode(), e.origin.encode()
+    h = b"" if e.op != "add" or e.hash is None else np.asarray(e.hash, "<u8").tobytes()
+    with_embedding = e.op == "add" and e.embedding is not None and e.model is not None
+    model = e.model.encode() if with_embedding else b""
+    v = np.asarray(e.embedding, "<f4").tobytes() if with_embedding else b""
+    head = _HEAD.pack(FORMAT, _OPS.index(e.op), 1 if h else 0, float(e.added_at), len(key), len(origin), len(model), len(v) // 4)
+    return {FIELD: head + key + origin + h + model + v}
 
 
-def _text(value: Any, limit: int) -> str:
-    if not isinstance(value, bytes) or not 0 < len(value) <= limit:
-        raise ValueError("missing or too long")
-    text = value.decode("utf-8")
+def _text(b: bytes) -> str:
+    if not 0 < len(b) <= MAX_TEXT:
+        raise ValueError(f"a text of {len(b)} bytes")
+    text = b.decode("utf-8")
     if not text.isprintable() or text != text.strip():
-        raise ValueError("not printable")
+        raise ValueError("a text that is not printable")
     return text
 
 
@@ -118,32 +123,38 @@ def decode(group: str, fields: Any) -> Event:
 
     if not isinstance(fields, dict):
         raise ValueError(f"fields are a {type(fields).__name__}")
-    f = {k.encode() if isinstance(k, str) else k: v for k, v in fields.items()}
-    if f.get(b"v") != FORMAT:
-        raise ValueError(f"format {f.get(b'v')!r}, expected {FORMAT!r}")
-    op = f.get(b"op")
-    key, origin = _text(f.get(b"k"), MAX_KEY), _text(f.get(b"o"), MAX_KEY)
-    if op == b"del":
+    data = fields.get(FIELD, fields.get(FIELD.decode()))
+    if not isinstance(data, bytes) or len(data) < _HEAD.size:
+        raise ValueError(f"no field {FIELD.decode()!r} of at least {_HEAD.size} bytes")
+    version, op, flags, added_at, nk, no, nm, dim = _HEAD.unpack_from(data)
+    if version != FORMAT:
+        raise ValueError(f"layout version {version}, expected {FORMAT}")
+    if op >= len(_OPS) or flags > 1:
+        raise ValueError(f"op {op}, flags {flags}")
+    nh = HASH_BYTES if flags else 0
+    if len(data) != _HEAD.size + nk + no + nh + nm + 4 * dim:
+        raise ValueError(f"{len(data)} bytes, not what its lengths say")
+    at = _HEAD.size
+    key, origin = _text(data[at:at + nk]), _text(data[at + nk:at + nk + no])
+    if _OPS[op] == "del":
         return Event("del", group, key, origin)
-    if op != b"add":
-        raise ValueError(f"op {op!r}")
-    added_at = float(_text(f.get(b"t"), 64))
     if not math.isfinite(added_at):
         raise ValueError("added_at is not finite")
-    h = f.get(b"h")
-    if h is not None:
-        if not isinstance(h, bytes) or len(h) != HASH_BYTES:
-            raise ValueError(f"a hash of {len(h) if isinstance(h, bytes) else '?'} bytes, expected {HASH_BYTES}")
-        h = np.frombuffer(h, "<u8").astype(np.uint64)
-    e, model = f.get(b"e"), None
-    if e is not None:
-        if not isinstance(e, bytes) or len(e) % 4 or not 1 <= len(e) // 4 <= EMBEDDING_MAX_DIM:
-            raise ValueError(f"an embedding of {len(e) if isinstance(e, bytes) else '?'} bytes")
-        e = unit_embedding(np.frombuffer(e, "<f4"))
-        model = _text(f.get(b"m"), MAX_MODEL)
-    if h is None and e is None:
+    at += nk + no
+    h = np.frombuffer(data, "<u8", WORDS_, at).astype(np.uint64) if flags else None
+    at += nh
+    model, v = None, None
+    if dim or nm:
+        if not 1 <= dim <= EMBEDDING_MAX_DIM:
+            raise ValueError(f"an embedding of {dim} values (1-{EMBEDDING_MAX_DIM})")
+        model = _text(data[at:at + nm])
+        v = np.frombuffer(data, "<f4", dim, at + nm).astype(np.float32)
+        norm2 = float(v @ v)
+        if not (math.isfinite(norm2) and abs(norm2 - 1.0) < 1e-4):  # published unit: anything else, checked in full
+            v = unit_embedding(v)
+    if h is None and v is None:
         raise ValueError("an entry with neither a hash nor an embedding")
-    return Event("add", group, key, origin, added_at, h, model, e)
+    return Event("add", group, key, origin, added_at, h, model, v)
 
 
 class SharedEntries:
@@ -247,11 +258,11 @@ class SharedEntries:
         None when the ledger did not answer (or answered wrongly)."""
         if not cursors or not self._ready():
             return None
-        keys = {self.stream_key(g): g for g in cursors}
-        at = {k: cursors[g] or "0-0" for k, g in keys.items()}
         out: dict[str, tuple[str, list[Event]]] = {g: (cursors[g] or "0-0", []) for g in cursors}
         waiting = list(self.pending)
         try:
+            keys = {self.stream_key(g): g for g in cursors}
+            at = {k: cursors[g] or "0-0" for k, g in keys.items()}
             while at:
                 pipe = self.client.pipeline(transaction=False)
                 if waiting:
@@ -297,7 +308,7 @@ class SharedEntries:
                 last = entry[0].decode() if isinstance(entry[0], bytes) else str(entry[0])
                 try:
                     event = decode(group, entry[1])
-                except (ValueError, UnicodeDecodeError, TypeError) as e:
+                except (ValueError, TypeError, struct.error) as e:
                     self.skipped += 1
                     log.debug("near-duplicate sharing: stream entry %s of group %s skipped: %s", last, group, e)
                     continue
