@@ -788,7 +788,8 @@ class NearDuplicateIndex:
                     continue  # this replica's own entry of it stays; an expired one is not taken
                 v = e.embedding if self.max_embedding_distance and e.embedding is not None else None
                 g.add(e.key, REMOTE_ITEM_ID, e.hash if self.max_distance else None, e.model if v is not None else None, v, e.origin)
-                upserts.append((name, e.key, b"" if e.hash is None else _blob(e.hash), REMOTE_ITEM_ID, e.added_at,
+                # (dated no later than now: a replica whose clock runs ahead must not make entries that never expire)
+                upserts.append((name, e.key, b"" if e.hash is None else _blob(e.hash), REMOTE_ITEM_ID, min(e.added_at, now),
                                 None if e.embedding is None else _embedding_blob(e.embedding), e.model, e.origin))
         with self._conn:
             self._conn.execute("BEGIN")
