@@ -402,3 +402,19 @@ def test_embeddings_of_one_model_version_are_clustered_the_rest_go_after(tmp_pat
         sel = Selector("diverse")
         sel.select(o, GROUP, 2, 2, now=1e12)
         assert sel.last_basis == "embeddings of fashion_cnn/2 [16]"
+
+
+def test_a_pool_larger_than_the_cache_still_uses_every_candidates_embedding(tmp_path, fashion):
+    """The feature cache holds at least a pool's worth: features read for one plan are not
+    evicted before they are used (they would be taken for items without an embedding)."""
+    images, _ = fashion
+    rows, group = embedding_groups(3, 10)
+    assets = same_pixels(images[0], len(rows))
+    with Outbox(tmp_path / "o.db") as o:
+        o.append_many([embedded(i, a, 0.2, e) for i, (a, e) in enumerate(zip(assets, rows))])
+        ids = sorted(c[0] for c in o.selection_candidates(GROUP, 100, with_assets=False))
+        sel = Selector("diverse", pool=len(rows), cache_size=5)
+        feats = sel.features(o, o.selection_candidates(GROUP, 100, with_assets=False))
+        assert sum(f is not None for f in feats) == len(rows)
+        got = [i - ids[0] for i in sel.select(o, GROUP, 3, 3, now=1e12)]
+        assert sorted(group[got]) == [0, 1, 2]

@@ -285,6 +285,9 @@ class Selector:
         self.strategy = parse_selection(self.strategy)
         if self.pool <= 0:
             raise ValueError(f"selection pool must be positive, got {self.pool}")
+        # A plan reads up to `pool` candidates' features at once: a smaller cache would evict
+        # some of them before they are used (they would count as having none).
+        self.cache_size = max(self.cache_size, self.pool)
 
     @property
     def active(self) -> bool:
