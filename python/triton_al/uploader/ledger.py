@@ -309,7 +309,7 @@ class Ledger:
             who = f"user {username!r}" if username else "the default user"
             return f"; the ledger refused the password of {who}: check {PASSWORD_ENV}" + (f" and {USERNAME_ENV}" if username else "")
         if isinstance(error, redis.exceptions.NoPermissionError) or "NOPERM" in text:
-            return "; the ledger's ACL user lacks a permission the ledger needs (its keys tal:*, EVAL/EVALSHA, TIME, PING, MGET)"
+            return "; the ledger's ACL user lacks a permission the ledger needs (its keys tal:*, EVAL/EVALSHA, TIME, PING, MGET; XADD, XREAD, PEXPIRE to share near-duplicates)"
         if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
             return (f"; the server's TLS certificate is not trusted: put the CA that signed it in a PEM file and point "
                     f"{CA_ENV} at it (the host name in the URI must be in the certificate)")
