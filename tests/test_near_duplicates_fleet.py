@@ -223,6 +223,12 @@ def test_garbage_in_the_stream_is_skipped_and_a_stream_of_the_wrong_type_never_c
     with caplog.at_level(logging.WARNING, logger="triton_al.uploader"):
         assert a.screen([queued(2, encode_png(fashion[60]), group="other")]) == []
     assert not a.share.up and "WRONGTYPE" in a.share.error
+    # Publishing to it is refused for that entry alone (logged): the others' publication goes on.
+    assert len(a.share.pending) == 1
+    a.share.up = True
+    assert a.screen([queued(4, encode_png(fashion[62]))]) == []
+    assert not a.share.pending and a.share.up
+    assert client.xlen(key) == len(bad) + 2
 
 
 def a_hash(item) -> np.ndarray:

@@ -248,9 +248,8 @@ class SharedEntries:
             pipe = self.client.pipeline(transaction=False)
             self._queue_writes(pipe, batch)
             self.round_trips += 1
-            answers = pipe.execute()
-            if any(isinstance(a, Exception) for a in answers):
-                raise next(a for a in answers if isinstance(a, Exception))
+            answers = pipe.execute(raise_on_error=False)
+            self._refused(batch, answers)
         except Exception as e:  # noqa: BLE001 - a redis error, a broken connection, anything: never the uploader's problem
             self._failed("publish", e)
             return False
@@ -258,6 +257,20 @@ class SharedEntries:
             self.pending.popleft()
         self._answered()
         return True
+
+    def _refused(self, batch: list[Event], answers: list) -> None:
+        """The answers to a pipeline that began with the XADDs of `batch`: an XADD refused alone
+        (a key of another type where a stream belongs) loses that event, logged, so that one bad
+        key cannot hold the others' publication forever; any other error raises."""
+        import redis
+
+        for event, answer in zip(batch, answers):
+            if isinstance(answer, redis.exceptions.ResponseError) and "WRONGTYPE" in str(answer):
+                log.warning("near-duplicate sharing: %s refused an entry of group %s (%s); not published", self.where,
+                            event.group, answer)
+        for answer in answers:
+            if isinstance(answer, Exception) and not (isinstance(answer, redis.exceptions.ResponseError) and "WRONGTYPE" in str(answer)):
+                raise answer
 
     # Reading -------------------------------------------------------------------------
 
@@ -280,13 +293,13 @@ class SharedEntries:
                 pipe.xread(at, count=self.read_count)
                 self.round_trips += 1
                 answers = pipe.execute(raise_on_error=False)
-                for a in answers:
-                    if isinstance(a, Exception):
-                        raise a
-                if waiting:
+                if waiting:  # published, whatever the XREAD answered
+                    self._refused(waiting, answers[:-1])
                     for _ in waiting:
                         self.pending.popleft()
                     waiting = []
+                if isinstance(answers[-1], Exception):
+                    raise answers[-1]
                 full = self._absorb(answers[-1], keys, out)
                 at = {k: out[keys[k]][0] for k in full}
         except Exception as e:  # noqa: BLE001 - see publish
