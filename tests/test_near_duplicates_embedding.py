@@ -368,7 +368,7 @@ def test_the_bound_prunes_most_rows_of_a_real_model_s_embeddings():
 
 
 def test_the_distance_parses_or_is_refused_naming_the_flag():
-    assert parse_embedding_distance(None) == DEFAULT_MAX_EMBEDDING_DISTANCE > 0  # on unless turned off
+    assert parse_embedding_distance(None) == DEFAULT_MAX_EMBEDDING_DISTANCE == 0.0  # off unless turned on (measured)
     assert parse_embedding_distance("off") == 0.0 and parse_embedding_distance("0") == 0.0 and parse_embedding_distance("0.0") == 0.0
     assert parse_embedding_distance(" 0.05 ") == 0.05 and parse_embedding_distance("1") == 1.0 and parse_embedding_distance(0.1) == 0.1
     for bad in ("1.5", "-0.01", "nan", "inf", "close", ""):
@@ -431,7 +431,7 @@ def test_the_uploader_suppresses_near_duplicates_by_embedding_or_hash_and_rememb
         o.append_many(items)
         assert [i.embedding is not None for i in o.due(10)] == [True, True, True, True, False, True]
         ix = NearDuplicateIndex(index_path(outbox), max_distance=DEFAULT_MAX_DISTANCE,
-                                max_embedding_distance=DEFAULT_MAX_EMBEDDING_DISTANCE)
+                                max_embedding_distance=0.02)
         sink = LocalStore(store)
         with caplog.at_level(logging.INFO, logger="triton_al.uploader"):
             drain(Uploader(o, sink, near_duplicates=ix, seed=1))
@@ -450,7 +450,7 @@ def test_the_uploader_suppresses_near_duplicates_by_embedding_or_hash_and_rememb
     with Outbox(outbox) as o:
         o.append_many([flagged(6, encode_png(fashion[5]), at_distance(base, 0.01, 6))])
         ix = NearDuplicateIndex(index_path(outbox), max_distance=DEFAULT_MAX_DISTANCE,
-                                max_embedding_distance=DEFAULT_MAX_EMBEDDING_DISTANCE)
+                                max_embedding_distance=0.02)
         drain(Uploader(o, LocalStore(store), near_duplicates=ix, seed=2))
         assert o.counters()[f"near_duplicates/{GROUP}"] == 4
         ix.close()
@@ -458,11 +458,13 @@ def test_the_uploader_suppresses_near_duplicates_by_embedding_or_hash_and_rememb
 
 
 def test_the_uploader_process_takes_the_flag(tmp_path, uploaders, fashion, base):
-    """`triton-al uploader`: by default both checks are on; `--near-duplicate-embedding-distance
-    off` uploads a near embedding (the hash still holds back a JPEG copy); with the hash off
-    and a wide embedding distance, the copy (far embedding) goes and the near embedding not."""
+    """`triton-al uploader`: by default only the hash check is on (a near embedding is
+    uploaded, a JPEG copy held back); `--near-duplicate-embedding-distance 0.02` holds back the
+    near embedding too; with the hash off and a wide embedding distance, the copy (far
+    embedding) goes and the near embedding not."""
     a, b, copy = encode_png(fashion[0]), encode_png(fashion[1]), jpeg(fashion[0], 75)
-    cases = (("on", (), {a}),
+    cases = (("default", (), {a, b}),
+             ("on", ("--near-duplicate-embedding-distance", "0.02"), {a}),
              ("off", ("--near-duplicate-embedding-distance", "off"), {a, b}),
              ("wide", ("--near-duplicate-embedding-distance", "0.5", "--near-duplicate-distance", "off"), {a, copy}))
     for name, extra, stored in cases:
