@@ -47,7 +47,7 @@ those entries (the claims still stop exact copies). An exact copy taken over fro
 replica's entry is not published again (if that replica then dead-letters its item, the others
 forget the entry, though this replica delivered it).
 
-What it costs (`python tests/bench_near_duplicates_share.py`, a real local redis-server, 2 cores
+What it costs (`python benchmarks/near_duplicates_share_cost.py`, a real local redis-server, 2 cores
 under a load of ~3.3): one XREAD round trip per batch screened, ~1 ms for 3 groups with 16 new
 entries (median; p90 1.3 ms), and one pipelined XADD round trip per batch that added entries; a
 batch of 16 PNGs over 3 groups screens in ~9.7 ms shared against ~6.2 ms alone (the rest is

@@ -1,5 +1,5 @@
 """Cost of fleet-wide near-duplicate sharing against a real local redis-server (Debian's,
-started as tests/test_fleet.py does, stopped by PID): `python tests/bench_near_duplicates_share.py`.
+started as tests/test_fleet.py does, stopped by PID): `python benchmarks/near_duplicates_share_cost.py`.
 
 - Per batch: replica B screens 16 Fashion-MNIST PNGs spread over 3 groups while replica A
   published 16 entries to those groups since B's last read; the XREAD alone, and the whole
@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_fleet import RedisServer  # noqa: E402
 
 from triton_al.example.data import encode_png, load  # noqa: E402
