@@ -488,8 +488,8 @@ def test_embeddings_round_trip_as_float32_through_every_query(outbox):
     assert {c[2]: None if c[4] is None else c[4].tolist() for c in candidates} == {
         h: None if e is None else e.tolist() for h, e in expected.items() if h != content_hash(png(1))}
     assert all(len(c) == 4 for c in outbox.selection_candidates("a", 10))  # unchanged without with_embeddings
-    # Embeddings count in no cap: the stored bytes are the assets'.
-    assert outbox.counters()["stored_bytes"] == sum(len(png(s)) for s in (1, 2, 3, 4))
+    # The byte cap counts the assets once and every row's embedding (png(1)'s twice: two groups).
+    assert outbox.counters()["stored_bytes"] == sum(len(png(s)) for s in (1, 2, 3, 4)) + 4 * (2 * 4096 + 3 + 4)
 
 
 @pytest.mark.parametrize(
@@ -521,3 +521,164 @@ def test_dead_letters_keep_the_embedding_and_a_retry_brings_it_back(outbox):
     np.testing.assert_array_equal(again.embedding, np.array([0.25, 0.5, 0.75], np.float32))
     assert outbox.retry_dead_letters() == 1
     np.testing.assert_array_equal({i.id: i for i in outbox.due(10)}[second.id].embedding, np.array([9.0], np.float32))
+
+
+# Embedding bytes in the byte accounting -----------------------------------------------------
+
+EMBEDDING_TRIGGERS = ["dead_embedding_added", "dead_embedding_removed", "items_embedding_added", "items_embedding_removed"]
+
+
+def recounted(path: Path) -> dict[str, int]:
+    """`stored_bytes` and `dead_letter_bytes` as the tables say they should be: assets once (in
+    the dead letters' count when a dead letter refers to them), embeddings once per row."""
+    conn = sqlite3.connect(path)
+    try:
+        stored, dead = conn.execute(
+            "SELECT coalesce(sum(CASE WHEN d IS NULL THEN size END), 0) + (SELECT coalesce(sum(length(embedding)), 0) FROM items), "
+            "coalesce(sum(CASE WHEN d IS NOT NULL THEN size END), 0) + (SELECT coalesce(sum(length(embedding)), 0) FROM dead_letters) "
+            "FROM (SELECT a.size, (SELECT 1 FROM dead_letters WHERE content_hash = a.content_hash LIMIT 1) AS d FROM assets a)"
+        ).fetchone()
+    finally:
+        conn.close()
+    return {"stored_bytes": stored, "dead_letter_bytes": dead}
+
+
+def byte_counters(o: Outbox) -> dict[str, int]:
+    c = o.counters()
+    return {"stored_bytes": c.get("stored_bytes", 0), "dead_letter_bytes": c.get("dead_letter_bytes", 0)}
+
+
+def test_the_byte_cap_counts_embeddings_refusing_or_evicting_as_the_policy_says(tmp_path):
+    row = max(len(png(i)) for i in range(5)) + 4 * 4096  # the PNGs' sizes differ by a few bytes at most
+    assert 4 * (min(len(png(i)) for i in range(5)) + 4 * 4096) > 3 * row + 100
+    with Outbox(tmp_path / "newest.db", max_bytes=3 * row + 100, overflow_policy="drop_newest") as o:
+        r = o.append_many([with_embedding(i, np.full(4096, 0.5)) for i in range(4)])
+        assert r == AppendResult(accepted=3, dropped=1)  # the assets alone would all fit
+        assert o.append_many([with_embedding(0, np.full(4096, 0.5), groups=["b"])]) == AppendResult(dropped=1)  # a row's copy costs
+        assert o.append_many([item(0, groups=["b"])]) == AppendResult(accepted=1)  # without one, nothing new
+        assert byte_counters(o)["stored_bytes"] == sum(len(png(i)) for i in range(3)) + 3 * 4 * 4096 == recounted(o.path)["stored_bytes"]
+    with Outbox(tmp_path / "evict.db", max_bytes=3 * row + 100) as o:  # drop_least_uncertain
+        o.append_many([with_embedding(i, np.full(4096, 0.5), score=0.5 + 0.1 * i) for i in range(3)])
+        r = o.append_many([with_embedding(3, np.full(4096, 0.5), score=0.1)])
+        assert r == AppendResult(accepted=1) and o.counters()["evicted_overflow"] == 1
+        assert sorted(i.score for i in o.due(10)) == pytest.approx([0.1, 0.5, 0.6])
+        assert byte_counters(o)["stored_bytes"] <= 3 * row + 100
+        assert byte_counters(o) == recounted(o.path)
+        assert o.append_many([with_embedding(4, np.full(4096, 0.5), score=0.9)]) == AppendResult(dropped=1)  # more confident
+
+
+def test_byte_counters_match_the_tables_through_every_change(tmp_path):
+    with Outbox(tmp_path / "o.db", max_bytes=12 * (len(png(0)) + 4 * 256)) as o:
+        o.prepare_for_uploader()
+        checks = 0
+
+        def check():
+            nonlocal checks
+            assert byte_counters(o) == recounted(o.path), checks
+            checks += 1
+
+        o.append_many([with_embedding(i, np.full(256, i, np.float32), score=0.01 * i, groups=["a", "b"]) for i in range(6)])
+        o.append_many([item(6), item(7, groups=["a"])])
+        check()
+        due = {(i.upload_group, i.content_hash): i.id for i in o.due(100)}
+        o.mark_delivered([due[("a", content_hash(png(0)))], due[("active-learning", content_hash(png(6)))]])
+        check()
+        o.dead_letter([(due[("a", content_hash(png(1)))], "rejected"), (due[("b", content_hash(png(1)))], "rejected"),
+                       (due[("a", content_hash(png(2)))], "rejected"), (due[("a", content_hash(png(7)))], "rejected")])
+        check()
+        assert o.retry_dead_letters(ids=[due[("a", content_hash(png(1)))]]) == 1
+        check()
+        o.drop([due[("b", content_hash(png(3)))]], "dropped_budget")
+        check()
+        assert o.purge_dead_letters(keep=1) == 2
+        check()
+        # Evictions by the writer: more confident rows go for less confident newcomers.
+        o.append_many([with_embedding(i, np.full(256, 1.0), score=0.001) for i in range(20, 30)])
+        assert o.counters()["evicted_overflow"] > 0
+        check()
+        o.purge_dead_letters(keep=0)
+        o.mark_delivered([i.id for i in o.due(100)])
+        check()
+        assert byte_counters(o) == {"stored_bytes": 0, "dead_letter_bytes": 0}
+
+
+def test_purging_dead_letters_by_bytes_counts_their_embeddings(tmp_path):
+    with Outbox(tmp_path / "o.db") as o:
+        o.append_many([with_embedding(i, np.zeros(1024)) for i in range(3)])
+        for n, queued in enumerate(o.due(10)):
+            o.dead_letter([(queued.id, "rejected")], now=1000.0 + n)
+        assert o.dead_letter_bytes() == sum(len(png(i)) + 4096 for i in range(3))
+        # Room for the newest two assets, not for their embeddings too: only the newest stays.
+        assert o.purge_dead_letters(max_bytes=len(png(1)) + len(png(2)) + 4096 + 10) == 2
+        assert [d["content_hash"] for d in o.dead_letters()] == [content_hash(png(2))]
+        assert byte_counters(o) == recounted(o.path) == {"stored_bytes": 0, "dead_letter_bytes": len(png(2)) + 4096}
+
+
+def triggers(path: Path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE '%embedding%' ORDER BY name")]
+    finally:
+        conn.close()
+
+
+def version_2_file_without_embedding_triggers(path: Path) -> None:
+    """A version-2 file as this morning's build left it: embeddings queued and dead-lettered,
+    counted in neither byte counter (the dead letters' assets already in `dead_letter_bytes`)."""
+    with Outbox(path) as o:
+        o.append_many([with_embedding(1, np.zeros(100), groups=["a", "b"]), with_embedding(2, np.zeros(20))])
+        o.dead_letter([(o.due(10)[-1].id, "rejected")])
+    conn = sqlite3.connect(path, isolation_level=None)
+    for name in EMBEDDING_TRIGGERS:
+        conn.execute(f"DROP TRIGGER {name}")
+    # What the counters were without the triggers: the assets only.
+    conn.execute("UPDATE counters SET value = ? WHERE name = 'stored_bytes'", (len(png(1)),))
+    conn.execute("UPDATE counters SET value = ? WHERE name = 'dead_letter_bytes'", (len(png(2)),))
+    conn.close()
+
+
+OPEN_WITH_THE_WRITER = """
+import sys
+from triton_al import _core
+_core.OutboxWriter(sys.argv[1], max_items=1000, max_bytes=1 << 30, overflow_policy="drop_newest", durable=False,
+                   busy_timeout_s=30.0, max_asset_bytes=1 << 20).close()
+"""
+
+
+@pytest.mark.parametrize("opener", ["python", "rust"])
+def test_a_version_2_file_without_the_embedding_triggers_gets_them_at_open_and_its_embeddings_counted_once(tmp_path, opener):
+    import subprocess
+    import sys
+
+    path = tmp_path / "o.db"
+    version_2_file_without_embedding_triggers(path)
+    assert triggers(path) == [] and recounted(path) != {"stored_bytes": len(png(1)), "dead_letter_bytes": len(png(2))}
+    for _ in range(2):  # a second open neither adds them again nor counts the embeddings twice
+        if opener == "python":
+            Outbox(path).close()
+        else:
+            r = subprocess.run([sys.executable, "-c", OPEN_WITH_THE_WRITER, str(path)], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+        assert triggers(path) == EMBEDDING_TRIGGERS
+        with Outbox(path) as o:
+            assert byte_counters(o) == recounted(path) == {"stored_bytes": len(png(1)) + 2 * 400, "dead_letter_bytes": len(png(2)) + 80}
+
+
+def test_a_version_1_file_migrated_by_either_opener_counts_embeddings(tmp_path):
+    from triton_al import _core
+
+    for opener in ("python", "rust"):
+        old = tmp_path / f"v1-{opener}.db"
+        version_1_file(old)
+        if opener == "python":
+            Outbox(old).close()
+        else:
+            _core.OutboxWriter(str(old), max_items=10, max_bytes=1 << 30, overflow_policy="drop_newest", durable=False,
+                               busy_timeout_s=5.0, max_asset_bytes=1 << 20).close()
+        assert triggers(old) == EMBEDDING_TRIGGERS, opener
+        with Outbox(old) as o:
+            o.prepare_for_uploader()  # the version-1 dead letter's asset moves to dead_letter_bytes
+            o.append_many([with_embedding(3, np.zeros(8))])
+            assert byte_counters(o) == recounted(old), opener
+            assert byte_counters(o)["stored_bytes"] == len(png(1)) + len(png(3)) + 32
+

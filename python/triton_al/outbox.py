@@ -11,9 +11,10 @@ at `synchronous=NORMAL` and flush the WAL after the commit the same way.
 
 Several processes may write the file at once (the Python step runs one process per model
 instance, the uploader is another): SQLite's write lock orders them. The file is bounded by
-a cap on items and on asset bytes, with an overflow policy; items are deduplicated per
-upload group by the SHA-256 of the asset, including against items already delivered. The
-schema is the writer's (`triton_al._core.OUTBOX_SCHEMA`, from `rust/outbox/src/schema.sql`).
+a cap on items and on bytes (the assets, and each queued row's embedding), with an overflow
+policy; items are deduplicated per upload group by the SHA-256 of the asset, including
+against items already delivered. The schema is the writer's (`triton_al._core.OUTBOX_SCHEMA`,
+from `rust/outbox/src/schema.sql` and `embedding_bytes.sql`).
 
 Tables:
 - `assets`: the asset bytes, once per content hash, however many groups want them;
@@ -21,7 +22,8 @@ Tables:
   prediction, score, retry state and, when the step was given one (`embedding_input`), the
   model's embedding of the item (`embedding`: little-endian float32 bytes, NULL when none);
 - `dead_letters`: items a sink rejected for good (retryable by command; purged by age,
-  count and bytes; their assets count in `dead_letter_bytes`, not in the `max_bytes` cap);
+  count and bytes; their assets and embeddings count in `dead_letter_bytes`, not in the
+  `max_bytes` cap);
 - `delivered`: (group, hash, time) of what was delivered, for dedup and rate limits
   (trimmed by age and count, never inside the longest rate window);
 - `meta`: the schema version (2; a version-1 file gains the `embedding` columns when it is
@@ -75,6 +77,11 @@ _QUEUED_COLUMNS = (
 # definition) added]}, the writer's own list (`MIGRATIONS` in rust/outbox/src/lib.rs; 1 -> 2:
 # the `embedding` columns of items and dead letters).
 _MIGRATIONS: dict[int, list[tuple[str, str]]] = _core.OUTBOX_MIGRATIONS
+# What opening a file of `SCHEMA_VERSION` adds when it lacks it (the writer's `UPGRADES`):
+# [(trigger whose absence says so, idempotent statements creating it, statements run once
+# right after)]; today the triggers counting embedding bytes, added to version 2 after its
+# first files, and the count of the embeddings those files already hold.
+_UPGRADES: list[tuple[str, str, str]] = _core.OUTBOX_UPGRADES
 # Indexes for the uploader's queries, created at its start (IF NOT EXISTS: no schema version
 # change, and nothing on the inference path: the writer never inserts into these tables).
 _UPLOADER_INDEXES = (
@@ -232,12 +239,20 @@ def _embedding_out(blob: bytes | None) -> np.ndarray | None:
     return np.frombuffer(blob, dtype="<f4").astype(np.float32)
 
 
+def _missing_upgrades(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    """The upgrades (`_UPGRADES`) the file lacks."""
+    return [u for u in _UPGRADES
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?", (u[0],)).fetchone() is None]
+
+
 def migrate_schema(conn: sqlite3.Connection) -> int | None:
-    """Bring an older outbox file (a version in `_MIGRATIONS`) to `SCHEMA_VERSION` in one
-    IMMEDIATE transaction: the version is read again under the write lock, so of several
-    processes opening the same old file at once the first migrates and the others find it
-    done. A column already there is not added again. Returns the version the file has after
-    (one this module does not know is left as it is, for the caller to refuse)."""
+    """Bring an older outbox file (a version in `_MIGRATIONS`) to `SCHEMA_VERSION`, and a file
+    of that version to its upgrades (`_UPGRADES`), in one IMMEDIATE transaction: the version
+    and the upgrades are read again under the write lock, so of several processes opening the
+    same old file at once the first migrates and the others find it done. A column already
+    there is not added again, an upgrade present is not run again (its once-only statements
+    neither). Returns the version the file has after (one this module does not know is left
+    as it is, for the caller to refuse)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = before = Outbox._schema_version(conn)
@@ -249,6 +264,13 @@ def migrate_schema(conn: sqlite3.Connection) -> int | None:
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
                 version += 1
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+        upgraded = []
+        if version == SCHEMA_VERSION:
+            for name, create, once in _missing_upgrades(conn):
+                # Statement by statement: executescript would commit the transaction.
+                for statement in _statements(create + once):
+                    conn.execute(statement)
+                upgraded.append(name)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -256,7 +278,23 @@ def migrate_schema(conn: sqlite3.Connection) -> int | None:
         raise
     if version != before:
         log.info("outbox: schema version %s migrated to %s", before, version)
+    if upgraded:
+        log.info("outbox: schema version %s upgraded (%s added)", version, ", ".join(upgraded))
     return version
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements, each whole (a trigger's body included), for `execute`."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current)
+            current = ""
+    if current.strip():
+        statements.append(current)
+    return statements
 
 
 def _queued_item(r: Sequence[Any]) -> QueuedItem:
@@ -368,7 +406,7 @@ class Outbox:
             if version is None:  # a new file: create the schema (the only write at open)
                 conn.executescript(_core.OUTBOX_SCHEMA + f"INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');")
                 version = self._schema_version(conn)
-            elif version in _MIGRATIONS:
+            elif version in _MIGRATIONS or (version == SCHEMA_VERSION and _missing_upgrades(conn)):
                 version = migrate_schema(conn)
         except sqlite3.OperationalError as e:
             raise self._error(e, "cannot open it as an SQLite outbox") from e
@@ -544,9 +582,11 @@ class Outbox:
     # dated in the future counts as now (`clamp_future`).
     #
     # Bytes: `stored_bytes` (what the writer's `max_bytes` cap counts) holds the assets of
-    # queued items only; an asset referenced by a dead letter is counted in
-    # `dead_letter_bytes` instead, bounded by `purge_dead_letters`, so rejected items can
-    # never starve new ones. Both counters move together in the transactions below.
+    # queued items only, and the embedding of every queued row; an asset referenced by a
+    # dead letter, and every dead letter's embedding, is counted in `dead_letter_bytes`
+    # instead, bounded by `purge_dead_letters`, so rejected items can never starve new ones.
+    # Asset bytes move between the two in the transactions below; embedding bytes are moved
+    # by the schema's triggers (a move is an INSERT into one table and a DELETE from the other).
 
     def prepare_for_uploader(self) -> None:
         """What the uploader needs beyond the writer's schema, once at its start: indexes for
@@ -569,11 +609,13 @@ class Outbox:
 
     def _account_dead_letters(self, conn: sqlite3.Connection) -> None:
         """Once per file: move the bytes of dead letters' assets from `stored_bytes` to
-        `dead_letter_bytes` (every later change keeps both exact, incrementally)."""
+        `dead_letter_bytes` (every later change keeps both exact, incrementally), each with
+        its rows' embeddings."""
         if self._meta(conn, _META_DEAD_BYTES) is not None:
             return
         queued, dead = conn.execute(
-            "SELECT coalesce(sum(CASE WHEN d IS NULL THEN size END), 0), coalesce(sum(CASE WHEN d IS NOT NULL THEN size END), 0) "
+            "SELECT coalesce(sum(CASE WHEN d IS NULL THEN size END), 0) + (SELECT coalesce(sum(length(embedding)), 0) FROM items), "
+            "coalesce(sum(CASE WHEN d IS NOT NULL THEN size END), 0) + (SELECT coalesce(sum(length(embedding)), 0) FROM dead_letters) "
             "FROM (SELECT a.size, (SELECT 1 FROM dead_letters WHERE content_hash = a.content_hash LIMIT 1) AS d FROM assets a)"
         ).fetchone()
         for name, value in (("stored_bytes", queued), ("dead_letter_bytes", dead)):
@@ -899,23 +941,26 @@ class Outbox:
                            group: str | None = None, now: float | None = None, chunk: int = 500) -> int:
         """Delete dead letters (their assets with them, unless queued): those that failed
         more than `older_than_s` ago, all but the newest `keep`, and the oldest beyond
-        `max_bytes` of assets; optionally of one group only. Returns how many went."""
+        `max_bytes` (their assets, each once, and embeddings: what `dead_letter_bytes`
+        counts); optionally of one group only. Returns how many went."""
         if older_than_s is None and keep is None and max_bytes is None:
             raise ValueError("purge_dead_letters: give older_than_s, keep or max_bytes")
         now = time.time() if now is None else now
         doomed: set[int] = set()
         with self._transaction(write=False) as conn:
             newest_first = conn.execute(
-                "SELECT d.id, d.failed_at, d.content_hash, coalesce(a.size, 0) FROM dead_letters d LEFT JOIN assets a USING (content_hash) "
+                "SELECT d.id, d.failed_at, d.content_hash, coalesce(a.size, 0), coalesce(length(d.embedding), 0) "
+                "FROM dead_letters d LEFT JOIN assets a USING (content_hash) "
                 "WHERE ?1 IS NULL OR d.upload_group = ?1 ORDER BY d.failed_at DESC, d.id DESC",
                 (group,),
             ).fetchall()
         seen: set[str] = set()
         total = 0
-        for position, (dead_id, failed_at, content, size) in enumerate(newest_first):
+        for position, (dead_id, failed_at, content, size, embedding_size) in enumerate(newest_first):
             if content not in seen:
                 seen.add(content)
                 total += size
+            total += embedding_size
             if ((older_than_s is not None and failed_at < now - older_than_s) or (keep is not None and position >= keep)
                     or (max_bytes is not None and total > max_bytes)):
                 doomed.add(dead_id)

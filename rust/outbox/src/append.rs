@@ -80,7 +80,9 @@ fn store_row(
     }
     let have_asset = conn.prepare_cached("SELECT 1 FROM assets WHERE content_hash = ?1")?.exists([hash])?;
     let asset_size = u64::try_from(item.item.asset.len()).unwrap_or(u64::MAX);
-    let new_bytes = if have_asset { 0 } else { asset_size };
+    // Each row stores its own copy of the embedding (counted by the items triggers).
+    let embedding_size = item.embedding.as_ref().map_or(0, |bytes| u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+    let new_bytes = embedding_size.saturating_add(if have_asset { 0 } else { asset_size });
     if !make_room(conn, caps, new_bytes, item.score, hash)? {
         result.dropped += 1;
         return Ok(());
@@ -115,7 +117,8 @@ fn store_row(
     Ok(())
 }
 
-/// True when one more row (and `new_bytes`) fits, after evicting per the policy.
+/// True when one more row (and `new_bytes`: its asset if not stored yet, and its embedding)
+/// fits, after evicting per the policy.
 fn make_room(conn: &Connection, caps: Caps, new_bytes: u64, score: Option<f64>, hash: &str) -> rusqlite::Result<bool> {
     if new_bytes > caps.max_bytes {
         return Ok(false);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::error::OutboxError;
-use crate::{busy, MIGRATIONS, SCHEMA, SCHEMA_VERSION};
+use crate::{busy, MIGRATIONS, SCHEMA, SCHEMA_VERSION, UPGRADES};
 
 /// Let SQLite checkpoint inside a commit only when the WAL has grown past this many pages
 /// (64 MiB): the uploader checkpoints after each batch, so writers on the inference path
@@ -71,7 +71,7 @@ pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Connection, Ou
     ))
     .map_err(cannot_open)?;
     let version = match schema_version(&conn).map_err(cannot_open)? {
-        Some(version) if migration_from(&version).is_some() => migrate(&conn).map_err(cannot_open)?,
+        Some(version) if needs_migration(&conn, &version).map_err(cannot_open)? => migrate(&conn).map_err(cannot_open)?,
         Some(version) => version,
         None => {
             create_schema(&conn).map_err(cannot_open)?;
@@ -101,10 +101,35 @@ fn migration_from(version: &str) -> Option<&'static [(&'static str, &'static str
     MIGRATIONS.iter().find(|(from, _)| *from == version).map(|(_, columns)| *columns)
 }
 
-/// Bring an older file to `SCHEMA_VERSION` in one IMMEDIATE transaction. The version is read
-/// again under the write lock, so of several processes opening the same old file at once the
-/// first migrates and the others find it done; a column already there is not added again.
-/// Returns the version the file has after (one this crate does not know is left as it is).
+/// Whether opening must write: an older version, or an upgrade of this one missing.
+fn needs_migration(conn: &Connection, version: &str) -> rusqlite::Result<bool> {
+    if migration_from(version).is_some() {
+        return Ok(true);
+    }
+    if version.trim().parse::<i64>() != Ok(SCHEMA_VERSION) {
+        return Ok(false);
+    }
+    Ok(!missing_upgrades(conn)?.is_empty())
+}
+
+/// The upgrades (`UPGRADES`) a file lacks.
+fn missing_upgrades(conn: &Connection) -> rusqlite::Result<Vec<&'static (&'static str, &'static str, &'static str)>> {
+    let mut missing = Vec::new();
+    for upgrade in UPGRADES {
+        let present = conn.prepare_cached("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?1")?.exists([upgrade.0])?;
+        if !present {
+            missing.push(upgrade);
+        }
+    }
+    Ok(missing)
+}
+
+/// Bring an older file to `SCHEMA_VERSION`, and a file of that version to its upgrades, in
+/// one IMMEDIATE transaction. The version and the upgrades are read again under the write
+/// lock, so of several processes opening the same old file at once the first migrates and the
+/// others find it done; a column already there is not added again, an upgrade present is not
+/// run again (its once-only statements neither). Returns the version the file has after (one
+/// this crate does not know is left as it is, without upgrades).
 fn migrate(conn: &Connection) -> rusqlite::Result<String> {
     let transaction = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
     let mut version = schema_version(&transaction)?.unwrap_or_default();
@@ -122,6 +147,12 @@ fn migrate(conn: &Connection) -> rusqlite::Result<String> {
     }
     if migrated {
         transaction.execute("UPDATE meta SET value = ?1 WHERE key = 'schema_version'", [&version])?;
+    }
+    if version.trim().parse::<i64>() == Ok(SCHEMA_VERSION) {
+        for (_, create, once) in missing_upgrades(&transaction)? {
+            transaction.execute_batch(create)?;
+            transaction.execute_batch(once)?;
+        }
     }
     transaction.commit()?;
     Ok(version)

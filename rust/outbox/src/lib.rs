@@ -51,7 +51,21 @@ pub use queue::WriterStats;
 
 /// The outbox schema (tables, indexes, triggers); idempotent. After running it on a new file,
 /// record the version: `INSERT OR IGNORE INTO meta VALUES ('schema_version', '2')`.
-pub const SCHEMA: &str = include_str!("schema.sql");
+pub const SCHEMA: &str = concat!(include_str!("schema.sql"), include_str!("embedding_bytes.sql"));
+
+/// The triggers that count embedding bytes (`items` in `stored_bytes`, `dead_letters` in
+/// `dead_letter_bytes`); part of [`SCHEMA`].
+pub const EMBEDDING_BYTES_TRIGGERS: &str = include_str!("embedding_bytes.sql");
+
+/// Run once, right after [`EMBEDDING_BYTES_TRIGGERS`] are added to a file that had none: the
+/// embeddings already stored were counted nowhere, so their bytes are added to the counters
+/// (which were exact for the assets). Counters at 0 stay absent, as on a new file.
+pub const EMBEDDING_BYTES_RECOUNT: &str = "\
+INSERT INTO counters SELECT 'stored_bytes', total FROM (SELECT sum(length(embedding)) AS total FROM items) \
+    WHERE total > 0 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;
+INSERT INTO counters SELECT 'dead_letter_bytes', total FROM (SELECT sum(length(embedding)) AS total FROM dead_letters) \
+    WHERE total > 0 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;
+";
 
 /// The schema version this crate reads and writes (`meta.schema_version`).
 pub const SCHEMA_VERSION: i64 = 2;
@@ -63,3 +77,11 @@ pub const MIGRATIONS: &[(i64, &[(&str, &str)])] = &[
     // 1 -> 2: the model's embedding of an item (`NewItem::embedding`), in the queue and the dead letters.
     (1, &[("items", "embedding BLOB"), ("dead_letters", "embedding BLOB")]),
 ];
+
+/// What opening a file of [`SCHEMA_VERSION`] adds when it is missing (a file migrated from an
+/// older version, or one written by an earlier build of the same version), in the same
+/// transaction as the migration: per upgrade, (trigger whose absence says it is missing,
+/// idempotent statements creating it, statements run once right after). The Python package's
+/// `triton_al.outbox` applies the same list (`_core.OUTBOX_UPGRADES`).
+pub const UPGRADES: &[(&str, &str, &str)] =
+    &[("dead_embedding_removed", EMBEDDING_BYTES_TRIGGERS, EMBEDDING_BYTES_RECOUNT)];

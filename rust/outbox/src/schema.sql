@@ -3,6 +3,7 @@
 -- the caller records the version in `meta` after running it. A version-1 file gets version 2's
 -- `embedding` columns when it is opened (`MIGRATIONS`, in one transaction): they come last, as
 -- ALTER TABLE ... ADD COLUMN puts them, so both kinds of file have the same columns in order.
+-- `SCHEMA` is this file followed by embedding_bytes.sql (the triggers counting embedding bytes).
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS assets (
     content_hash TEXT PRIMARY KEY,

@@ -368,6 +368,71 @@ fn an_embedding_is_stored_as_little_endian_f32_bytes_and_none_as_null() {
             ("a".into(), content_hash(b"without"), None),
         ]
     );
-    // Not counted in the byte cap: that counts assets only.
-    assert_eq!(counter(&path, "stored_bytes"), (b"with".len() + b"without".len()) as i64);
+    // Counted in the byte cap: the assets once, the embedding once per row.
+    assert_eq!(counter(&path, "stored_bytes"), (b"with".len() + b"without".len() + 2 * 4 * 4096) as i64);
+}
+
+fn with_embedding(asset: &[u8], score: f64, groups: &[&str], dims: usize) -> triton_al_outbox::NewItem {
+    let mut flagged = item(asset, score, groups);
+    flagged.embedding = Some(vec![0.5; dims]);
+    flagged
+}
+
+/// `stored_bytes` as the tables say it should be: the assets (no dead letters here) and every
+/// queued row's embedding.
+fn recounted_bytes(path: &std::path::Path) -> i64 {
+    reader(path)
+        .query_row(
+            "SELECT (SELECT coalesce(sum(size), 0) FROM assets) + (SELECT coalesce(sum(length(embedding)), 0) FROM items)",
+            [],
+            |r| r.get(0),
+        )
+        .expect("recount")
+}
+
+#[test]
+fn max_bytes_counts_embeddings_so_drop_newest_refuses_what_would_pass_the_cap() {
+    let dir = tempdir().expect("temp dir");
+    let path = outbox_path(&dir);
+    // Room for 3 rows of a 100-byte asset with a 4,096-value embedding (16,484 bytes each), not 4.
+    let cap = 3 * (100 + 4 * 4096) + 50;
+    let outbox =
+        Outbox::open(OutboxConfig { max_bytes: cap, overflow_policy: OverflowPolicy::DropNewest, ..config(&dir) })
+            .expect("open");
+    let assets: Vec<[u8; 100]> = (0..4u8).map(|k| [k; 100]).collect();
+    let items = assets.iter().map(|asset| with_embedding(asset, 0.1, &["a"], 4096)).collect();
+    assert_eq!(outbox.append(items, WAIT).expect("append"), AppendResult { accepted: 3, dropped: 1, ..AppendResult::default() });
+    // Another group for a stored asset costs its embedding again: no room for it either.
+    let again = outbox.append(vec![with_embedding(&assets[0], 0.1, &["b"], 4096)], WAIT).expect("append");
+    assert_eq!(again, AppendResult { dropped: 1, ..AppendResult::default() });
+    // Without an embedding it costs nothing new.
+    assert_eq!(outbox.append(vec![item(&assets[0], 0.1, &["b"])], WAIT).expect("append"), accepted(1));
+    assert_eq!(counter(&path, "stored_bytes"), 3 * (100 + 4 * 4096));
+    assert_eq!(counter(&path, "stored_bytes"), recounted_bytes(&path));
+    assert!(counter(&path, "stored_bytes") <= cap as i64);
+}
+
+#[test]
+fn drop_least_uncertain_evicts_enough_rows_to_make_room_for_a_newcomers_embedding() {
+    let dir = tempdir().expect("temp dir");
+    let path = outbox_path(&dir);
+    let cap = 4 * (10 + 4 * 64) + 5;
+    let outbox = Outbox::open(OutboxConfig { max_bytes: cap, ..config(&dir) }).expect("open");
+    let small: Vec<_> = (0..4u8).map(|k| with_embedding(&[k; 10], 0.5 + f64::from(k) * 0.1, &["a"], 64)).collect();
+    assert_eq!(outbox.append(small, WAIT).expect("append"), accepted(4));
+    // A newcomer whose embedding needs the room of two rows: the two most confident go.
+    let big = with_embedding(&[9; 10], 0.1, &["a"], 2 * 64);
+    assert_eq!(outbox.append(vec![big], WAIT).expect("append"), accepted(1));
+    assert_eq!(counter(&path, "evicted_overflow"), 2);
+    let scores: Vec<Option<f64>> = queued(&path).into_iter().map(|(_, _, score)| score).collect();
+    assert_eq!(scores, [Some(0.5), Some(0.6), Some(0.1)]);
+    assert_eq!(counter(&path, "stored_bytes"), recounted_bytes(&path));
+    assert!(counter(&path, "stored_bytes") <= cap as i64);
+    // An embedding alone bigger than the cap is dropped without evicting anything.
+    let huge = with_embedding(&[8; 1], f64::NAN, &["a"], cap as usize / 4 + 1);
+    assert_eq!(outbox.append(vec![huge], WAIT).expect("append"), AppendResult { dropped: 1, ..AppendResult::default() });
+    assert_eq!(queued(&path).len(), 3);
+    // Rows leaving the queue take their embedding's bytes with them.
+    reader(&path).execute("DELETE FROM items", []).expect("deliver everything");
+    assert_eq!(counter(&path, "stored_bytes"), 0);
 }

@@ -203,6 +203,75 @@ fn writers_opening_a_version_1_file_at_once_migrate_it_once() {
     assert_eq!(columns(&conn, "items").iter().filter(|(name, _)| name == "embedding").count(), 1);
 }
 
+/// The embedding-bytes triggers present in a file.
+fn embedding_triggers(conn: &Connection) -> Vec<String> {
+    let mut statement = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE '%embedding%' ORDER BY name")
+        .expect("prepare");
+    statement.query_map([], |r| r.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+}
+
+const ALL_EMBEDDING_TRIGGERS: [&str; 4] =
+    ["dead_embedding_added", "dead_embedding_removed", "items_embedding_added", "items_embedding_removed"];
+
+#[test]
+fn a_version_1_file_gets_the_embedding_bytes_triggers_when_migrated() {
+    let dir = tempdir().expect("temp dir");
+    let older = dir.path().join("v1.sqlite");
+    version_1_file(&older);
+    let stored_before = counter_value(&reader(&older), "stored_bytes");
+    let outbox = Outbox::open(OutboxConfig::new(&older)).expect("open a version-1 file");
+    let mut with_embedding = item(b"dog", 0.2, &["a"]);
+    with_embedding.embedding = Some(vec![0.5; 10]);
+    outbox.append(vec![with_embedding], WAIT).expect("append");
+    outbox.close();
+    let conn = reader(&older);
+    assert_eq!(embedding_triggers(&conn), ALL_EMBEDDING_TRIGGERS);
+    assert_eq!(counter_value(&conn, "stored_bytes"), stored_before + 3 + 40);
+}
+
+fn counter_value(conn: &Connection, name: &str) -> i64 {
+    conn.query_row("SELECT coalesce((SELECT value FROM counters WHERE name = ?1), 0)", [name], |r| r.get(0)).expect("counter")
+}
+
+/// A version-2 file as the build before the embedding-bytes triggers left it: embeddings in
+/// the queue and the dead letters, counted nowhere.
+fn version_2_file_without_triggers(path: &Path) {
+    Outbox::open(OutboxConfig::new(path)).expect("create").close();
+    let conn = reader(path);
+    for trigger in ALL_EMBEDDING_TRIGGERS {
+        conn.execute_batch(&format!("DROP TRIGGER {trigger}")).expect("drop trigger");
+    }
+    conn.execute_batch(
+        "INSERT INTO assets VALUES ('h1', 'image/png', 3, x'010203'), ('h2', 'image/png', 1, x'04');
+         INSERT INTO items (upload_group, content_hash, model_name, model_version, prediction, score, strategy,
+             threshold, reason, created_at, embedding) VALUES ('a', 'h1', 'm', '1', '{}', 0.25, 'entropy', 0.5, 'uncertain', 1.0, zeroblob(400)),
+             ('b', 'h1', 'm', '1', '{}', 0.25, 'entropy', 0.5, 'uncertain', 1.0, zeroblob(400));
+         INSERT INTO dead_letters VALUES (7, 'a', 'h2', 'm', '1', '{}', 0.1, 'entropy', 0.5, 'uncertain', 1.0, 3, 2.0, 'rejected', zeroblob(80));",
+    )
+    .expect("rows");
+    assert_eq!(counter_value(&conn, "stored_bytes"), 4, "the assets only, as the triggers then counted");
+}
+
+#[test]
+fn a_version_2_file_without_the_embedding_bytes_triggers_gets_them_and_counts_its_embeddings_once() {
+    let dir = tempdir().expect("temp dir");
+    let path = outbox_path(&dir);
+    version_2_file_without_triggers(&path);
+    let conn = reader(&path);
+    for _ in 0..3 {
+        // Opening again neither adds the triggers twice nor counts the embeddings twice.
+        Outbox::open(OutboxConfig::new(&path)).expect("open").close();
+        assert_eq!(embedding_triggers(&conn), ALL_EMBEDDING_TRIGGERS);
+        assert_eq!(counter_value(&conn, "stored_bytes"), 4 + 2 * 400);
+        assert_eq!(counter_value(&conn, "dead_letter_bytes"), 80);
+    }
+    // From now on the triggers keep them.
+    conn.execute_batch("DELETE FROM items WHERE upload_group = 'a'; DELETE FROM dead_letters").expect("delete");
+    assert_eq!(counter_value(&conn, "stored_bytes"), 4 + 400 - 1, "h2's asset went with its dead letter");
+    assert_eq!(counter_value(&conn, "dead_letter_bytes"), 0);
+}
+
 #[test]
 fn a_file_that_is_not_sqlite_is_refused_naming_it() {
     let dir = tempdir().expect("temp dir");

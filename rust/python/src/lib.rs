@@ -243,6 +243,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         migrations.set_item(from, columns.to_vec())?;
     }
     m.add("OUTBOX_MIGRATIONS", migrations)?;
+    // [(trigger, create, once), ...]: what opening a current file adds when it lacks it.
+    m.add("OUTBOX_UPGRADES", triton_al_outbox::UPGRADES.to_vec())?;
     m.add("PARALLEL_MIN_ELEMENTS", kernels::PARALLEL_MIN_ELEMENTS)?;
     Ok(())
 }
