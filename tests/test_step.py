@@ -349,7 +349,14 @@ def test_an_embedding_with_nan_or_inf_is_left_out_the_item_still_stored_and_the_
         (result,) = step.process([RequestInputs(outputs, np.array([png(1), png(2), png(3)], dtype=object), embedding=embedding)])
     assert result.flagged.all() and step.counts.stored == 3 and step.counts.outbox_errors == 0
     assert step.counts.invalid_embeddings == 2
-    assert "2 flagged items stored without their embedding: EMB held NaN or Inf" in caplog.text
+    assert "2 flagged items stored without their embedding: EMB held NaN or Inf (request 0, item 0; request 0, item 1)" in caplog.text
+    assert caplog.text.count("NaN or Inf") == 1  # one line per batch
+    caplog.clear()
+    good = RequestInputs(outputs[:1], np.array([png(4)], dtype=object), embedding=embedding[2:])
+    bad = RequestInputs(outputs[:1], np.array([png(5)], dtype=object), embedding=embedding[:1])
+    with caplog.at_level("WARNING", logger="triton_al.step"):
+        step.process([good, bad])
+    assert "1 flagged items stored without their embedding: EMB held NaN or Inf (request 1, item 0)" in caplog.text
     with Outbox(tmp_path / "o.db") as o:
         stored = {i.content_hash: i.embedding for i in o.due(10)}
     assert stored[content_hash(png(1))] is None and stored[content_hash(png(2))] is None

@@ -6,9 +6,11 @@ leaves the item stored without one; nothing of an unflagged item is stored."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
-from triton_helpers import grpcclient
+from triton_helpers import grpcclient, metric_sum, triton_metrics
 
 from triton_al.attach import attach
 from triton_al.config import ActiveLearningConfig
@@ -108,9 +110,25 @@ def test_an_embedding_with_nan_leaves_the_item_stored_without_it(served):
     assert rows[keys[1]].embedding is None and rows[keys[1]].reason == "uncertain"
     for j in (0, 2):
         np.testing.assert_array_equal(rows[keys[j]].embedding, answer["EMBEDDING"][j])
-    # The problem is reported in the server's log (whichever step).
-    reported = "EMBEDDING holds NaN or Inf" if served.step == "native" else "stored without their embedding: EMBEDDING held NaN or Inf"
+    # The problem is reported once in the server's log, naming the request and the item (whichever step) ...
+    if served.step == "native":
+        reported = "request 0, flagged item 1: EMBEDDING holds NaN or Inf; stored without its embedding"
+    else:
+        reported = "1 flagged items stored without their embedding: EMBEDDING held NaN or Inf (request 0, item 1)"
+    deadline = time.monotonic() + 10
+    while reported not in served.log_tail(400) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert served.log_tail(400).count("NaN or Inf") == 1, served.log_tail(400)
     assert reported in served.log_tail(400)
+    # ... and counted in Triton's /metrics (flushed once a second).
+    deadline = time.monotonic() + 10
+    while invalid_embeddings(served) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert invalid_embeddings(served) == 1
+
+
+def invalid_embeddings(server) -> float:
+    return metric_sum(triton_metrics(server), "triton_al_invalid_embeddings_total", model="embedder_active_learning")
 
 
 def test_an_embedding_input_that_is_not_an_input_fails_the_load_naming_it(served):

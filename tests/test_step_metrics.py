@@ -58,6 +58,7 @@ def test_flushed_histogram_matches_the_scores_even_when_batches_pile_up(metrics)
         all_scores.append(scores)
         all_codes.append(codes)
     metrics.error(2)
+    metrics.invalid_embedding(3)
     metrics.flush()
     scores, codes = np.concatenate(all_scores), np.concatenate(all_codes)
     finite = scores[np.isfinite(scores)]
@@ -71,5 +72,6 @@ def test_flushed_histogram_matches_the_scores_even_when_batches_pile_up(metrics)
         if reason:
             assert value("triton_al_items_flagged_total", reason=reason) == np.count_nonzero(codes == code)
     assert value("triton_al_outbox_errors_total") == 2
+    assert value("triton_al_invalid_embeddings_total") == 3
     metrics.flush()  # nothing new: nothing changes
     assert value("triton_al_items_scored_total") == len(scores)

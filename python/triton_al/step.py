@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,9 @@ class ActiveLearningStep:
         base = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(8), "little")
         self._seeds = (hash((base, os.getpid(), i)) & (2**63 - 1) for i in itertools.count())
         self.counts = StepCounts()
+        # Where the step's warnings about a batch go: this module's log; the served step sends
+        # them to Triton's log instead (the Python backend's stub does not forward `logging`).
+        self.warn: Callable[[str], None] = log.warning
 
     def _check(self, request: RequestInputs) -> None:
         x = request.outputs
@@ -196,15 +199,16 @@ class ActiveLearningStep:
             raise RequestError(f"{name}: expected shape [{scores.shape[0]}, D] (one embedding of D values, 1 <= D <= "
                                f"{EMBEDDING_MAX_DIMS}, per item of {self.settings.scores_input}), got {shape}")
 
-    def _embedding_of(self, request: RequestInputs, j: int) -> np.ndarray | None:
-        """Item j's embedding to store: None without one, or (counted) when it holds NaN or
-        Inf: the item is stored without it."""
+    def _embedding_of(self, request: RequestInputs, r: int, j: int, invalid: list[str]) -> np.ndarray | None:
+        """Item j's embedding to store: None without one, or (counted, and named in `invalid`
+        as request r, item j) when it holds NaN or Inf: the item is stored without it."""
         if request.embedding is None:
             return None
         row = request.embedding[j]
         if np.isfinite(row).all():
             return row
         self.counts.invalid_embeddings += 1
+        invalid.append(f"request {r}, item {j}")
         return None
 
     def process(self, requests: Sequence[RequestInputs]) -> list[Evaluation | Exception]:
@@ -256,10 +260,10 @@ class ActiveLearningStep:
 
     def _store(self, requests: Sequence[RequestInputs], results: list[Evaluation | Exception]) -> None:
         items = []
-        invalid_embeddings = self.counts.invalid_embeddings
+        invalid_embeddings: list[str] = []  # "request r, item j" of each flagged item stored without it
         cfg = self.config
         layout = getattr(cfg.task_options, "layout", "nchw")
-        for request, result in zip(requests, results):
+        for r, (request, result) in enumerate(zip(requests, results)):
             if not isinstance(result, Evaluation):
                 continue
             self.counts.scored += len(result)
@@ -294,12 +298,13 @@ class ActiveLearningStep:
                         threshold=cfg.threshold,
                         reason=reason,
                         upload_groups=list(cfg.upload_groups),
-                        embedding=self._embedding_of(request, j),
+                        embedding=self._embedding_of(request, r, int(j), invalid_embeddings),
                     )
                 )
-        if self.counts.invalid_embeddings > invalid_embeddings:
-            log.warning("active_learning: %d flagged items stored without their embedding: %s held NaN or Inf",
-                        self.counts.invalid_embeddings - invalid_embeddings, self.settings.embedding_input or "embedding")
+        if invalid_embeddings:  # the one log line for it (the served step only counts it in its metrics)
+            shown = "; ".join(invalid_embeddings[:4]) + ("; ..." if len(invalid_embeddings) > 4 else "")
+            self.warn(f"active_learning: {len(invalid_embeddings)} flagged items stored without their embedding: "
+                      f"{self.settings.embedding_input or 'embedding'} held NaN or Inf ({shown})")
         if not items:
             return
         try:

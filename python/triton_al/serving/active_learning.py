@@ -63,6 +63,7 @@ class _Metrics:
         self._lock = threading.Lock()
         self._batches: list[tuple[np.ndarray, np.ndarray]] = []
         self._errors = 0
+        self._invalid_embeddings = 0
         if not self.enabled:
             return
         family = pb_utils.MetricFamily
@@ -75,14 +76,16 @@ class _Metrics:
             counter("triton_al_items_scored_total", "Items scored by the active_learning step"),
             counter("triton_al_items_flagged_total", "Items flagged, by reason"),
             counter("triton_al_outbox_errors_total", "Flagged items the outbox could not take"),
+            counter("triton_al_invalid_embeddings_total", "Flagged items stored without their embedding because it held NaN or Inf"),
             counter("triton_al_score_bucket", "Scores (confidence in [0, 1]) at or below le, cumulative"),
             counter("triton_al_score_count", "Scores observed"),
             counter("triton_al_score_sum", "Sum of the scores observed"),
         ]
-        scored, flagged, errors, bucket, count, total = self._families
+        scored, flagged, errors, invalid_embeddings, bucket, count, total = self._families
         self.scored = scored.Metric(labels=labels)
         self.flagged = {r: flagged.Metric(labels={**labels, "reason": r}) for r in REASONS if r}
         self.errors = errors.Metric(labels=labels)
+        self.invalid_embeddings = invalid_embeddings.Metric(labels=labels)
         self.buckets = [bucket.Metric(labels={**labels, "le": f"{b:g}"}) for b in SCORE_BUCKETS] + [
             bucket.Metric(labels={**labels, "le": "+Inf"})]
         self.count = count.Metric(labels=labels)
@@ -107,6 +110,10 @@ class _Metrics:
         with self._lock:
             self._errors += n
 
+    def invalid_embedding(self, n: int) -> None:
+        with self._lock:
+            self._invalid_embeddings += n
+
     def _run(self) -> None:
         while not self._stop.wait(self.FLUSH_S):
             self.flush()
@@ -117,6 +124,7 @@ class _Metrics:
         with self._lock:
             batches, self._batches = self._batches, []
             errors, self._errors = self._errors, 0
+            invalid_embeddings, self._invalid_embeddings = self._invalid_embeddings, 0
         if batches:
             scores, codes = _merged(batches)
             finite = scores[np.isfinite(scores)]
@@ -133,6 +141,8 @@ class _Metrics:
                     self.flagged[REASONS[code]].increment(float(n))
         if errors:
             self.errors.increment(float(errors))
+        if invalid_embeddings:
+            self.invalid_embeddings.increment(float(invalid_embeddings))
 
     def close(self) -> None:
         if self.enabled:
@@ -237,6 +247,7 @@ class TritonPythonModel:
         self._last_errors = 0
         self._last_invalid_embeddings = 0
         self.log = pb_utils.Logger
+        self.step.warn = self.log.log_warn  # the step's warnings in Triton's log, once
         s = self.settings.active_learning
         self.log.log_info(
             f"active_learning ready: strategy={s.strategy} threshold={s.threshold} groups={s.upload_groups} "
@@ -321,10 +332,9 @@ class TritonPythonModel:
             self.metrics.error(errors - self._last_errors)
             self.log.log_error(f"active_learning: {errors - self._last_errors} flagged items could not be stored")
             self._last_errors = errors
-        invalid = self.step.counts.invalid_embeddings
+        invalid = self.step.counts.invalid_embeddings  # logged by the step (`self.step.warn`)
         if invalid != self._last_invalid_embeddings:
-            self.log.log_warn(f"active_learning: {invalid - self._last_invalid_embeddings} flagged items stored without "
-                              f"their embedding: {self.settings.embedding_input} held NaN or Inf")
+            self.metrics.invalid_embedding(invalid - self._last_invalid_embeddings)
             self._last_invalid_embeddings = invalid
         return responses
 

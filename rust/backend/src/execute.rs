@@ -103,6 +103,7 @@ pub fn execute(instance: Instance, state: &ModelState, requests: Vec<Request>) {
     let compute_start = now_ns();
     let processed = state.step.process(&step_requests);
     let mut outbox_errors = processed.report.outbox_errors;
+    let invalid_embeddings = processed.report.invalid_embeddings;
     if state.outbox_missing() {
         outbox_errors += processed.report.flagged[1..].iter().sum::<u64>();
     }
@@ -159,6 +160,9 @@ pub fn execute(instance: Instance, state: &ModelState, requests: Vec<Request>) {
     if let Some(m) = &state.metrics {
         if outbox_errors > 0 {
             m.outbox_errors(outbox_errors);
+        }
+        if invalid_embeddings > 0 {
+            m.invalid_embeddings(invalid_embeddings);
         }
     }
     if total_batch > 0 {

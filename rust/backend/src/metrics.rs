@@ -1,6 +1,7 @@
 //! The step's custom metrics in Triton's own /metrics, with the names the Python step uses:
 //! `triton_al_items_scored_total`, `triton_al_items_flagged_total{reason}`,
-//! `triton_al_outbox_errors_total`, and the score distribution as cumulative
+//! `triton_al_outbox_errors_total`, `triton_al_invalid_embeddings_total`, and the score
+//! distribution as cumulative
 //! `triton_al_score_bucket{le}` counters (0.01 wide), `_count` and `_sum`.
 //!
 //! Requests only add to plain counters under a short lock; a thread hands the deltas to
@@ -24,6 +25,7 @@ struct Pending {
     scored: u64,
     flagged: [u64; 4],
     outbox_errors: u64,
+    invalid_embeddings: u64,
     /// Scores per bucket, not cumulative: index i holds (bound[i-1], bound[i]], the last one > 1.
     bins: Vec<u64>,
     finite: u64,
@@ -34,6 +36,7 @@ struct Families {
     scored: MetricFamily,
     flagged: MetricFamily,
     errors: MetricFamily,
+    invalid_embeddings: MetricFamily,
     bucket: MetricFamily,
     count: MetricFamily,
     sum: MetricFamily,
@@ -47,6 +50,10 @@ fn families() -> Result<&'static Families, String> {
                 scored: MetricFamily::counter("triton_al_items_scored_total", "Items scored by the active_learning step")?,
                 flagged: MetricFamily::counter("triton_al_items_flagged_total", "Items flagged, by reason")?,
                 errors: MetricFamily::counter("triton_al_outbox_errors_total", "Flagged items the outbox could not take")?,
+                invalid_embeddings: MetricFamily::counter(
+                    "triton_al_invalid_embeddings_total",
+                    "Flagged items stored without their embedding because it held NaN or Inf",
+                )?,
                 bucket: MetricFamily::counter("triton_al_score_bucket", "Scores (confidence in [0, 1]) at or below le, cumulative")?,
                 count: MetricFamily::counter("triton_al_score_count", "Scores observed")?,
                 sum: MetricFamily::counter("triton_al_score_sum", "Sum of the scores observed")?,
@@ -60,6 +67,7 @@ struct Exported {
     scored: Metric,
     flagged: Vec<Metric>,
     errors: Metric,
+    invalid_embeddings: Metric,
     buckets: Vec<Metric>,
     count: Metric,
     sum: Metric,
@@ -78,6 +86,7 @@ impl Exported {
             scored: f.scored.metric(&labels)?,
             flagged: REASONS[1..].iter().map(|r| f.flagged.metric(&[("model", model), ("reason", r)])).collect::<Result<_, _>>()?,
             errors: f.errors.metric(&labels)?,
+            invalid_embeddings: f.invalid_embeddings.metric(&labels)?,
             buckets,
             count: f.count.metric(&labels)?,
             sum: f.sum.metric(&labels)?,
@@ -95,6 +104,9 @@ impl Exported {
         }
         if p.outbox_errors > 0 {
             self.errors.increment(p.outbox_errors as f64)?;
+        }
+        if p.invalid_embeddings > 0 {
+            self.invalid_embeddings.increment(p.invalid_embeddings as f64)?;
         }
         if p.finite > 0 {
             let mut cumulative = 0;
@@ -159,6 +171,12 @@ impl StepMetrics {
     pub fn outbox_errors(&self, n: u64) {
         if let Ok(mut guard) = self.shared.pending.lock() {
             guard.0.outbox_errors += n;
+        }
+    }
+
+    pub fn invalid_embeddings(&self, n: u64) {
+        if let Ok(mut guard) = self.shared.pending.lock() {
+            guard.0.invalid_embeddings += n;
         }
     }
 }

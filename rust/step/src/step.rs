@@ -69,7 +69,8 @@ pub struct BatchReport {
     pub outbox_errors: u64,
     /// Flagged items handed to the outbox without their embedding, because it held NaN or Inf.
     pub invalid_embeddings: u64,
-    /// The first problems met, for the log.
+    /// The first problems met, for the log. An item is named by its request (the position in
+    /// the requests given to `process`) and its position in that request.
     pub problems: Vec<String>,
 }
 
@@ -251,8 +252,9 @@ impl Step {
     }
 
     /// Item `j`'s embedding to store (a copy of its row): None without one, or when it holds
-    /// NaN or Inf (counted and reported: the item is stored without it).
-    fn embedding_of(&self, request: &StepRequest<'_>, j: usize, report: &mut BatchReport) -> Option<Vec<f32>> {
+    /// NaN or Inf (counted and reported: the item is stored without it). The copy is finite,
+    /// so the outbox does not check it again.
+    fn embedding_of(&self, request: &StepRequest<'_>, r: usize, j: usize, report: &mut BatchReport) -> Option<Vec<f32>> {
         let embedding = request.embedding.as_ref()?;
         let d = embedding.shape.get(1).copied().unwrap_or(0);
         let row = embedding.values.get(j * d..(j + 1) * d)?;
@@ -262,13 +264,20 @@ impl Step {
         report.invalid_embeddings += 1;
         if report.problems.len() < 4 {
             let name = self.settings.embedding_input.as_deref().unwrap_or("embedding");
-            report.problems.push(format!("flagged item {j}: {name} holds NaN or Inf; stored without its embedding"));
+            report.problems.push(format!("request {r}, flagged item {j}: {name} holds NaN or Inf; stored without its embedding"));
         }
         None
     }
 
     /// The outbox items for one request's flagged items (the asset copied only for them).
-    fn flagged_items(&self, request: &StepRequest<'_>, evaluation: &Evaluation, report: &mut BatchReport, items: &mut Vec<NewItem>) {
+    fn flagged_items(
+        &self,
+        request: &StepRequest<'_>,
+        r: usize,
+        evaluation: &Evaluation,
+        report: &mut BatchReport,
+        items: &mut Vec<NewItem>,
+    ) {
         let s = &self.settings;
         let Some(assets) = request.assets else { return };
         let dims = &request.scores.shape[1..];
@@ -282,7 +291,7 @@ impl Step {
                 Err(e) => {
                     report.outbox_errors += 1;
                     if report.problems.len() < 4 {
-                        report.problems.push(format!("flagged item {j}: unusable asset, not stored: {e}"));
+                        report.problems.push(format!("request {r}, flagged item {j}: unusable asset, not stored: {e}"));
                     }
                     continue;
                 }
@@ -301,7 +310,7 @@ impl Step {
                 threshold: s.threshold,
                 reason: REASONS[reason as usize].to_string(),
                 upload_groups: self.groups.clone(),
-                embedding: self.embedding_of(request, j, report),
+                embedding: self.embedding_of(request, r, j, report),
             });
         }
     }
@@ -312,7 +321,7 @@ impl Step {
         let mut report = BatchReport::default();
         let mut items = Vec::new();
         let mut results = Vec::with_capacity(requests.len());
-        for request in requests {
+        for (r, request) in requests.iter().enumerate() {
             let evaluation = self.evaluate(&request.scores, self.next_seed()).and_then(|e| match request.assets {
                 Some(a) if a.len() != e.scores.len() => Err(format!(
                     "{}: {} assets for {} items of {}",
@@ -338,7 +347,7 @@ impl Step {
                     report.flagged[r as usize] += 1;
                 }
                 if self.outbox.is_some() {
-                    self.flagged_items(request, e, &mut report, &mut items);
+                    self.flagged_items(request, r, e, &mut report, &mut items);
                 }
             }
             results.push(evaluation);
@@ -483,11 +492,11 @@ mod tests {
         assert_eq!(evaluation.reasons.iter().map(|&r| r != 0).collect::<Vec<_>>(), [true, false, true, true]);
         let mut report = BatchReport::default();
         let mut items = Vec::new();
-        step.flagged_items(&request, &evaluation, &mut report, &mut items);
+        step.flagged_items(&request, 3, &evaluation, &mut report, &mut items);
         let stored: Vec<Option<Vec<f32>>> = items.into_iter().map(|item| item.embedding).collect();
         assert_eq!(stored, [Some(vec![1.0, 2.0]), None, Some(vec![7.0, 8.0])]);
         assert_eq!(report.invalid_embeddings, 1);
-        assert_eq!(report.problems, ["flagged item 2: EMB holds NaN or Inf; stored without its embedding"]);
+        assert_eq!(report.problems, ["request 3, flagged item 2: EMB holds NaN or Inf; stored without its embedding"]);
         assert_eq!(report.outbox_errors, 0);
     }
 
