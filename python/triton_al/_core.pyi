@@ -10,6 +10,17 @@ Task = Literal["classification", "multilabel", "detection", "segmentation"]
 
 PARALLEL_MIN_ELEMENTS: int
 
+# The outbox (rust/outbox): its schema and how opening brings older files up to date.
+OUTBOX_SCHEMA: str
+OUTBOX_SCHEMA_VERSION: int
+OUTBOX_PAGE_SIZE: int
+OUTBOX_MAX_EMBEDDING_DIMS: int
+"""The longest embedding an outbox item may carry (values)."""
+OUTBOX_MIGRATIONS: dict[int, list[tuple[str, str]]]
+"""{version: [(table, column definition) added to reach the next version]}."""
+OUTBOX_UPGRADES: list[tuple[str, str, str]]
+"""[(trigger whose absence says the upgrade is missing, statements creating it, statements run once after)]."""
+
 def score(
     outputs: npt.ArrayLike,
     *,
