@@ -64,8 +64,8 @@ class OutboxCollector(Collector):
             if key.startswith(NEAR_DUPLICATES_PREFIX):
                 near.add_metric([key[len(NEAR_DUPLICATES_PREFIX):]], value)
         yield near
-        yield GaugeMetricFamily("triton_al_outbox_bytes", "Asset bytes of queued items (what the outbox's max_bytes bounds)", value=counters.get("stored_bytes", 0))
-        yield GaugeMetricFamily("triton_al_uploader_dead_letter_bytes", "Asset bytes held by dead letters only", value=counters.get("dead_letter_bytes", 0))
+        yield GaugeMetricFamily("triton_al_outbox_bytes", "Bytes of queued items: assets once, plus their embeddings (what the outbox's max_bytes bounds)", value=counters.get("stored_bytes", 0))
+        yield GaugeMetricFamily("triton_al_uploader_dead_letter_bytes", "Bytes held by dead letters only (assets and embeddings)", value=counters.get("dead_letter_bytes", 0))
         queued = GaugeMetricFamily("triton_al_uploader_queued", "Items waiting for upload", labels=["group"])
         dead = GaugeMetricFamily("triton_al_uploader_dead_letters", "Items in the dead letters", labels=["group"])
         age = GaugeMetricFamily("triton_al_uploader_oldest_item_age_seconds", "Age of the oldest queued item", labels=["group"])
