@@ -27,7 +27,8 @@ from triton_al.uploader.near_duplicates_share import Event, SharedEntries, encod
 from triton_al.uploader.worker import Backoff, Uploader
 
 redis = pytest.importorskip("redis", reason="the fleet extra (redis) is not installed")
-from test_fleet import RedisServer  # noqa: E402 - after the importorskip
+from test_fleet import ledger_server  # noqa: E402,F401 - after the importorskip; ledger_server is a fixture
+from test_near_duplicates_embedding import at_distance, unit  # noqa: E402
 
 GROUP = "active-learning"
 D = 64
@@ -37,28 +38,6 @@ D = 64
 def fashion() -> np.ndarray:
     images, _ = load("test")
     return images
-
-
-@pytest.fixture
-def ledger_server(tmp_path):
-    server = RedisServer(tmp_path / "redis")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def unit(x) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return (x / np.linalg.norm(x)).astype(np.float32)
-
-
-def at_distance(e: np.ndarray, d: float, seed: int) -> np.ndarray:
-    """A unit vector at cosine distance d (1 - cos) from unit vector e."""
-    r = np.random.default_rng(seed).standard_normal(len(e))
-    r -= (r @ e) * e
-    r /= np.linalg.norm(r)
-    return unit((1 - d) * e + np.sqrt(1 - (1 - d) ** 2) * r)
 
 
 def queued(i: int, asset: bytes, *, media_type: str = "image/png", embedding=None, version: str = "1",
