@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from triton_helpers import grpcclient, metric_sum, triton_metrics
+from triton_helpers import direct_step_config, grpcclient, metric_sum, triton_metrics
 
 from triton_al.attach import attach
 from triton_al.config import ActiveLearningConfig
@@ -148,14 +148,7 @@ def direct_config(name: str, step: str, outbox, embedding_type: str) -> str:
     """A step model called directly (no ensemble), so a client can send any embedding."""
     params = {"model_name": "m", "model_version": "1", "threshold": "0.5", "upload_groups": name, "outbox_path": str(outbox),
               "scores_input": "PROBS", "asset_input": "IMAGE", "embedding_input": "EMB"}
-    return (
-        f'name: "{name}"\nbackend: "{"active_learning" if step == "native" else "python"}"\nmax_batch_size: 4\n'
-        'input [ { name: "PROBS" data_type: TYPE_FP32 dims: [ 2 ] },\n'
-        f'        {{ name: "EMB" data_type: TYPE_{embedding_type} dims: [ -1 ] optional: true }},\n'
-        '        { name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] optional: true } ]\n'
-        'output [ { name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] }, { name: "FLAGGED" data_type: TYPE_BOOL dims: [ 1 ] } ]\n'
-        + "".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n' for k, v in params.items())
-    )
+    return direct_step_config(name, step, params, "2", f'{{ name: "EMB" data_type: TYPE_{embedding_type} dims: [ -1 ] optional: true }}')
 
 
 @pytest.mark.parametrize("step", ["native", "python"])

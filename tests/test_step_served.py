@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from triton_helpers import grpcclient
+from triton_helpers import direct_step_config, grpcclient
 from tritonclient.utils import InferenceServerException
 
 import triton_al
@@ -411,14 +411,7 @@ def detection_config(name: str, step: str, outbox: Path, boxes_type: str = "FP32
     params = {"model_name": "detector", "model_version": "1", "threshold": "0.5", "task": "detection",
               "upload_groups": name, "outbox_path": str(outbox), "scores_input": "PROBS", "asset_input": "IMAGE",
               "boxes_input": "BOXES"}
-    return (
-        f'name: "{name}"\nbackend: "{"active_learning" if step == "native" else "python"}"\nmax_batch_size: 4\n'
-        'input [ { name: "PROBS" data_type: TYPE_FP32 dims: [ 3, 2 ] },\n'
-        f'        {{ name: "BOXES" data_type: TYPE_{boxes_type} dims: [ -1, -1 ] optional: true }},\n'
-        '        { name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] optional: true } ]\n'
-        'output [ { name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] }, { name: "FLAGGED" data_type: TYPE_BOOL dims: [ 1 ] } ]\n'
-        + "".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n' for k, v in params.items())
-    )
+    return direct_step_config(name, step, params, "3, 2", f'{{ name: "BOXES" data_type: TYPE_{boxes_type} dims: [ -1, -1 ] optional: true }}')
 
 
 @pytest.mark.parametrize("step", ["native", "python"])

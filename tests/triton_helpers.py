@@ -60,3 +60,17 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def direct_step_config(name: str, step: str, params: dict[str, str], scores_dims: str, extra_input: str) -> str:
+    """The config of a step model called directly (no ensemble), native or Python: inputs PROBS
+    (`scores_dims`), `extra_input` (a tensor declaration, e.g. flexible and optional, so a client
+    can send a bad one) and an optional IMAGE; outputs SCORE and FLAGGED; `params` as parameters."""
+    return (
+        f'name: "{name}"\nbackend: "{"active_learning" if step == "native" else "python"}"\nmax_batch_size: 4\n'
+        f'input [ {{ name: "PROBS" data_type: TYPE_FP32 dims: [ {scores_dims} ] }},\n'
+        f'        {extra_input},\n'
+        '        { name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] optional: true } ]\n'
+        'output [ { name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] }, { name: "FLAGGED" data_type: TYPE_BOOL dims: [ 1 ] } ]\n'
+        + "".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n' for k, v in params.items())
+    )
