@@ -34,8 +34,8 @@ def test_the_committed_model_has_the_served_interface_and_its_recorded_accuracy(
     (inp,), (out, *more) = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.shape[1:], inp.type) == ("image", [1, 28, 28], "tensor(float)")
     assert (out.name, out.shape[1:]) == ("probs", [10])
-    # `embedding` [N, 64] after `probs`, as `export_onnx` writes it (the file may predate it)
-    assert [(o.name, o.shape[1:], o.type) for o in more] in ([], [("embedding", [64], "tensor(float)")])
+    # `embedding` [N, 64] after `probs`, as `export_onnx` writes it (config.pbtxt declares it)
+    assert [(o.name, o.shape[1:], o.type) for o in more] == [("embedding", [64], "tensor(float)")]
     images, labels = load("test")
     probs = onnx_probs(MODEL, images)
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)

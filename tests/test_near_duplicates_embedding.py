@@ -347,8 +347,6 @@ def test_the_bound_prunes_most_rows_of_a_real_model_s_embeddings():
 
     model = Path(__file__).resolve().parents[1] / "model_repository" / "fashion_cnn" / "1" / "model.onnx"
     session = ort.InferenceSession(str(model))
-    if "embedding" not in [o.name for o in session.get_outputs()]:
-        pytest.skip("the committed model has no embedding output")
     images, _ = load("test")
     e = session.run(["embedding"], {"image": to_model_input(images[:8000])})[0]
     rows = (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
