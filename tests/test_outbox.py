@@ -487,6 +487,7 @@ def test_embeddings_round_trip_as_float32_through_every_query(outbox):
     candidates = outbox.selection_candidates("active-learning", 10, with_embeddings=True)
     assert {c[2]: None if c[4] is None else c[4].tolist() for c in candidates} == {
         h: None if e is None else e.tolist() for h, e in expected.items() if h != content_hash(png(1))}
+    assert {c[5] for c in candidates} == {f"{i.model_name}/{i.model_version}" for i in due}
     assert all(len(c) == 4 for c in outbox.selection_candidates("a", 10))  # unchanged without with_embeddings
     # The byte cap counts the assets once and every row's embedding (png(1)'s twice: two groups).
     assert outbox.counters()["stored_bytes"] == sum(len(png(s)) for s in (1, 2, 3, 4)) + 4 * (2 * 4096 + 3 + 4)

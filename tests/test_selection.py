@@ -357,19 +357,25 @@ def test_diverse_clusters_the_embeddings_when_the_items_have_them_not_the_thumbn
         assert sel.last_basis == "embeddings of fashion_cnn/1 [16]"
         assert sorted(group[[i - ids[0] for i in got]]) == [0, 1, 2, 3], group[[i - ids[0] for i in got]]
         assert group[got[0] - ids[0]] == 0  # the most uncertain group first
-        assert reads == [len(rows)]
+        assert reads == []  # the embeddings come with the candidates: no asset is read
         uncertain = Selector("uncertainty").select(o, GROUP, 4, 4, now=1e12)
         assert set(group[[i - ids[0] for i in uncertain]]) == {0}
         o.mark_delivered(got[:2], now=1e12)
-        sel._plans.clear()  # plan again: the features come from the cache, nothing is read
-        assert len(sel.select(o, GROUP, 4, 4, now=1e12)) == 4 and reads == [len(rows)]
+        sel._plans.clear()  # plan again
+        assert len(sel.select(o, GROUP, 4, 4, now=1e12)) == 4 and reads == []
     # The same items without embeddings: the thumbnails (all equal) cannot tell the groups apart.
     with Outbox(tmp_path / "plain.db") as o:
         o.append_many([item(i, asset=a, score=float(s)) for i, (a, s) in enumerate(zip(assets, scores))])
         plain_ids = sorted(c[0] for c in o.selection_candidates(GROUP, 100, with_assets=False))
+        reads = []
+        queued_items = o.queued_items
+        o.queued_items = lambda wanted: reads.append(len(wanted)) or queued_items(wanted)
         sel = Selector("diverse")
         plain = sel.select(o, GROUP, 4, 4, now=1e12)
-        assert sel.last_basis == "thumbnails"
+        assert sel.last_basis == "thumbnails" and reads == [len(rows)]  # each asset read once
+        sel._plans.clear()
+        sel.select(o, GROUP, 4, 4, now=1e12)
+        assert reads == [len(rows)]  # planning again: the thumbnails come from the cache
         assert len(set(group[[i - plain_ids[0] for i in plain]])) < 4
 
 
@@ -404,17 +410,17 @@ def test_embeddings_of_one_model_version_are_clustered_the_rest_go_after(tmp_pat
         assert sel.last_basis == "embeddings of fashion_cnn/2 [16]"
 
 
-def test_a_pool_larger_than_the_cache_still_uses_every_candidates_embedding(tmp_path, fashion):
-    """The feature cache holds at least a pool's worth: features read for one plan are not
-    evicted before they are used (they would be taken for items without an embedding)."""
+def test_a_pool_larger_than_the_cache_still_uses_every_candidates_thumbnail(tmp_path, fashion):
+    """The thumbnail cache holds at least a pool's worth: a plan over more candidates than
+    the cache was asked to hold still sees every candidate's thumbnail, and planning again
+    reads nothing."""
     images, _ = fashion
-    rows, group = embedding_groups(3, 10)
-    assets = same_pixels(images[0], len(rows))
     with Outbox(tmp_path / "o.db") as o:
-        o.append_many([embedded(i, a, 0.2, e) for i, (a, e) in enumerate(zip(assets, rows))])
-        ids = sorted(c[0] for c in o.selection_candidates(GROUP, 100, with_assets=False))
-        sel = Selector("diverse", pool=len(rows), cache_size=5)
-        feats = sel.features(o, o.selection_candidates(GROUP, 100, with_assets=False))
-        assert sum(f is not None for f in feats) == len(rows)
-        got = [i - ids[0] for i in sel.select(o, GROUP, 3, 3, now=1e12)]
-        assert sorted(group[got]) == [0, 1, 2]
+        o.append_many([item(i, asset=encode_png(images[i]), score=0.2) for i in range(30)])
+        sel = Selector("diverse", pool=30, cache_size=5)
+        cands = o.selection_candidates(GROUP, 100, with_assets=False, with_embeddings=True)
+        assert sum(f is not None for f in sel.features(o, cands)) == 30
+        reads = []
+        queued_items = o.queued_items
+        o.queued_items = lambda wanted: reads.append(len(wanted)) or queued_items(wanted)
+        assert sum(f is not None for f in sel.features(o, cands)) == 30 and reads == []

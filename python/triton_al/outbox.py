@@ -681,11 +681,12 @@ class Outbox:
         """The due items of one group (not paused) as (id, score, content hash, asset or None),
         the `limit` lowest scores first (no score last, then the oldest): the candidates
         `--selection` chooses among when the group's budget binds. With `with_embeddings`,
-        each tuple has a fifth element: the item's embedding (float32 1-D) or None."""
+        each tuple has two more: the item's embedding (float32 1-D) or None, and the model
+        that computed it as "name/version" (embeddings of different models do not compare)."""
         now = time.time() if now is None else now
         where, params = self._due_where(now, (), ignore_backoff, max_delay_s)
         data = "a.data" if with_assets else "NULL"
-        embedding = "i.embedding" if with_embeddings else "NULL"
+        embedding = "i.embedding, i.model_name || '/' || i.model_version" if with_embeddings else "NULL, NULL"
         with self._transaction(write=False) as conn:
             rows = conn.execute(
                 f"SELECT i.id, i.score, i.content_hash, {data}, {embedding} FROM items i JOIN assets a USING (content_hash) "
@@ -693,7 +694,8 @@ class Outbox:
                 [group, *params, int(limit)],
             ).fetchall()
         if with_embeddings:
-            return [(r[0], _score_out(r[1]), r[2], None if r[3] is None else bytes(r[3]), _embedding_out(r[4])) for r in rows]
+            return [(r[0], _score_out(r[1]), r[2], None if r[3] is None else bytes(r[3]), _embedding_out(r[4]), r[5])
+                    for r in rows]
         return [(r[0], _score_out(r[1]), r[2], None if r[3] is None else bytes(r[3])) for r in rows]
 
     def queued_items(self, ids: Sequence[int]) -> list[QueuedItem]:

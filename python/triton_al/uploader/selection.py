@@ -45,6 +45,8 @@ from typing import Sequence
 
 import numpy as np
 
+from triton_al import _core
+
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("fifo", "uncertainty", "diverse")
@@ -238,18 +240,17 @@ def choose(strategy: str, scores: Sequence[float], assets: Sequence[bytes] | Non
     return picked
 
 
-def _embedding(item) -> np.ndarray | None:
-    """An item's embedding as float32 when it can be a feature row (1-D, 1 to 4096 finite
+def _usable(embedding, item_id) -> np.ndarray | None:
+    """An embedding as float32 when it can be a feature row (1-D, 1 to MAX_EMBEDDING_DIMS finite
     values, not all zero), else None."""
-    e = getattr(item, "embedding", None)
-    if e is None:
+    if embedding is None:
         return None
     try:
-        x = np.asarray(e, dtype=np.float32)
+        x = np.asarray(embedding, dtype=np.float32)
     except (TypeError, ValueError):
         return None
-    if x.ndim != 1 or not 1 <= x.size <= 4096 or not np.isfinite(x).all() or not np.any(x):
-        log.debug("selection: the embedding of item %s is not usable (shape %s)", getattr(item, "id", "?"), list(x.shape))
+    if x.ndim != 1 or not 1 <= x.size <= _core.OUTBOX_MAX_EMBEDDING_DIMS or not np.isfinite(x).all() or not np.any(x):
+        log.debug("selection: the embedding of item %s is not usable (shape %s)", item_id, list(x.shape))
         return None
     return x
 
@@ -257,8 +258,8 @@ def _embedding(item) -> np.ndarray | None:
 @dataclass
 class Selector:
     """Asked by the uploader, for a group whose allowance is below its due items, which
-    items to send. Features are cached (bounded): thumbnails by content hash, embeddings by
-    content hash and model (name/version, dimension). `diverse` plans the
+    items to send. The items' embeddings come with the candidates (no asset is read for
+    them); thumbnails are cached by content hash (bounded). `diverse` plans the
     clusters for the group's whole budget at once and hands the plan out batch by batch
     (the simulation's round: one budget chosen at once); a new plan is made when fewer of
     its items are still due than the batch asks for. Plans live in memory (a restart
@@ -273,9 +274,7 @@ class Selector:
     last_basis: str = ""
     """What the last plan clustered: "thumbnails", or "embeddings of MODEL/VERSION [D]"."""
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
-    """content hash -> thumbnail (or None); (content hash, model, D) -> embedding."""
-    _spaces: OrderedDict = field(default_factory=OrderedDict, repr=False)
-    """item id -> (model, D) of its embedding, or None: it has none (read with the item)."""
+    """content hash -> thumbnail (or None: undecodable)."""
     _plans: dict = field(default_factory=dict, repr=False)
     """group -> ids of the current plan still to send, in sending order."""
     _budget: dict = field(default_factory=dict, repr=False)
@@ -285,65 +284,46 @@ class Selector:
         self.strategy = parse_selection(self.strategy)
         if self.pool <= 0:
             raise ValueError(f"selection pool must be positive, got {self.pool}")
-        # A plan reads up to `pool` candidates' features at once: a smaller cache would evict
-        # some of them before they are used (they would count as having none).
+        # A plan reads up to `pool` candidates' thumbnails at once: a smaller cache would only
+        # evict some before the next plan.
         self.cache_size = max(self.cache_size, self.pool)
 
     @property
     def active(self) -> bool:
         return self.strategy != "fifo"
 
-    def _remember(self, key, value) -> None:
-        self._cache[key] = value
-        self._cache.move_to_end(key)
+    def _thumbnails(self, outbox, cands: Sequence[tuple]) -> list[np.ndarray | None]:
+        """Each candidate's thumbnail (None where undecodable), cached by content hash; only
+        the assets not cached are read."""
+        missing = []
+        for c in cands:
+            if c[2] in self._cache:
+                self._cache.move_to_end(c[2])
+            else:
+                missing.append(c[0])
+        got = {c[2]: self._cache[c[2]] for c in cands if c[2] in self._cache}
+        for item in outbox.queued_items(missing) if missing else ():
+            got[item.content_hash] = self._cache[item.content_hash] = thumbnail(item.asset)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-
-    def _cached(self, cand) -> bool:
-        space = self._spaces.get(cand[0], False)
-        if space is False:
-            return False
-        key = cand[2] if space is None else (cand[2], *space)
-        if key not in self._cache:
-            return False
-        self._cache.move_to_end(key)
-        return True
-
-    def _read(self, outbox, ids: list[int]) -> None:
-        """Read these items once: their embedding (with its model) and, for those without
-        one, their thumbnail."""
-        for item in outbox.queued_items(ids):
-            e = _embedding(item)
-            if e is not None:
-                space = (f"{item.model_name}/{item.model_version}", len(e))
-                self._remember((item.content_hash, *space), e)
-            else:
-                space = None
-                if item.content_hash not in self._cache:
-                    self._remember(item.content_hash, thumbnail(item.asset))
-            self._spaces[item.id] = space
-            self._spaces.move_to_end(item.id)
-        while len(self._spaces) > self.cache_size:
-            self._spaces.popitem(last=False)
+        return [got.get(c[2]) for c in cands]
 
     def features(self, outbox, cands: Sequence[tuple]) -> list[np.ndarray | None]:
-        """The feature row of each candidate (id, score, content hash, ...) for `diverse`: the
-        embeddings of the model and dimension most candidates' are of (None for the rest),
-        or, when no candidate has an embedding, thumbnails (None where undecodable)."""
-        missing = [c[0] for c in cands if not self._cached(c)]  # only these items are read
-        if missing:
-            self._read(outbox, missing)
-        spaces = [self._spaces.get(c[0]) for c in cands]
-        counts: dict[tuple, list[int]] = {}
-        for c, space in zip(cands, spaces):
-            if space is not None and (c[2], *space) in self._cache:
-                counts.setdefault(space, []).append(c[0])
-        if counts:  # the most common; a tie: the one of the newest item (a redeploy's)
-            chosen = max(counts, key=lambda k: (len(counts[k]), max(counts[k])))
+        """The feature row of each candidate (id, score, content hash, asset, embedding, model:
+        `selection_candidates(with_embeddings=True)`) for `diverse`: the embeddings of the model
+        and dimension most candidates' are of (None for the rest; no asset is read), or, when
+        no candidate has an embedding, thumbnails (None where undecodable)."""
+        rows = [_usable(c[4], c[0]) for c in cands]
+        spaces: dict[tuple, list[int]] = {}
+        for c, e in zip(cands, rows):
+            if e is not None:
+                spaces.setdefault((c[5], len(e)), []).append(c[0])
+        if spaces:  # the most common; a tie: the one of the newest item (a redeploy's)
+            chosen = max(spaces, key=lambda k: (len(spaces[k]), max(spaces[k])))
             self.last_basis = f"embeddings of {chosen[0]} [{chosen[1]}]"
-            return [self._cache.get((c[2], *chosen)) if space == chosen else None for c, space in zip(cands, spaces)]
+            return [e if e is not None and (c[5], len(e)) == chosen else None for c, e in zip(cands, rows)]
         self.last_basis = "thumbnails"
-        return [self._cache.get(c[2]) for c in cands]
+        return self._thumbnails(outbox, cands)
 
     def select(self, outbox, group: str, allowance: int, limit: int, *, now: float,
                max_delay_s: float | None = None, ignore_backoff: bool = False) -> list[int] | None:
@@ -353,7 +333,7 @@ class Selector:
             return None
         started = time.perf_counter()
         cands = outbox.selection_candidates(group, self.pool, now=now, max_delay_s=max_delay_s,
-                                            ignore_backoff=ignore_backoff, with_assets=False)
+                                            ignore_backoff=ignore_backoff, with_assets=False, with_embeddings=True)
         if len(cands) <= allowance:
             self._plans.pop(group, None)
             return None
