@@ -23,7 +23,7 @@ from triton_al.sinks.local import LocalStore
 from triton_al.uploader.commands import sink_identity
 from triton_al.uploader.ledger import FleetGate, Ledger, owner_id
 from triton_al.uploader.near_duplicates import REMOTE_ITEM_ID, NearDuplicateIndex, index_path, seen_entries
-from triton_al.uploader.near_duplicates_share import Event, SharedEntries, encode
+from triton_al.uploader.near_duplicates_share import Event, ShareCollector, SharedEntries, encode
 from triton_al.uploader.worker import Backoff, Uploader
 
 redis = pytest.importorskip("redis", reason="the fleet extra (redis) is not installed")
@@ -272,6 +272,11 @@ def test_a_jpeg_copy_queued_on_b_of_an_image_delivered_via_a_is_not_uploaded_and
         close(a, b)
 
 
+def share_metrics(share: SharedEntries) -> dict[tuple, float]:
+    """What the uploader's /metrics says of the sharing: (sample name, labels...) -> value."""
+    return {(m.name, *m.labels.values()): m.value for family in ShareCollector(share).collect() for m in family.samples}
+
+
 def test_with_the_ledger_killed_b_keeps_uploading_alone_and_catches_up_after_its_restart(tmp_path, ledger_server, fashion, caplog):
     store = tmp_path / "store"
     # Without claims, groups without a fleet budget do not wait for the ledger: B goes on uploading.
@@ -291,6 +296,8 @@ def test_with_the_ledger_killed_b_keeps_uploading_alone_and_catches_up_after_its
             for _ in range(3):
                 drain(b)
         assert a.near_duplicates.share.pending and not b.near_duplicates.share.up
+        assert share_metrics(b.near_duplicates.share)[("triton_al_uploader_near_duplicate_share_up",)] == 0
+        assert share_metrics(a.near_duplicates.share)[("triton_al_uploader_near_duplicate_share_waiting",)] == 1
         assert content_hash(encode_png(fashion[3])) in stored(store), "B uploads with its local index"
         assert b.outbox.counters()[f"near_duplicates/{GROUP}"] == 2, "its own near-copy and A's (read before the outage)"
         logged = [r.getMessage() for r in caplog.records if "near-duplicate sharing" in r.getMessage()]
@@ -303,6 +310,11 @@ def test_with_the_ledger_killed_b_keeps_uploading_alone_and_catches_up_after_its
         drain(b)
         assert b.near_duplicates.share.up
         assert b.outbox.counters()[f"near_duplicates/{GROUP}"] == 3, "A's image of the outage, caught up"
+        seen_by_b, seen_by_a = share_metrics(b.near_duplicates.share), share_metrics(a.near_duplicates.share)
+        assert seen_by_b[("triton_al_uploader_near_duplicate_share_up",)] == 1
+        assert seen_by_a[("triton_al_uploader_near_duplicate_share_waiting",)] == 0
+        assert seen_by_a[("triton_al_uploader_near_duplicate_share_changes_total", "published")] == 3  # A's three images
+        assert seen_by_b[("triton_al_uploader_near_duplicate_share_changes_total", "received")] == 3
         assert content_hash(jpeg(fashion[2], 75)) not in stored(store)
     finally:
         close(a, b)

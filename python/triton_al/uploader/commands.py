@@ -291,10 +291,11 @@ def uploader_command(
 
         share = None
         if fleet is not None and near_duplicate_share:
-            from triton_al.uploader.near_duplicates_share import SharedEntries
+            from triton_al.uploader.near_duplicates_share import ShareCollector, SharedEntries
 
             share = SharedEntries.for_ledger(fleet.ledger, max_len=near_duplicate_max_entries, ttl_s=near_max_age_s,
                                              defer_exact=fleet_claims)
+            metrics.registry.register(ShareCollector(share))
         try:
             near = NearDuplicateIndex(index_path(outbox), max_distance=near_distance, max_entries=near_duplicate_max_entries,
                                       max_age_s=near_max_age_s, sink=target_id, max_embedding_distance=near_embedding_distance,

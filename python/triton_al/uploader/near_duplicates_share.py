@@ -191,6 +191,10 @@ class SharedEntries:
         self.skipped = 0
         """Stream entries that could not be used (skipped)."""
         self.round_trips = 0
+        self.published = 0
+        """Changes (entries added or forgotten) this replica published."""
+        self.received = 0
+        """Changes other replicas published that this one read."""
 
     @classmethod
     def for_ledger(cls, ledger: Any, **kwargs: Any) -> SharedEntries:
@@ -255,6 +259,7 @@ class SharedEntries:
             return False
         for _ in batch:
             self.pending.popleft()
+        self.published += len(batch)
         self._answered()
         return True
 
@@ -297,6 +302,7 @@ class SharedEntries:
                     self._refused(waiting, answers[:-1])
                     for _ in waiting:
                         self.pending.popleft()
+                    self.published += len(waiting)
                     waiting = []
                 if isinstance(answers[-1], Exception):
                     raise answers[-1]
@@ -337,7 +343,33 @@ class SharedEntries:
                     continue
                 if event.origin != self.owner:
                     events.append(event)
+                    self.received += 1
             out[group] = (last, events)
             if len(stream[1]) >= self.read_count:
                 full.append(name)
         return full
+
+
+class ShareCollector:
+    """The sharing's state on the uploader's `/metrics`, read at scrape time."""
+
+    def __init__(self, share: SharedEntries) -> None:
+        self.share = share
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.share
+        yield GaugeMetricFamily("triton_al_uploader_near_duplicate_share_up",
+                                "1 while near-duplicate entries are shared through the budget ledger, 0 while it does not "
+                                "answer (each replica then screens with its own index)", value=1 if s.up else 0)
+        changes = CounterMetricFamily("triton_al_uploader_near_duplicate_share_changes",
+                                      "Near-duplicate index changes (entries added or forgotten) shared through the ledger, "
+                                      "by direction: published by this replica, received from the others", labels=["direction"])
+        changes.add_metric(["published"], s.published)
+        changes.add_metric(["received"], s.received)
+        yield changes
+        yield GaugeMetricFamily("triton_al_uploader_near_duplicate_share_waiting",
+                                "Changes waiting to be published (the ledger did not answer)", value=len(s.pending))
+        yield CounterMetricFamily("triton_al_uploader_near_duplicate_share_skipped",
+                                  "Shared entries that could not be used (garbage, unknown format)", value=s.skipped)
