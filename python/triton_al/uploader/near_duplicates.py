@@ -873,6 +873,8 @@ class NearDuplicateIndex:
                 self._evict_over_bound(group)
         if old:
             log.info("near-duplicate index: forgot %d entries older than %.0f s", len(old), self.max_age_s)
+        if self.share is not None and self.share.pending:  # an idle replica's waiting changes go out too
+            self.share.publish([])
         return len(old)
 
     def entry(self, group: str, content_hash: str) -> dict | None:
