@@ -35,7 +35,6 @@ Tables:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json

@@ -39,7 +39,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
