@@ -9,12 +9,32 @@ instances:
 - `plain`: preprocess -> fashion_cnn, no step;
 - `noop`: an empty Python-backend step (the floor any Python-backend step pays: the hop
   into a stub process and back);
-- `python`: the Python active_learning step (`attach --step python`);
+- `python`: the Python active_learning step as `attach --step python --embedding-output
+  EMBEDDING` writes it (the example repository's settings, Python backend);
 - `native`: the native step (`backend: "active_learning"`, in-process), as the example
-  repository ships it (threshold 0.5);
+  repository ships it (threshold 0.5; since 2026-12-02 it carries the model's 64-value
+  EMBEDDING through the step and stores flagged items' embeddings in the outbox);
 - `native_all`: the native step with threshold 1.0, so (nearly) every item is flagged and
   appended durably (`outbox_sync=full`: the WAL is flushed before the response is sent);
 - `native_all_normal`: the same with `outbox_sync=normal` (no flush; isolates the disk).
+
+What carrying the embedding costs (`test_embedding`, EMBEDDING_CLOSED): each step beside
+the same step attached without `--embedding-output` to the model as it was before it
+exposed EMBEDDING (the ensemble does not map EMBEDDING at all: `*_noemb`), so the pair
+differs only in carrying and storing the embedding:
+- `python_noemb` / `python`, `native_noemb` / `native` (threshold 0.5);
+- `native_all_noemb` / `native_all` and `python_all_noemb` / `python_all`: threshold 1.0,
+  durable, so every item's embedding is copied into the outbox;
+- `native_all_unstored`: threshold 1.0, attached without `--embedding-output` to the model
+  as it is now, so EMBEDDING passes through the step (and reaches the client) but is not
+  stored: splits the cost into passing it through and storing it.
+The shared fashion_cnn declares EMBEDDING and computes it for every variant (its ONNX
+runner runs every declared output); the `*_noemb` ensembles just do not ask for it. So
+the model's own price of producing the output is not in these ratios (onnxruntime
+computes the layer anyway; what differs is one more [n, 64] tensor out of its stub). Our
+client asks for every output of the ensemble (as before), so the `with` variants also
+send 256 bytes per item more to the client. `plain` (no step) returns the model's outputs,
+EMBEDDING among them.
 
 Every step writes its own outbox file. Clients send distinct PNGs (Fashion-MNIST test
 images made unique by a PNG text chunk carrying a counter), so the outbox's dedup never
@@ -114,6 +134,13 @@ VARIANTS: dict[str, tuple[str, str | None, str, dict[str, str], int]] = {
     "noop": ("fashion_cnn_noop", "noop_step", "noop", {}, 1),
     "python": ("fashion_cnn_al_py", "active_learning_py", "python", {}, 1),
     "native": ("fashion_cnn_al", "active_learning", "native", {}, 1),
+    # Carrying the embedding (built by attach, see ATTACHED): without / with.
+    "python_noemb": ("fashion_cnn_al_py_noemb", "al_py_noemb", "python", {}, 1),
+    "native_noemb": ("fashion_cnn_al_noemb", "al_noemb", "native", {}, 1),
+    "native_all_noemb": ("fashion_cnn_al_all_noemb", "al_all_noemb", "native", {"threshold": "1.0", "outbox_sync": "full"}, 1),
+    "native_all_unstored": ("fashion_cnn_al_all_unstored", "al_all_unstored", "native", {"threshold": "1.0", "outbox_sync": "full"}, 1),
+    "python_all": ("fashion_cnn_al_py_all", "al_py_all", "python", {"threshold": "1.0", "outbox_sync": "full"}, 1),
+    "python_all_noemb": ("fashion_cnn_al_py_all_noemb", "al_py_all_noemb", "python", {"threshold": "1.0", "outbox_sync": "full"}, 1),
     "native_all": ("fashion_cnn_al_all", "al_all", "native", {"threshold": "1.0", "outbox_sync": "full"}, 1),
     "native_all_normal": ("fashion_cnn_al_all_normal", "al_all_normal", "native", {"threshold": "1.0", "outbox_sync": "normal"}, 1),
     "native4_none": ("fashion_cnn_al4_none", "al4_none", "native", {"threshold": "0.0"}, 4),
@@ -124,13 +151,25 @@ VARIANTS: dict[str, tuple[str, str | None, str, dict[str, str], int]] = {
     "pnative4_all": ("fashion_cnn_pal4_all", "pal4_all", "native", {"threshold": "1.0", "outbox_sync": "full"}, 4),
     "pnative4_all_normal": ("fashion_cnn_pal4_all_normal", "pal4_all_normal", "native", {"threshold": "1.0", "outbox_sync": "normal"}, 4),
 }
+# Variants written by `attach` (on a scratch copy of the example repository) rather than
+# copied from its native step: how each treats the model's EMBEDDING. `stored`: attached
+# with --embedding-output EMBEDDING (as the example ships); `carried`: attached without it
+# to the model as it is (EMBEDDING passes through the step, not stored); `none`: attached
+# to the model without its EMBEDDING output (the pipeline as it was before).
+ATTACHED = {"python": "stored", "python_noemb": "none", "python_all": "stored", "python_all_noemb": "none",
+            "native_noemb": "none", "native_all_noemb": "none", "native_all_unstored": "carried"}
 CLOSED = ("plain", "noop", "python", "native", "native_all", "native_all_normal")
+# (without, with) pairs of test_embedding; plain beside them.
+EMBEDDING_PAIRS = (("python_noemb", "python"), ("native_noemb", "native"), ("native_all_noemb", "native_all"),
+                   ("native_all_unstored", "native_all"), ("python_all_noemb", "python_all"))
+EMBEDDING_CLOSED = ("plain", "python_noemb", "python", "native_noemb", "native", "native_all_noemb",
+                    "native_all_unstored", "native_all", "python_all_noemb", "python_all")
 PA_CLOSED = ("plain", "noop", "python", "native")
 PACED_STEP = ("native4_none", "native4_all", "native4_all_normal")
 PACED_PIPELINE = ("plain", "pnative4_none", "pnative4_all", "pnative4_all_normal")
 PACED_ROUNDS = 1 if QUICK else 2  # interleaved; a model's rounds stay inside Triton's ~60 s summary window
 
-RESULTS: dict = {"closed": {}, "perf_analyzer": {}, "paced": {}, "floors": {}, "outbox_rows": {}, "log": {},
+RESULTS: dict = {"closed": {}, "embedding": {}, "perf_analyzer": {}, "paced": {}, "floors": {}, "outbox_rows": {}, "log": {},
                  "triton_statistics": {}, "summaries": {}}
 
 
@@ -176,26 +215,50 @@ def build_repository(tmp: Path, data: Path) -> Path:
     _write_config(repo / "fashion_cnn_plain" / "config.pbtxt", plain)
     (repo / "fashion_cnn_plain" / "1").mkdir(parents=True)
 
-    # The Python step, exactly as `attach --step python` writes it (attach always names the
-    # ensemble <model>_al, so it runs on a scratch copy and the two folders are taken over).
-    scratch = tmp / "scratch_repository"
-    shutil.copytree(ROOT / "model_repository", scratch, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.rmtree(scratch / "active_learning")
-    shutil.rmtree(scratch / "fashion_cnn_al")
-    attach(scratch, "fashion_cnn", preprocess="preprocess", step_name="active_learning_py", kind="probs", step="python",
-           outbox_path=str(data / "python.db"))
-    shutil.copytree(scratch / "active_learning_py", repo / "active_learning_py")
-    py_ensemble = _config(scratch / "fashion_cnn_al" / "config.pbtxt")
-    py_ensemble.name = "fashion_cnn_al_py"
-    _write_config(repo / "fashion_cnn_al_py" / "config.pbtxt", py_ensemble)
-    (repo / "fashion_cnn_al_py" / "1").mkdir(parents=True, exist_ok=True)
-    py_step = _config(repo / "active_learning_py" / "config.pbtxt")
+    # The attached variants (ATTACHED), exactly as `attach --step python|native` writes them
+    # (attach always names the ensemble <model>_al, so it runs on scratch copies and the
+    # step folders and ensembles are taken over). `none`: on a copy whose fashion_cnn does
+    # not declare EMBEDDING (the model as it was before exposing it).
+    scratch: dict[str, Path] = {}
+    for mode in ("stored", "none"):
+        scratch[mode] = tmp / f"scratch_repository_{mode}"
+        shutil.copytree(ROOT / "model_repository", scratch[mode], ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.rmtree(scratch[mode] / "active_learning")
+        shutil.rmtree(scratch[mode] / "fashion_cnn_al")
+    scratch["carried"] = scratch["stored"]
+    model = _config(scratch["none"] / "fashion_cnn" / "config.pbtxt")
+    kept = [o for o in model.output if o.name != "EMBEDDING"]
+    assert len(kept) == len(model.output) - 1, "the example model should declare EMBEDDING"
+    del model.output[:]
+    for o in kept:
+        model.output.add().CopyFrom(o)
+    _write_config(scratch["none"] / "fashion_cnn" / "config.pbtxt", model)
     same = {k: v.string_value for k, v in native_step.parameters.items()}
-    other = {k: v.string_value for k, v in py_step.parameters.items() if k != "outbox_path"}
-    assert same == other, f"the Python step's settings differ from the native step's: {same} vs {other}"
+    assert same.get("embedding_input") == "EMBEDDING", "the example's step should store the model's EMBEDDING"
+    for label, mode in ATTACHED.items():
+        ens_name, step_name, kind, params, _ = VARIANTS[label]
+        attach(scratch[mode], "fashion_cnn", preprocess="preprocess", step_name=step_name, kind="probs", step=kind,
+               outbox_path=str(data / f"{step_name}.db"), embedding_output="EMBEDDING" if mode == "stored" else None)
+        step = _config(scratch[mode] / step_name / "config.pbtxt")
+        other = {k: v.string_value for k, v in step.parameters.items() if k != "outbox_path"}
+        expected = {k: v for k, v in same.items() if mode == "stored" or k != "embedding_input"}
+        assert other == expected, f"{label}: the step's settings differ from the example's: {other} vs {expected}"
+        carries = any(i.name == "EMBEDDING" for i in step.input) and any(o.name == "EMBEDDING" for o in step.output)
+        assert carries == (mode != "none"), f"{label}: EMBEDDING {'not ' if carries else ''}carried through the step"
+        if params:  # the benchmark's own variants: room for every item they flag
+            step.parameters["outbox_max_items"].string_value = "10000000"
+        for key, value in params.items():
+            step.parameters[key].string_value = value
+        shutil.copytree(scratch[mode] / step_name, repo / step_name)
+        _write_config(repo / step_name / "config.pbtxt", step)
+        ensemble = _config(scratch[mode] / "fashion_cnn_al" / "config.pbtxt")
+        ensemble.name = ens_name
+        assert any(o.name == "EMBEDDING" for o in ensemble.output) == (mode != "none")
+        _write_config(repo / ens_name / "config.pbtxt", ensemble)
+        (repo / ens_name / "1").mkdir(parents=True, exist_ok=True)
 
     for label, (ens_name, step_name, kind, params, instances) in VARIANTS.items():
-        if kind in ("none", "python"):
+        if kind == "none" or label in ATTACHED:
             continue
         step = type(native_step)()
         step.CopyFrom(native_step)
@@ -232,9 +295,7 @@ def build_repository(tmp: Path, data: Path) -> Path:
 def outbox_files(data: Path) -> dict[str, Path]:
     out = {}
     for label, (_, step_name, kind, _, _) in VARIANTS.items():
-        if kind == "python":
-            out[label] = data / "python.db"
-        elif kind == "native":
+        if kind in ("python", "native"):
             out[label] = data / f"{step_name}.db"
     return out
 
@@ -470,29 +531,28 @@ def warm_up(url: str, images: Images, labels, batch: int, n: int = 20) -> None:
                 c.infer(VARIANTS[label][0], [inp])
 
 
-@pytest.mark.parametrize("clients", [1, 4])
-@pytest.mark.parametrize("batch", [1, 32])
-def test_pipeline(benchmark, served, images, batch, clients):
-    """The pipelines take turns, ROUNDS windows each, so that whatever else the machine
-    does in the meantime falls on all of them alike; latencies are pooled."""
+def closed_cell(benchmark, served, images, batch: int, clients: int, labels: tuple[str, ...], section: str) -> None:
+    """The pipelines `labels` take turns, ROUNDS windows each, so that whatever else the
+    machine does in the meantime falls on all of them alike; latencies are pooled. Results
+    in RESULTS[section] and RESULTS["triton_statistics"][f"{section}/{batch}/{clients}"]."""
     url = served["server"].grpc_url
-    warm_up(url, images, CLOSED, batch)
-    rows_before = {label: count_rows(path) for label, path in outbox_files(served["data"]).items() if label in CLOSED}
+    warm_up(url, images, labels, batch)
+    rows_before = {label: count_rows(path) for label, path in outbox_files(served["data"]).items() if label in labels}
     sent_before = dict(images.sent)
 
     def interleaved() -> dict[str, list[dict]]:
-        windows: dict[str, list[dict]] = {m: [] for m in CLOSED}
+        windows: dict[str, list[dict]] = {m: [] for m in labels}
         for r in range(ROUNDS):
-            order = CLOSED if r % 2 == 0 else CLOSED[::-1]  # no pipeline always goes first
+            order = labels if r % 2 == 0 else labels[::-1]  # no pipeline always goes first
             for label in order:
                 windows[label].append(closed_loop(url, label, images, batch, clients, WINDOW_S, served["server"]))
         return windows
 
-    stats_models = [m for label in CLOSED for m in VARIANTS[label][:2] if m] + ["preprocess", "fashion_cnn"]
+    stats_models = [m for label in labels for m in VARIANTS[label][:2] if m] + ["preprocess", "fashion_cnn"]
     stats_before = model_statistics(url, stats_models)
     windows = benchmark.pedantic(interleaved, rounds=1, iterations=1)
     time.sleep(0.3)  # the last responses' appends are committed before they are answered; margin for the checkpointer
-    RESULTS["triton_statistics"][f"closed/{batch}/{clients}"] = statistics_delta(stats_before, model_statistics(url, stats_models))
+    RESULTS["triton_statistics"][f"{section}/{batch}/{clients}"] = statistics_delta(stats_before, model_statistics(url, stats_models))
     for label, ws in windows.items():
         result = summary(np.concatenate([w["latencies_ms"] for w in ws]), sum(w["items"] for w in ws),
                          sum(w["wall_s"] for w in ws))
@@ -501,16 +561,32 @@ def test_pipeline(benchmark, served, images, batch, clients):
         result["server_cpu_share"] = sum(w["server_cpu_s"] for w in ws) / sum(w["wall_s"] for w in ws)
         result["client_cpu_share"] = sum(w["client_cpu_s"] for w in ws) / sum(w["wall_s"] for w in ws)
         benchmark.extra_info[label] = result
-        RESULTS["closed"][f"{label}/{batch}/{clients}"] = result
+        RESULTS[section][f"{label}/{batch}/{clients}"] = result
     for label, before in rows_before.items():
         path = outbox_files(served["data"])[label]
-        RESULTS["outbox_rows"][f"{label}/{batch}/{clients}"] = {
+        RESULTS["outbox_rows"][f"{section}:{label}/{batch}/{clients}"] = {
             "appended": count_rows(path) - before, "items_sent": images.sent.get(label, 0) - sent_before.get(label, 0),
             "pool_wrapped": images.wrapped(label)}
-    for label in ("native_all", "native_all_normal"):
-        rows = RESULTS["outbox_rows"][f"{label}/{batch}/{clients}"]
-        assert not rows["pool_wrapped"], f"{label}: more items sent than distinct images; dedup would skip appends"
-        assert rows["appended"] >= 0.9 * rows["items_sent"], f"{label}: only {rows} appended"
+    for label in labels:
+        if VARIANTS[label][3].get("threshold") == "1.0":  # flag everything: every item sent is appended
+            rows = RESULTS["outbox_rows"][f"{section}:{label}/{batch}/{clients}"]
+            assert not rows["pool_wrapped"], f"{label}: more items sent than distinct images; dedup would skip appends"
+            assert rows["appended"] >= 0.9 * rows["items_sent"], f"{label}: only {rows} appended"
+
+
+@pytest.mark.parametrize("clients", [1, 4])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_pipeline(benchmark, served, images, batch, clients):
+    """plain / noop / python / native / native_all / native_all_normal, interleaved."""
+    closed_cell(benchmark, served, images, batch, clients, CLOSED, "closed")
+
+
+@pytest.mark.parametrize("clients", [1, 4])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_embedding(benchmark, served, images, batch, clients):
+    """What carrying the model's embedding costs: each step with and without it
+    (EMBEDDING_PAIRS), plain beside, interleaved."""
+    closed_cell(benchmark, served, images, batch, clients, EMBEDDING_CLOSED, "embedding")
 
 
 # perf_analyzer -----------------------------------------------------------------------------------
@@ -599,7 +675,8 @@ def step_inputs(served: dict, label: str) -> list[str]:
 
 
 # Inputs of the step model besides PROBS and IMAGE: one constant value each.
-STEP_CONSTANTS = {"MODEL_VERSION": ("INT64", np.array([[1]], dtype=np.int64))}
+STEP_CONSTANTS = {"MODEL_VERSION": ("INT64", np.array([[1]], dtype=np.int64)),
+                  "EMBEDDING": ("FP32", np.linspace(0.0, 1.0, 64, dtype=np.float32)[None, :])}
 
 
 def direct_inputs(images: Images, label: str, probs: np.ndarray, names: list[str]):
@@ -807,6 +884,9 @@ def test_report(served):
     log = served["log"].read_text(errors="replace")
     scan_log(log)
     RESULTS["build"] = build_info(log)
+    # Each outbox at the end: rows and bytes on disk (database + WAL), e.g. what a stored embedding adds per row.
+    RESULTS["outbox_size"] = {label: {"rows": count_rows(path), "bytes": sum(f.stat().st_size for f in (path, Path(f"{path}-wal")) if f.exists())}
+                              for label, path in outbox_files(served["data"]).items() if path.exists()}
     RESULTS["when_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     OUT.mkdir(parents=True, exist_ok=True)
     # (pipeline.json is pytest-benchmark's own file, written at the end of the session)
@@ -843,6 +923,36 @@ def report_markdown(res: dict) -> str:
             got = {label: cell(res["closed"], label, b, c) for label in CLOSED}
             if all(got.values()):
                 lines.append(f"| {b} | {c} | " + " | ".join(f"{got[label]['p99_ms']:.2f}" for label in CLOSED) + " |")
+    emb = res.get("embedding", {})
+    if emb:
+        lines += ["", "### Carrying the model's embedding (our client, closed loops, interleaved 1 s windows, pooled)", "",
+                  "Ratios with / without (throughput: >1 is faster with; latency: >1 is slower with).", "",
+                  "| batch | clients | without | with | items/s without | with | ratio | p50 without | with | ratio | "
+                  "p99 without | with | ratio | server CPU ms/request without | with |", "|" + "---|" * 15]
+        for b in (1, 32):
+            for c in (1, 4):
+                for without, with_ in EMBEDDING_PAIRS:
+                    x, y = cell(emb, without, b, c), cell(emb, with_, b, c)
+                    if not (x and y):
+                        continue
+                    lines.append(f"| {b} | {c} | {without} | {with_} | {x['items_per_s']:.0f} | {y['items_per_s']:.0f} | "
+                                 f"{y['items_per_s'] / x['items_per_s']:.3f} | {x['p50_ms']:.3f} | {y['p50_ms']:.3f} | "
+                                 f"{y['p50_ms'] / x['p50_ms']:.3f} | {x['p99_ms']:.2f} | {y['p99_ms']:.2f} | "
+                                 f"{y['p99_ms'] / x['p99_ms']:.3f} | {x['server_cpu_ms_per_request']:.2f} | "
+                                 f"{y['server_cpu_ms_per_request']:.2f} |")
+                p = cell(emb, "plain", b, c)
+                if p:
+                    lines.append(f"| {b} | {c} | plain | - | {p['items_per_s']:.0f} | - | - | {p['p50_ms']:.3f} | - | - | "
+                                 f"{p['p99_ms']:.2f} | - | - | {p['server_cpu_ms_per_request']:.2f} | - |")
+        lines += ["", "Steps' Triton statistics (mean ms per request: queue / compute input / compute infer / compute output):", "",
+                  "| batch | clients | " + " | ".join(EMBEDDING_CLOSED[1:]) + " |", "|" + "---|" * (1 + len(EMBEDDING_CLOSED))]
+        for b in (1, 32):
+            for c in (1, 4):
+                st = res["triton_statistics"].get(f"embedding/{b}/{c}", {})
+                if st:
+                    lines.append(f"| {b} | {c} | " + " | ".join(
+                        "{queue_ms:.3f} / {compute_input_ms:.3f} / {compute_infer_ms:.3f} / {compute_output_ms:.3f}".format(**st[VARIANTS[label][1]])
+                        for label in EMBEDDING_CLOSED[1:]) + " |")
     if res["perf_analyzer"]:
         lines += ["", f"### perf_analyzer (gRPC, concurrency = clients; {PA_ROUNDS} rounds taking turns, each {PA_WINDOWS} windows "
                   f"of {PA_WINDOW_MS / 1000:g} s; median p50 over rounds, mean throughput)", "",
@@ -910,6 +1020,7 @@ def report_markdown(res: dict) -> str:
                              f"{f('compute_infer_p50_ms')} | {f('compute_infer_p90_ms')} | {f('compute_infer_p99_ms')} | "
                              f"{f('compute_output_p50_ms')} | {f('compute_output_p99_ms')} |")
     lines += ["", "Outbox rows appended vs items sent: " + json.dumps(res["outbox_rows"]),
+              "", "Outboxes at the end (rows, bytes): " + json.dumps(res.get("outbox_size", {})),
               "", "Floors: " + json.dumps(res["floors"]), "", "Server log: " + json.dumps(res["log"]),
               "", "During each test, in cores (of 2): other processes' CPU / interrupts (incl. loopback networking) / stolen by the hypervisor: "
               + json.dumps({k: (v.get("other_processes_cores"), v.get("interrupts_cores"), v.get("steal_cores"))
