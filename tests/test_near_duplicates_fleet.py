@@ -18,7 +18,7 @@ import pytest
 from image_helpers import jpeg, noisy
 from outbox_helpers import store_index, uploaders  # noqa: F401 - uploaders is a fixture
 
-from triton_al.example.data import encode_png, load
+from triton_al.example.data import encode_png
 from triton_al.outbox import FlaggedItem, Outbox, content_hash
 from triton_al.sinks.local import LocalStore
 from triton_al.uploader.commands import sink_identity
@@ -29,16 +29,10 @@ from triton_al.uploader.worker import Backoff, Uploader
 
 redis = pytest.importorskip("redis", reason="the fleet extra (redis) is not installed")
 from test_fleet import ledger_server  # noqa: E402,F401 - after the importorskip; ledger_server is a fixture
-from test_near_duplicates_embedding import at_distance, unit  # noqa: E402
+from test_near_duplicates_embedding import at_distance, fashion, unit  # noqa: E402,F401 - fashion is a fixture
 
 GROUP = "active-learning"
 D = 64
-
-
-@pytest.fixture(scope="module")
-def fashion() -> np.ndarray:
-    images, _ = load("test")
-    return images
 
 
 def queued(i: int, asset: bytes, *, media_type: str = "image/png", embedding=None, version: str = "1",

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from triton_helpers import direct_step_config, grpcclient, metric_sum, triton_metrics
+from triton_helpers import direct_step_config, grpcclient, metric_sum, triton_metrics, write_direct_steps
 
 from triton_al.attach import attach
 from triton_al.config import ActiveLearningConfig
@@ -153,15 +153,10 @@ def direct_config(name: str, step: str, outbox, embedding_type: str) -> str:
 
 @pytest.mark.parametrize("step", ["native", "python"])
 def test_bad_embeddings_fail_their_request_naming_the_input_alike_in_both_steps(tmp_path, step):
-    from triton_al.attach import SHIM
     from tritonclient.utils import InferenceServerException
 
     repo, outbox = tmp_path / "repo", tmp_path / "outbox.db"
-    for name, embedding_type in (("emb", "FP32"), ("emb_fp64", "FP64")):
-        (repo / name / "1").mkdir(parents=True)
-        if step == "python":
-            (repo / name / "1" / "model.py").write_text(SHIM)
-        (repo / name / "config.pbtxt").write_text(direct_config(name, step, outbox, embedding_type))
+    write_direct_steps(repo, step, {name: direct_config(name, step, outbox, kind) for name, kind in (("emb", "FP32"), ("emb_fp64", "FP64"))})
     probs = np.array([[0.5, 0.5]], np.float32)  # uncertain: flagged
     image = np.array([[b"\x89PNG\r\n\x1a\n direct"]], dtype=object)
 

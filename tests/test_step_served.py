@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from triton_helpers import direct_step_config, grpcclient
+from triton_helpers import direct_step_config, grpcclient, write_direct_steps
 from tritonclient.utils import InferenceServerException
 
 import triton_al
@@ -59,12 +59,7 @@ def step_config(name: str, step: str, task: str, strategy: str, outbox: Path, dt
 
 
 def write_model(repo: Path, name: str, step: str, task: str, strategy: str, outbox: Path, dtype: str = "FP32") -> None:
-    from triton_al.attach import SHIM
-
-    (repo / name / "1").mkdir(parents=True, exist_ok=True)
-    if step == "python":
-        (repo / name / "1" / "model.py").write_text(SHIM)
-    (repo / name / "config.pbtxt").write_text(step_config(name, step, task, strategy, outbox, dtype))
+    write_direct_steps(repo, step, {name: step_config(name, step, task, strategy, outbox, dtype)})
 
 
 @pytest.fixture(scope="module", params=["native", "python"])
@@ -416,14 +411,8 @@ def detection_config(name: str, step: str, outbox: Path, boxes_type: str = "FP32
 
 @pytest.mark.parametrize("step", ["native", "python"])
 def test_detection_boxes_are_stored_and_bad_boxes_fail_their_request_alike_in_both_steps(tmp_path, step):
-    from triton_al.attach import SHIM
-
     repo, outbox = tmp_path / "repo", tmp_path / "outbox.db"
-    for name, boxes_type in (("det", "FP32"), ("det_fp64", "FP64")):
-        (repo / name / "1").mkdir(parents=True)
-        if step == "python":
-            (repo / name / "1" / "model.py").write_text(SHIM)
-        (repo / name / "config.pbtxt").write_text(detection_config(name, step, outbox, boxes_type))
+    write_direct_steps(repo, step, {name: detection_config(name, step, outbox, kind) for name, kind in (("det", "FP32"), ("det_fp64", "FP64"))})
     scores = np.array([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]], np.float32)  # uncertain: flagged
     boxes = np.array([[[1, 2, 10, 12], [0, 0, 4.5, 4], [3, 3, 7, 7]]], np.float32)
 

@@ -74,3 +74,15 @@ def direct_step_config(name: str, step: str, params: dict[str, str], scores_dims
         'output [ { name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] }, { name: "FLAGGED" data_type: TYPE_BOOL dims: [ 1 ] } ]\n'
         + "".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n' for k, v in params.items())
     )
+
+
+def write_direct_steps(repo: Path, step: str, configs: dict[str, str]) -> None:
+    """Step models (name -> config text) in `repo`, each with its version folder, and for the
+    Python step the one-line shim attach writes."""
+    from triton_al.attach import SHIM
+
+    for name, config in configs.items():
+        (repo / name / "1").mkdir(parents=True, exist_ok=True)
+        if step == "python":
+            (repo / name / "1" / "model.py").write_text(SHIM)
+        (repo / name / "config.pbtxt").write_text(config)
