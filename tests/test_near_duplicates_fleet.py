@@ -298,6 +298,7 @@ def test_with_the_ledger_killed_b_keeps_uploading_alone_and_catches_up_after_its
         logged = [r.getMessage() for r in caplog.records if "near-duplicate sharing" in r.getMessage()]
         assert len(logged) == 2 and all("screening with this replica's index alone" in m for m in logged), "once per replica"
         ledger_server.start()  # the same port
+        time.sleep(0.1)  # past both replicas' backoff (capped at 0.05 s here): their next calls ask the ledger
         a.outbox.append_many([flagged(encode_png(fashion[4]))])
         drain(a)  # publishes what waited, unless its first call met a connection the restart broke:
         deadline = time.monotonic() + 10
