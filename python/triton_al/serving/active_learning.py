@@ -279,11 +279,9 @@ class TritonPythonModel:
                 raise RequestError(f"missing input {self.settings.boxes_input!r}")
             boxes = tensor.as_numpy()
         embedding = None
-        if self.settings.embedding_input:  # checked (type, shape) by the step, as the native step does
+        if self.settings.embedding_input:  # checked (present, type, shape) by the step, as in the native step
             tensor = pb_utils.get_input_tensor_by_name(request, self.settings.embedding_input)
-            if tensor is None:
-                raise RequestError(f"missing input {self.settings.embedding_input!r}")
-            embedding = tensor.as_numpy()
+            embedding = None if tensor is None else tensor.as_numpy()
         version = None
         if "MODEL_VERSION" in self.inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, "MODEL_VERSION")

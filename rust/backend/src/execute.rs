@@ -39,12 +39,15 @@ fn parse<'a>(state: &ModelState, request: &'a Request) -> Result<Parsed<'a>, Str
         }
         None => None,
     };
+    // A missing embedding is the step's to refuse (`Step::process`, as for the Python step).
     let embedding = match &s.embedding_input {
-        Some(name) => {
-            let input = request.input(name)?.ok_or_else(|| format!("missing input '{name}'"))?;
-            let shape = tensors::sizes(input.name(), &input.shape())?;
-            Some((tensors::embedding(&input, &shape)?, shape))
-        }
+        Some(name) => match request.input(name)? {
+            Some(input) => {
+                let shape = tensors::sizes(input.name(), &input.shape())?;
+                Some((tensors::embedding(&input, &shape)?, shape))
+            }
+            None => None,
+        },
         None => None,
     };
     let mut model_version = None;

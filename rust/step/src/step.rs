@@ -252,8 +252,8 @@ impl Step {
     }
 
     /// Item `j`'s embedding to store (a copy of its row): None without one, or when it holds
-    /// NaN or Inf (counted and reported: the item is stored without it). The copy is finite,
-    /// so the outbox does not check it again.
+    /// NaN or Inf (counted and reported: the item is stored without it, where the outbox would
+    /// refuse the whole append).
     fn embedding_of(&self, request: &StepRequest<'_>, r: usize, j: usize, report: &mut BatchReport) -> Option<Vec<f32>> {
         let embedding = request.embedding.as_ref()?;
         let d = embedding.shape.get(1).copied().unwrap_or(0);
