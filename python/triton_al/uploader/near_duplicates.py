@@ -77,7 +77,7 @@ model's embedding (a classifier's ReLU layer) OR the hash at 20 bits, 0.001 rais
 only 58.7 -> 59.2% while false suppression of distinct images went 0.1 -> 0.4% (31,000
 entries) and 0.3 -> 0.8% (61,000); the provisional 0.02 suppressed ~80% of distinct images.
 Turn it on for a model whose embedding is trained for similarity, after measuring it."""
-EMBEDDING_MAX_DIM = 4096
+EMBEDDING_MAX_DIM = _core.OUTBOX_MAX_EMBEDDING_DIMS
 """The longest embedding the index takes (the step's limit)."""
 DEFAULT_MAX_ENTRIES = 100_000
 DEFAULT_MAX_AGE_S = 30 * 86400.0
