@@ -683,3 +683,57 @@ def test_a_version_1_file_migrated_by_either_opener_counts_embeddings(tmp_path):
             assert byte_counters(o) == recounted(old), opener
             assert byte_counters(o)["stored_bytes"] == len(png(1)) + len(png(3)) + 32
 
+
+
+OPEN_A_NEW_FILE_AT_ONCE = """
+import os, sys
+from pathlib import Path
+from triton_al import _core
+from triton_al.outbox import Outbox
+
+rounds, openers, directory = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+failures = []
+for round_ in range(rounds):
+    path = directory / f"o{round_}.db"
+    go_r, go_w = os.pipe()
+    children = []
+    for k in range(openers):
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            os.read(go_r, 1)  # all start together
+            try:
+                if k % 2:
+                    Outbox(path).close()
+                else:
+                    _core.OutboxWriter(str(path), max_items=10, max_bytes=1 << 20, overflow_policy="drop_newest",
+                                       durable=False, busy_timeout_s=2.0, max_asset_bytes=1 << 20).close()
+                os._exit(0)
+            except BaseException as e:
+                print(f"round {round_}, opener {k} ({'python' if k % 2 else 'rust'}): {e}", file=sys.stderr, flush=True)
+                os._exit(1)
+        children.append(pid)
+    os.close(go_r)
+    os.write(go_w, b"x" * openers)
+    os.close(go_w)
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            failures.append(round_)
+sys.exit(1 if failures else 0)
+"""
+
+
+def test_processes_creating_one_new_outbox_at_once_all_open_it(tmp_path):
+    """Switching a new file to WAL fails at once (SQLITE_BUSY, no busy handler) when another
+    connection reads it: before opening retried, 19 rounds in 100 failed here (six Python
+    openers each)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", OPEN_A_NEW_FILE_AT_ONCE, "60", "6", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for path in tmp_path.glob("o*.db"):
+        with Outbox(path) as o:
+            assert o.integrity_check() == "ok" and o.due(1) == []

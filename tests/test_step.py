@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,7 @@ def test_an_unusable_outbox_file_does_not_stop_the_step(tmp_path):
     assert list(result.flagged) == [True, False]
     assert step.counts.outbox_errors == 1 and step.counts.stored == 0
     assert path.read_bytes() == b"this is not SQLite" * 1000  # left as it was
+    step.close()  # stops it trying again
 
 
 def test_a_kernel_failure_fails_only_the_request_at_fault(monkeypatch):
@@ -389,3 +391,26 @@ def test_without_embedding_input_nothing_is_asked_or_stored(tmp_path):
     with Outbox(tmp_path / "o.db") as o:
         (row,) = o.due(10)
     assert row.embedding is None
+
+
+def test_an_outbox_unusable_at_load_is_reopened_and_a_closed_step_stops_trying(tmp_path, monkeypatch):
+    import triton_al.step as step_module
+
+    monkeypatch.setattr(step_module, "OUTBOX_RETRY_INTERVAL_S", 0.02)
+    bad, other = tmp_path / "bad.db", tmp_path / "other.db"
+    for path in (bad, other):
+        path.write_bytes(b"not an SQLite file " * 500)
+    step = ActiveLearningStep(settings(outbox_path=str(bad)))
+    closed = ActiveLearningStep(settings(outbox_path=str(other)))
+    assert step.outbox is None and closed.outbox is None
+    closed.close()
+    bad.unlink()
+    other.unlink()
+    deadline = time.monotonic() + 10
+    while step.outbox is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert step.outbox is not None and step.outbox.path == bad and bad.exists()
+    time.sleep(0.1)
+    assert closed.outbox is None and not other.exists(), "a closed step opened its outbox"
+    step.close()
+    assert step.outbox is None

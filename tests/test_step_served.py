@@ -453,3 +453,35 @@ def test_detection_boxes_are_stored_and_bad_boxes_fail_their_request_alike_in_bo
     assert row.prediction == {"boxes": [{"label": 0, "confidence": 0.5, "box": [1.0, 2.0, 10.0, 12.0]},
                                         {"label": 0, "confidence": 0.9, "box": [0.0, 0.0, 4.5, 4.0]},
                                         {"label": 1, "confidence": 0.8, "box": [3.0, 3.0, 7.0, 7.0]}]}
+
+
+@pytest.mark.parametrize("step", ["native", "python"])
+def test_an_outbox_unusable_at_load_is_used_as_soon_as_it_can_be(tmp_path, step):
+    """A bad file where the outbox should be: the step serves (flagged items counted as lost),
+    and once the file is removed it opens the outbox by itself, without a reload."""
+    repo, outbox = tmp_path / "repo", tmp_path / "outbox.db"
+    outbox.write_bytes(b"not an SQLite file " * 500)
+    write_model(repo, "step", step, "classification", "entropy", outbox)
+    uncertain = np.full((1, 10), 0.1, np.float32)
+    server = TritonServer(repo, model_control_mode="explicit", load_models=["step"], log_path=tmp_path / "t.log")
+    with server:
+        _, _, flagged = infer(server, "step", uncertain, pngs(1, seed=61))
+        assert flagged.all(), "it serves without its outbox"
+        outbox.unlink()
+        deadline, seed = time.monotonic() + 20, 62
+        stored: list = []
+        while not stored and time.monotonic() < deadline:
+            seed += 1
+            _, _, flagged = infer(server, "step", uncertain, pngs(1, seed=seed))
+            assert flagged.all()
+            if outbox.exists():
+                with Outbox(outbox) as o:
+                    stored = o.due(10)
+            time.sleep(0.1)
+    log = (tmp_path / "t.log").read_text()
+    assert stored, f"the outbox was never opened again; log:\n{log[-3000:]}"
+    assert {row.content_hash for row in stored} <= {content_hash(pngs(1, seed=s)[0, 0]) for s in range(63, seed + 1)}
+    assert content_hash(pngs(1, seed=61)[0, 0]) not in {row.content_hash for row in stored}
+    if step == "native":
+        assert "the outbox cannot be used, flagged items will not be stored until it can" in log
+        assert "the outbox is open, flagged items are stored again" in log

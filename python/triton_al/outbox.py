@@ -387,8 +387,43 @@ class Outbox:
         # child opens its own and abandons the inherited one without closing it.
         if not self.path.parent.is_dir():
             raise OutboxError(f"outbox {self.path}: directory {self.path.parent} does not exist")
+        # Retried while busy, for up to busy_timeout_s: switching a new file to WAL upgrades a
+        # read lock, which SQLite fails at once (no busy handler) while another connection
+        # reads the file, so two processes opening one new outbox together failed one of them
+        # now and then (tests/test_outbox.py). Every step of opening is idempotent.
+        deadline = time.monotonic() + self.busy_timeout_s
+        attempt = 0
+        while True:
+            try:
+                conn = self._open_connection()
+                break
+            except OutboxBusy:
+                if time.monotonic() >= deadline:
+                    raise
+                attempt += 1
+                time.sleep(min(0.001 * attempt, 0.02))
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def _open_connection(self) -> sqlite3.Connection:
+        """A new connection with the outbox's settings, its schema created or migrated."""
         try:
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise OutboxError(f"outbox {self.path}: cannot open it as an SQLite outbox ({e})") from e
+        try:
+            version = self._set_up(conn)
+        except BaseException:
+            conn.close()
+            raise
+        if version != SCHEMA_VERSION:
+            conn.close()
+            raise OutboxError(f"outbox {self.path}: schema version {version}, this triton-al expects {SCHEMA_VERSION}")
+        return conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> int | None:
+        """Settings, then the schema: created on a new file, migrated on an older one."""
+        try:
             conn.execute(f"PRAGMA page_size={_core.OUTBOX_PAGE_SIZE}")  # a new file only (see rust/outbox)
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL even when durable: `_transaction` flushes the WAL itself, after the
@@ -411,10 +446,7 @@ class Outbox:
             raise self._error(e, "cannot open it as an SQLite outbox") from e
         except sqlite3.DatabaseError as e:
             raise OutboxError(f"outbox {self.path}: cannot open it as an SQLite outbox ({e})") from e
-        if version != SCHEMA_VERSION:
-            raise OutboxError(f"outbox {self.path}: schema version {version}, this triton-al expects {SCHEMA_VERSION}")
-        self._conn, self._pid = conn, os.getpid()
-        return conn
+        return version
 
     def _error(self, e: sqlite3.OperationalError, doing: str = "") -> OutboxError:
         """The outbox error for an SQLite error: busy, full, or anything else."""

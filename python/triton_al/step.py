@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ log = logging.getLogger("triton_al.step")
 
 EMBEDDING_MAX_DIMS = _core.OUTBOX_MAX_EMBEDDING_DIMS
 """The longest embedding the outbox stores (`embedding_input`: [batch, D], 1 <= D <= this)."""
+
+OUTBOX_RETRY_INTERVAL_S = 1.0
+"""How often a step whose outbox could not be opened tries again (the native step's too)."""
 
 
 class RequestError(ValueError):
@@ -139,20 +143,17 @@ class ActiveLearningStep:
         self.config = settings.active_learning
         self.evaluate = Evaluator(self.config)
         self.outbox = outbox
+        self._closed = threading.Event()
+        self._outbox_lock = threading.Lock()  # orders a late reopening against close()
         if self.outbox is None and settings.outbox is not None:
-            from triton_al.outbox import Outbox
-
-            o = settings.outbox
             try:
-                o.path.parent.mkdir(parents=True, exist_ok=True)
-                self.outbox = Outbox(o.path, max_items=o.max_items, max_bytes=o.max_bytes,
-                                     overflow_policy=o.overflow_policy, durable=o.sync == "full",
-                                     max_asset_bytes=o.max_asset_bytes, max_invalid_share=o.max_invalid_share)
+                self.outbox = self._open_outbox()
             except (OSError, ValueError, RuntimeError) as e:
                 # Inference must go on without the outbox: flagged items are counted as outbox
-                # errors until the step is reloaded with a usable one (the native step does
-                # the same).
-                log.error("active_learning: the outbox cannot be used, flagged items will not be stored: %s", e)
+                # errors while it cannot be opened, and a thread tries again every second
+                # (the native step does the same).
+                log.error("active_learning: the outbox cannot be used, flagged items will not be stored until it can: %s", e)
+                threading.Thread(target=self._reopen_outbox, name="outbox-reopen", daemon=True).start()
         # Each batch gets its own seed (random strategy / random share), reproducible when
         # the config has one.
         base = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(8), "little")
@@ -161,6 +162,38 @@ class ActiveLearningStep:
         # Where the step's warnings about a batch go: this module's log; the served step sends
         # them to Triton's log instead (the Python backend's stub does not forward `logging`).
         self.warn: Callable[[str], None] = log.warning
+
+    def _open_outbox(self) -> Any:
+        from triton_al.outbox import Outbox
+
+        o = self.settings.outbox
+        assert o is not None
+        o.path.parent.mkdir(parents=True, exist_ok=True)
+        return Outbox(o.path, max_items=o.max_items, max_bytes=o.max_bytes, overflow_policy=o.overflow_policy,
+                      durable=o.sync == "full", max_asset_bytes=o.max_asset_bytes, max_invalid_share=o.max_invalid_share)
+
+    def _reopen_outbox(self) -> None:
+        while not self._closed.wait(OUTBOX_RETRY_INTERVAL_S):
+            try:
+                outbox = self._open_outbox()
+            except (OSError, ValueError, RuntimeError):
+                continue
+            with self._outbox_lock:
+                if not self._closed.is_set():
+                    self.outbox, outbox = outbox, None
+            if outbox is not None:  # closed while it was opening: nobody else would close it
+                outbox.close()
+                return
+            log.info("active_learning: the outbox is open, flagged items are stored again")
+            return
+
+    def close(self) -> None:
+        """Stop trying to reopen the outbox and close it."""
+        with self._outbox_lock:
+            self._closed.set()
+            outbox, self.outbox = self.outbox, None
+        if outbox is not None and hasattr(outbox, "close"):
+            outbox.close()
 
     def _check(self, request: RequestInputs) -> None:
         x = request.outputs

@@ -338,9 +338,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.metrics.close()
-        outbox = getattr(self.step, "outbox", None)
-        if outbox is not None and hasattr(outbox, "close"):
-            outbox.close()
+        self.step.close()
 
 
 logging.getLogger("triton_al").addHandler(logging.NullHandler())

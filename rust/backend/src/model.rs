@@ -12,6 +12,9 @@ use crate::metrics::StepMetrics;
 
 pub const STEP_OUTPUTS: [&str; 2] = ["SCORE", "FLAGGED"];
 
+/// How often a step whose outbox could not be opened tries again (the Python step's too).
+const OUTBOX_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The version of the scored model that the server has ready (the newest, as Triton's
 /// default policy serves), asked of the server itself and cached for a second. Used when
 /// the model does not say which version computed an item (a `MODEL_VERSION` output does).
@@ -129,15 +132,15 @@ impl ModelState {
         // The model's folder is in the repository; label_file is relative to the repository.
         let repository = std::path::Path::new(model_dir).parent().unwrap_or(std::path::Path::new("/"));
         let class_names = Step::read_class_names(&settings, repository)?;
-        let mut step = match Step::open(settings.clone()) {
-            Ok(step) => step,
-            Err(e) => {
-                // Inference must go on without the outbox: every flagged item is counted as
-                // an outbox error until the step is reloaded with a usable one.
-                crate::triton::log_error!("active_learning {name}: the outbox cannot be used, flagged items will not be stored: {e}");
-                Step::with_outbox(settings.clone(), None)
-            }
-        };
+        // Inference must go on without the outbox: while it cannot be opened, every flagged
+        // item is counted as an outbox error, and the step tries again every second.
+        let model = name.to_string();
+        let mut step = Step::open_retrying(settings.clone(), OUTBOX_RETRY_INTERVAL, move |outcome| match outcome {
+            Err(e) => crate::triton::log_error!(
+                "active_learning {model}: the outbox cannot be used, flagged items will not be stored until it can: {e}"
+            ),
+            Ok(()) => crate::triton::log_info!("active_learning {model}: the outbox is open, flagged items are stored again"),
+        });
         step.class_names = class_names;
         let metrics = StepMetrics::start(name)
             .map_err(|e| crate::triton::log_error!("active_learning {name}: metrics disabled: {e}"))

@@ -311,3 +311,27 @@ fn zero_caps_are_refused() {
     }
     assert!(!outbox_path(&dir).exists(), "nothing is created for a bad configuration");
 }
+
+#[test]
+fn writers_creating_a_new_file_at_once_all_open_it() {
+    for round in 0..200 {
+        let dir = tempdir().expect("temp dir");
+        let path = outbox_path(&dir);
+        let openers = 8;
+        let barrier = Arc::new(Barrier::new(openers));
+        let threads: Vec<_> = (0..openers)
+            .map(|_| {
+                let (barrier, path) = (Arc::clone(&barrier), path.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    Outbox::open(OutboxConfig::new(&path)).map(|_| ())
+                })
+            })
+            .collect();
+        for thread in threads {
+            if let Err(e) = thread.join().expect("opener") {
+                panic!("round {round}: {e}");
+            }
+        }
+    }
+}

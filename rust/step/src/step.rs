@@ -2,7 +2,7 @@
 //! flagged ones (asset, prediction, score, reason, embedding) to the outbox's writer thread.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use triton_al_kernels as kernels;
@@ -87,7 +87,8 @@ pub struct Step {
     pub settings: StepSettings,
     /// The model's class names (from `label_file`), to name labels in stored predictions.
     pub class_names: Option<Vec<String>>,
-    outbox: Option<Arc<Outbox>>,
+    /// Set when the outbox is open: at load, or later by `open_retrying`'s thread.
+    outbox: Arc<OnceLock<Arc<Outbox>>>,
     base_seed: u64,
     batches: AtomicU64,
     groups: Arc<[String]>,
@@ -113,6 +114,32 @@ fn outbox_config(settings: &StepSettings) -> Option<OutboxConfig> {
     })
 }
 
+/// The configured outbox, opened (its folder created), or none when the step only scores.
+fn open_outbox(settings: &StepSettings) -> Result<Option<Arc<Outbox>>, String> {
+    let Some(config) = outbox_config(settings) else { return Ok(None) };
+    if let Some(parent) = config.path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("outbox {}: cannot create its folder: {e}", config.path.display()))?;
+    }
+    Ok(Some(Arc::new(Outbox::open(config).map_err(|e| e.to_string())?)))
+}
+
+/// `open_retrying`'s thread: try every `retry_every` while the step lives and has no outbox.
+fn reopen(settings: &StepSettings, slot: &Weak<OnceLock<Arc<Outbox>>>, retry_every: Duration, report: &dyn Fn(Result<(), String>)) {
+    loop {
+        std::thread::sleep(retry_every);
+        let Some(slot) = slot.upgrade() else { return };
+        if slot.get().is_some() {
+            return;
+        }
+        if let Ok(Some(outbox)) = open_outbox(settings) {
+            if slot.set(outbox).is_ok() {
+                report(Ok(()));
+            }
+            return;
+        }
+    }
+}
+
 impl Step {
     /// Read `label_file` (relative to the model repository): one class name per line.
     pub fn read_class_names(settings: &StepSettings, repository: &std::path::Path) -> Result<Option<Vec<String>>, String> {
@@ -130,16 +157,35 @@ impl Step {
     /// The step with its outbox opened (its folder created). An outbox that cannot be
     /// opened is an Err: the caller decides whether to serve without it.
     pub fn open(settings: StepSettings) -> Result<Step, String> {
-        let outbox = match outbox_config(&settings) {
-            None => None,
-            Some(config) => {
-                if let Some(parent) = config.path.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| format!("outbox {}: cannot create its folder: {e}", config.path.display()))?;
-                }
-                Some(Arc::new(Outbox::open(config).map_err(|e| e.to_string())?))
-            }
-        };
+        let outbox = open_outbox(&settings)?;
         Ok(Step::with_outbox(settings, outbox))
+    }
+
+    /// The step, serving at once even when its outbox cannot be opened now (a volume not
+    /// mounted yet, a file being replaced): flagged items are then counted as outbox errors,
+    /// and a thread tries to open it again every `retry_every` until it opens or the step is
+    /// dropped. `report` hears of the first failure (`Err`) and of a later success (`Ok`).
+    pub fn open_retrying(
+        settings: StepSettings,
+        retry_every: Duration,
+        report: impl Fn(Result<(), String>) + Send + Sync + 'static,
+    ) -> Step {
+        let error = match open_outbox(&settings) {
+            Ok(outbox) => return Step::with_outbox(settings, outbox),
+            Err(error) => error,
+        };
+        report(Err(error));
+        let step = Step::with_outbox(settings.clone(), None);
+        let (slot, report) = (Arc::downgrade(&step.outbox), Arc::new(report));
+        let reporter = Arc::clone(&report);
+        let retrying = std::thread::Builder::new()
+            .name("outbox-reopen".into())
+            .spawn(move || reopen(&settings, &slot, retry_every, &*reporter));
+        if let Err(e) = retrying {
+            // The step still serves; only the reopening is lost.
+            report(Err(format!("cannot start the thread that reopens the outbox, it will not be retried ({e})")));
+        }
+        step
     }
 
     /// The step with a given outbox (or none: score and flag only).
@@ -149,11 +195,15 @@ impl Step {
             mix(nanos ^ ((std::process::id() as u64) << 32))
         });
         let groups = settings.upload_groups.clone().into();
-        Step { settings, class_names: None, outbox, base_seed, batches: AtomicU64::new(0), groups }
+        let slot = OnceLock::new();
+        if let Some(outbox) = outbox {
+            let _ = slot.set(outbox);
+        }
+        Step { settings, class_names: None, outbox: Arc::new(slot), base_seed, batches: AtomicU64::new(0), groups }
     }
 
     pub fn outbox(&self) -> Option<&Arc<Outbox>> {
-        self.outbox.as_ref()
+        self.outbox.get()
     }
 
     fn next_seed(&self) -> u64 {
@@ -346,14 +396,14 @@ impl Step {
                 for &r in &e.reasons {
                     report.flagged[r as usize] += 1;
                 }
-                if self.outbox.is_some() {
+                if self.outbox().is_some() {
                     self.flagged_items(request, r, e, &mut report, &mut items);
                 }
             }
             results.push(evaluation);
         }
         let count = items.len();
-        let pending = match (&self.outbox, items.is_empty()) {
+        let pending = match (self.outbox(), items.is_empty()) {
             (Some(outbox), false) => match outbox.submit(items) {
                 Ok(ticket) => Some(ticket),
                 Err(e) => {
