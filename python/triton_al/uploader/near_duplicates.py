@@ -245,21 +245,27 @@ def model_key(item) -> str:
     return f"{getattr(item, 'model_name', '')}/{getattr(item, 'model_version', '')}"
 
 
-def unit_embedding(embedding) -> np.ndarray:
-    """An embedding as a unit-length float32 vector; ValueError (saying why) when it is not 1 to
-    `EMBEDDING_MAX_DIM` finite numbers with a length above zero."""
+def checked_embedding(embedding) -> np.ndarray:
+    """An embedding as a float32 vector; ValueError (saying why) when it is not 1 to
+    `EMBEDDING_MAX_DIM` finite numbers in one dimension, not all zero. The one rule for what
+    the uploader uses (near-duplicates here, `diverse` selection's feature rows)."""
     try:
-        e = np.asarray(embedding, dtype=np.float64)
+        e = np.asarray(embedding, dtype=np.float32)
     except (TypeError, ValueError) as err:
         raise ValueError(f"not numbers ({err})") from None
     if e.ndim != 1 or not 1 <= e.size <= EMBEDDING_MAX_DIM:
         raise ValueError(f"expected 1-{EMBEDDING_MAX_DIM} values in one dimension, got shape {list(e.shape)}")
     if not np.isfinite(e).all():
         raise ValueError("holds NaN or Inf")
-    norm = float(np.linalg.norm(e))
-    if not norm > 0:
+    if not e.any():
         raise ValueError("all zero (no direction)")
-    return (e / norm).astype(np.float32)
+    return e
+
+
+def unit_embedding(embedding) -> np.ndarray:
+    """`checked_embedding`, scaled to unit length (the norm taken in float64)."""
+    e = checked_embedding(embedding).astype(np.float64)
+    return (e / np.linalg.norm(e)).astype(np.float32)
 
 
 def _item_embedding(item) -> np.ndarray | None:

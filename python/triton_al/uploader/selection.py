@@ -45,7 +45,7 @@ from typing import Sequence
 
 import numpy as np
 
-from triton_al import _core
+from triton_al.uploader.near_duplicates import checked_embedding
 
 log = logging.getLogger(__name__)
 
@@ -241,18 +241,15 @@ def choose(strategy: str, scores: Sequence[float], assets: Sequence[bytes] | Non
 
 
 def _usable(embedding, item_id) -> np.ndarray | None:
-    """An embedding as float32 when it can be a feature row (1-D, 1 to MAX_EMBEDDING_DIMS finite
-    values, not all zero), else None."""
+    """An embedding as float32 when it can be a feature row (`near_duplicates.checked_embedding`),
+    else None."""
     if embedding is None:
         return None
     try:
-        x = np.asarray(embedding, dtype=np.float32)
-    except (TypeError, ValueError):
+        return checked_embedding(embedding)
+    except ValueError as e:
+        log.debug("selection: the embedding of item %s is not usable: %s", item_id, e)
         return None
-    if x.ndim != 1 or not 1 <= x.size <= _core.OUTBOX_MAX_EMBEDDING_DIMS or not np.isfinite(x).all() or not np.any(x):
-        log.debug("selection: the embedding of item %s is not usable (shape %s)", item_id, list(x.shape))
-        return None
-    return x
 
 
 @dataclass
