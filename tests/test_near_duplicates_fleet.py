@@ -113,6 +113,54 @@ def test_an_embedding_near_copy_matches_across_replicas_only_for_the_same_model_
                             version="2")])[0].origin == b.share.owner
 
 
+def screening_with(first: NearDuplicateIndex, rival) -> list:
+    """Make `first`'s next screening read the stream, then let `rival()` run (another replica
+    screening and publishing in full), then go on: the two screen at the same moment. Returns
+    what `rival()` returned, once it ran."""
+    real = first.share.publish_then_read
+    ran: list = []
+
+    def read_then_let_the_rival_in(events, cursors):
+        answer = real(events, cursors)
+        if not ran:  # the read before the screening
+            ran.append(rival())
+        return answer
+
+    first.share.publish_then_read = read_then_let_the_rival_in
+    return ran
+
+
+@pytest.mark.parametrize("kind", ["hash", "embedding"])
+def test_near_copies_screened_on_two_replicas_at_the_same_moment_are_uploaded_once(fleet, fashion, kind):
+    a, b = fleet.index("a"), fleet.index("b")
+    if kind == "hash":
+        mine, theirs = queued(1, encode_png(fashion[20])), queued(7, jpeg(fashion[20], 75), media_type="image/jpeg")
+    else:
+        base = unit(np.random.default_rng(3).standard_normal(D))
+        mine = queued(1, tensor(1), media_type="application/x-npy", embedding=base)
+        theirs = queued(7, tensor(7), media_type="application/x-npy", embedding=at_distance(base, 0.01, 5))
+    later = queued(2, noisy(fashion[20], 4, 2)) if kind == "hash" else \
+        queued(3, tensor(3), media_type="application/x-npy", embedding=at_distance(base, 0.005, 6))
+    rival = screening_with(a, lambda: b.screen([theirs]))
+    # A screened `mine` without B's entry (read before B published), and B without A's: both
+    # were new. B published first, so A's is the near-duplicate, on both replicas' terms.
+    (m, also) = sorted(a.screen([mine, later]), key=lambda match: match.item_id)
+    assert rival == [[]], "B screened first and keeps its item"
+    assert (m.item_id, m.first, m.origin, m.kind) == (1, theirs.content_hash, b.share.owner, kind)
+    assert (also.item_id, also.first, also.origin) == (later.id, theirs.content_hash, b.share.owner), \
+        "a match of this batch on the withdrawn entry points at the one it lost to"
+    assert a.entry(GROUP, mine.content_hash) is None
+    assert a.entry(GROUP, theirs.content_hash)["origin"] == b.share.owner
+    a.record([m, also])
+    assert a.entry(GROUP, theirs.content_hash)["seen"] == 2
+    assert share_metrics(a.share)[("triton_al_uploader_near_duplicate_share_settled_total",)] == 1
+    assert share_metrics(b.share)[("triton_al_uploader_near_duplicate_share_settled_total",)] == 0
+    # B hears of A's entry and of its withdrawal: only its own stays, on both.
+    assert b.screen([queued(8, encode_png(fashion[21]))]) == []
+    assert b.entry(GROUP, mine.content_hash) is None
+    assert b.entry(GROUP, theirs.content_hash)["origin"] is None
+
+
 def test_a_forgotten_entry_leaves_every_replica_so_a_later_near_copy_is_taken(fleet, fashion):
     a, b = fleet.index("a"), fleet.index("b")
     original = queued(1, encode_png(fashion[10]))

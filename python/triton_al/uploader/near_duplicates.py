@@ -47,6 +47,7 @@ within `max_distance` bits (Hamming) of one already there is counted and not upl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -736,7 +737,7 @@ class NearDuplicateIndex:
                 added.append((item.upload_group, item.content_hash, b"" if h is None else _blob(h), item.id, now,
                               None if v is None else _embedding_blob(v), model))
                 if self.share is not None:
-                    published.append((item.upload_group, item.content_hash, h, model, v))
+                    published.append((item.upload_group, item.content_hash, h, model, v, item.id))
             if added or taken:
                 with self._conn:
                     self._conn.execute("BEGIN")
@@ -747,11 +748,69 @@ class NearDuplicateIndex:
                     for group in {a[0] for a in added}:
                         self._evict_over_bound(group)
             if published:  # after the file has them, before the batch is uploaded
-                from triton_al.uploader.near_duplicates_share import Event
-
-                owner = self.share.owner
-                self.share.publish([Event("add", group, key, owner, now, h, model, v) for group, key, h, model, v in published])
+                matches = self._publish_and_settle(published, matches, now)
         return matches
+
+    def _publish_and_settle(self, published: list[tuple], matches: list[Match], now: float) -> list[Match]:
+        """Publish the entries this screening added and, in the same round trip, read what the
+        others published since the screening read: an entry of this batch near one another
+        replica published before it (in the stream's order) was screened at the same moment
+        there, and the earlier one wins on every replica alike. This batch's losing entries
+        become near-duplicates of the earlier ones (not uploaded; removed here and from the
+        fleet), so two replicas screening near-copies together upload one of them. Without an
+        answer from the ledger both may upload (see `near_duplicates_share`)."""
+        from triton_al.uploader.near_duplicates_share import Event, stream_order
+
+        owner = self.share.owner
+        events = [Event("add", group, key, owner, now, h, model, v) for group, key, h, model, v, _ in published]
+        ids, got = self.share.publish_then_read(events, self._cursors_for({e.group for e in events}))
+        if got is None:
+            return matches
+        lost: dict[tuple[str, str], Match] = {}
+        for event, stream_id, (*_, item_id) in zip(events, ids, published):
+            if stream_id is None:
+                continue
+            mine = stream_order(stream_id)
+            for other in got.get(event.group, ("", []))[1]:
+                if other.op != "add" or not other.stream_id or stream_order(other.stream_id) >= mine:
+                    continue
+                if other.key == event.key and self.share.defer_exact:
+                    continue  # an exact copy: the claims' business
+                match = self._near(event, other, item_id)
+                if match is not None:
+                    lost[(event.group, event.key)] = match
+                    break
+        if lost:
+            for group, key in lost:
+                self._groups[group].remove(key)
+            with self._conn:
+                self._conn.execute("BEGIN")
+                self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ?", list(lost))
+            self.share.settled += len(lost)
+            self.share.publish([Event("del", group, key, owner) for group, key in lost])  # rare: a round trip of its own
+            log.info("near-duplicate sharing: %d items screened at the same moment as a near-copy on another replica; "
+                     "the other's came first, so these are its near-duplicates", len(lost))
+            # Matches of this batch on a losing entry now point at the entry it lost to.
+            matches = [m if (m.upload_group, m.first) not in lost else
+                       dataclasses.replace(m, first=lost[(m.upload_group, m.first)].first,
+                                           origin=lost[(m.upload_group, m.first)].origin)
+                       for m in matches]
+            matches.extend(lost.values())
+        self._apply_shared(got, now)
+        return matches
+
+    def _near(self, mine, other, item_id: int) -> Match | None:
+        """This replica's new entry (an add event) as a near-duplicate of another's, or None."""
+        if self.max_distance and mine.hash is not None and other.hash is not None:
+            bits = distance(mine.hash, other.hash)
+            if bits <= self.max_distance:
+                return Match(item_id, mine.group, mine.key, other.key, bits, origin=other.origin)
+        if (self.max_embedding_distance and mine.embedding is not None and other.embedding is not None
+                and mine.model == other.model and len(mine.embedding) == len(other.embedding)):
+            apart = 1.0 - float(np.dot(mine.embedding.astype(np.float64), other.embedding.astype(np.float64)))
+            if apart <= self.max_embedding_distance:
+                return Match(item_id, mine.group, mine.key, other.key, None, "embedding", apart, origin=other.origin)
+        return None
 
     def _lookup(self, g: _Group, item, h: np.ndarray | None, v: np.ndarray | None) -> Match | None:
         """The hash check, then (when it found nothing) the embedding check."""
@@ -773,6 +832,12 @@ class NearDuplicateIndex:
         """The other replicas' changes to these groups since the last read (a group read for the
         first time: the stream's whole retained history), applied to memory and the file, with
         the position read up to. Nothing happens when the ledger does not answer."""
+        got = self.share.read(self._cursors_for(groups))
+        if got is not None:
+            self._apply_shared(got, now)
+
+    def _cursors_for(self, groups: set[str]) -> dict[str, str]:
+        """The position read up to in each group's stream (its entries loaded first)."""
         cursors = {}
         for name in sorted(groups):
             self._group(name)
@@ -780,10 +845,13 @@ class NearDuplicateIndex:
                 row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (self._cursor_key(name),)).fetchone()
                 self._cursors[name] = row[0] if row is not None else "0-0"
             cursors[name] = self._cursors[name]
-        got = self.share.read(cursors)
-        if got is None:
-            return
-        upserts: list[tuple] = []
+        return cursors
+
+    def _apply_shared(self, got: dict, now: float) -> None:
+        """What `SharedEntries.read` returned, applied to memory and the file, with the cursors."""
+        # Per entry, the last change read wins in the file as in memory (an entry added and
+        # withdrawn in one read is neither written nor left behind).
+        upserts: dict[tuple[str, str], tuple] = {}
         deletes: list[tuple] = []
         for name, (last, events) in got.items():
             g = self._groups[name]
@@ -792,15 +860,17 @@ class NearDuplicateIndex:
                 if e.op == "del":
                     if at == REMOTE_ITEM_ID and g.origins.get(e.key) == e.origin:
                         g.remove(e.key)
-                        deletes.append((name, e.key))
+                        upserts.pop((name, e.key), None)
+                        deletes.append((name, e.key))  # (run before the upserts)
                     continue
                 if (at is not None and at != REMOTE_ITEM_ID) or e.added_at < now - self.max_age_s:
                     continue  # this replica's own entry of it stays; an expired one is not taken
                 v = e.embedding if self.max_embedding_distance and e.embedding is not None else None
                 g.add(e.key, REMOTE_ITEM_ID, e.hash if self.max_distance else None, e.model if v is not None else None, v, e.origin)
                 # (dated no later than now: a replica whose clock runs ahead must not make entries that never expire)
-                upserts.append((name, e.key, b"" if e.hash is None else _blob(e.hash), REMOTE_ITEM_ID, min(e.added_at, now),
-                                None if e.embedding is None else _embedding_blob(e.embedding), e.model, e.origin))
+                upserts[(name, e.key)] = (name, e.key, b"" if e.hash is None else _blob(e.hash), REMOTE_ITEM_ID,
+                                          min(e.added_at, now), None if e.embedding is None else _embedding_blob(e.embedding),
+                                          e.model, e.origin)
         with self._conn:
             self._conn.execute("BEGIN")
             self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ? AND item_id = -1", deletes)
@@ -808,12 +878,12 @@ class NearDuplicateIndex:
                 "INSERT INTO entries (upload_group, content_hash, hash, item_id, added_at, embedding, embedding_model, origin) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (upload_group, content_hash) DO UPDATE SET hash = excluded.hash, "
                 "item_id = excluded.item_id, added_at = excluded.added_at, embedding = excluded.embedding, "
-                "embedding_model = excluded.embedding_model, origin = excluded.origin", upserts)
+                "embedding_model = excluded.embedding_model, origin = excluded.origin", upserts.values())
             for name, (last, _) in got.items():
                 if last != self._cursors.get(name):
                     self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (self._cursor_key(name), last))
                 self._cursors[name] = last
-            for name in {u[0] for u in upserts}:
+            for name in {group for group, _ in upserts}:
                 self._evict_over_bound(name)
         if upserts or deletes:
             log.debug("near-duplicate index: %d entries from other replicas added, %d removed", len(upserts), len(deletes))

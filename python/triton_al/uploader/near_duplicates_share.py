@@ -13,7 +13,9 @@ the uploader has a ledger and an index (`--no-near-duplicate-share` keeps each i
   `--near-duplicate-max-age` after its last entry. An entry that leaves an index undelivered
   (`forget`: dead-lettered, dropped over a budget) is published as a removal; eviction by age or
   size is not (each replica bounds its own index). One pipelined round trip per batch that
-  added entries, sent right after the screening, before the batch is uploaded.
+  added entries, sent right after the screening, before the batch is uploaded; the same trip
+  reads the streams again (`publish_then_read`), which settles near-copies screened at the
+  same moment on two replicas (below).
 - **Reading.** Before screening a batch, the index reads what was appended to its groups'
   streams since its last read: one `XREAD` (non-blocking, every group of the batch in one
   command, `COUNT` 10,000 per stream and more round trips only when a stream has more) and adds
@@ -40,12 +42,22 @@ the uploader has a ledger and an index (`--no-near-duplicate-share` keeps each i
   that cannot be used (wrong sizes, not a number, an unknown version, garbage) is skipped with
   a debug line.
 
-The window it leaves: two replicas screening near-copies of one image at the same moment both
-miss the other's entry (each publishes after its screening; there is no lock across the fleet)
-and both upload. A replica killed between its screening and its publication never publishes
-those entries (the claims still stop exact copies). An exact copy taken over from another
-replica's entry is not published again (if that replica then dead-letters its item, the others
-forget the entry, though this replica delivered it).
+**Near-copies screened at the same moment.** Two replicas screening near-copies of one image
+together each miss the other's entry (each read before the other published) and both add
+their own. The stream settles it: the XADD of an entry returns its place in the stream, and the
+XREAD in the same round trip returns what the others published since the screening's read. An
+entry of this batch near one another replica published before it (earlier in the stream) was
+the later of the two: it is withdrawn (removed here, published as a removal in a round trip of
+its own) and its item counted as the earlier one's near-duplicate, not uploaded; the replica
+that published first finds nothing earlier and uploads. Every replica applies the same rule to
+the same order, so exactly one of the two is uploaded
+(`triton_al_uploader_near_duplicate_share_settled_total` counts the withdrawn ones).
+
+The windows left: with the ledger not answering at the publication, both may upload. A replica
+killed between its screening and its publication never publishes those entries (the claims
+still stop exact copies). An exact copy taken over from another replica's entry is not
+published again (if that replica then dead-letters its item, the others forget the entry,
+though this replica delivered it).
 
 What it costs (`python benchmarks/near_duplicates_share_cost.py`, a real local redis-server, 2 cores
 under a load of ~3.3): one XREAD round trip per batch screened, ~1 ms for 3 groups with 16 new
@@ -66,7 +78,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -105,6 +117,8 @@ class Event:
     model: str | None = None
     embedding: np.ndarray | None = None
     """Unit float32, or None."""
+    stream_id: str = field(default="", compare=False)
+    """Where it was read in its stream ("" until read): orders the fleet's entries."""
 
 
 def encode(e: Event) -> dict[bytes, bytes]:
@@ -127,7 +141,7 @@ def _text(b: bytes) -> str:
     return text
 
 
-def decode(group: str, fields: Any) -> Event:
+def decode(group: str, fields: Any, stream_id: str = "") -> Event:
     """A stream entry's fields as an Event; ValueError (saying why) for anything unusable."""
     from triton_al.uploader.near_duplicates import EMBEDDING_MAX_DIM, unit_embedding
 
@@ -147,7 +161,7 @@ def decode(group: str, fields: Any) -> Event:
     at = _HEAD.size
     key, origin = _text(data[at:at + nk]), _text(data[at + nk:at + nk + no])
     if _OPS[op] == "del":
-        return Event("del", group, key, origin)
+        return Event("del", group, key, origin, stream_id=stream_id)
     if not math.isfinite(added_at):
         raise ValueError("added_at is not finite")
     at += nk + no
@@ -164,7 +178,13 @@ def decode(group: str, fields: Any) -> Event:
             v = unit_embedding(v)
     if h is None and v is None:
         raise ValueError("an entry with neither a hash nor an embedding")
-    return Event("add", group, key, origin, added_at, h, model, v)
+    return Event("add", group, key, origin, added_at, h, model, v, stream_id)
+
+
+def stream_order(stream_id: str) -> tuple[int, int]:
+    """A stream ID ("<ms>-<seq>") as a key that sorts as Redis orders its entries."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class SharedEntries:
@@ -194,6 +214,9 @@ class SharedEntries:
         self.published = 0
         """Changes (entries added or forgotten) this replica published."""
         self.received = 0
+        self.settled = 0
+        """Entries this replica withdrew: screened at the same moment as another replica's
+        near-copy, which was published first (the index counts them as its near-duplicates)."""
         """Changes other replicas published that this one read."""
 
     @classmethod
@@ -284,8 +307,18 @@ class SharedEntries:
         "0-0": the whole retained history): per group, the last ID read and the usable events
         (own ones skipped, bad ones skipped with a debug line). Also publishes what waits.
         None when the ledger did not answer (or answered wrongly)."""
+        return self.publish_then_read([], cursors)[1]
+
+    def publish_then_read(self, events: Iterable[Event], cursors: Mapping[str, str]
+                          ) -> tuple[list[str | None], dict[str, tuple[str, list[Event]]] | None]:
+        """Publish `events` (after any waiting), then `read`, in the same round trip: the
+        stream ID each of `events` got (None where it was not published: it waits, or was
+        refused), and what `read` returns. The IDs order these events among the others'."""
+        events = list(events)
+        self.pending.extend(events)
+        ids: list[str | None] = [None] * len(events)
         if not cursors or not self._ready():
-            return None
+            return ids, None
         out: dict[str, tuple[str, list[Event]]] = {g: (cursors[g] or "0-0", []) for g in cursors}
         waiting = list(self.pending)
         try:
@@ -300,6 +333,10 @@ class SharedEntries:
                 answers = pipe.execute(raise_on_error=False)
                 if waiting:  # published, whatever the XREAD answered
                     self._refused(waiting, answers[:-1])
+                    published = answers[:len(waiting)]
+                    if events and len(waiting) >= len(events):  # `events` are the last ones waiting
+                        ids = [a.decode() if isinstance(a, bytes) else a if isinstance(a, str) else None
+                               for a in published[-len(events):]]
                     for _ in waiting:
                         self.pending.popleft()
                     self.published += len(waiting)
@@ -310,9 +347,9 @@ class SharedEntries:
                 at = {k: out[keys[k]][0] for k in full}
         except Exception as e:  # noqa: BLE001 - see publish
             self._failed("read", e)
-            return None
+            return ids, None
         self._answered()
-        return out
+        return ids, out
 
     def _absorb(self, answer: Any, keys: dict[str, str], out: dict[str, tuple[str, list[Event]]]) -> list[str]:
         """Adds an XREAD answer to `out`; returns the streams that gave a full COUNT (more may follow)."""
@@ -336,7 +373,7 @@ class SharedEntries:
                     raise ValueError(f"XREAD answered an entry {str(entry)[:80]!r}")
                 last = entry[0].decode() if isinstance(entry[0], bytes) else str(entry[0])
                 try:
-                    event = decode(group, entry[1])
+                    event = decode(group, entry[1], last)
                 except (ValueError, TypeError, struct.error) as e:
                     self.skipped += 1
                     log.debug("near-duplicate sharing: stream entry %s of group %s skipped: %s", last, group, e)
@@ -373,3 +410,6 @@ class ShareCollector:
                                 "Changes waiting to be published (the ledger did not answer)", value=len(s.pending))
         yield CounterMetricFamily("triton_al_uploader_near_duplicate_share_skipped",
                                   "Shared entries that could not be used (garbage, unknown format)", value=s.skipped)
+        yield CounterMetricFamily("triton_al_uploader_near_duplicate_share_settled",
+                                  "Items screened at the same moment as a near-copy on another replica that published "
+                                  "first: not uploaded here (counted as its near-duplicates)", value=s.settled)
