@@ -137,8 +137,13 @@ def read_class_names(label_file: str | None, repository: Path | None) -> list[st
 class ActiveLearningStep:
     """Scores batches with an `ActiveLearningConfig` and stores flagged items in an outbox."""
 
-    def __init__(self, settings: StepSettings, outbox: Any | None = None, repository: Path | None = None) -> None:
+    def __init__(self, settings: StepSettings, outbox: Any | None = None, repository: Path | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        # Where the step's warnings go (a bad batch, the outbox unusable or open again): this
+        # module's log; the served step sends them to Triton's log instead (the Python
+        # backend's stub does not forward `logging`).
+        self.warn: Callable[[str], None] = warn or log.warning
         self.class_names = read_class_names(settings.label_file, repository)
         self.config = settings.active_learning
         self.evaluate = Evaluator(self.config)
@@ -152,16 +157,13 @@ class ActiveLearningStep:
                 # Inference must go on without the outbox: flagged items are counted as outbox
                 # errors while it cannot be opened, and a thread tries again every second
                 # (the native step does the same).
-                log.error("active_learning: the outbox cannot be used, flagged items will not be stored until it can: %s", e)
+                self.warn(f"active_learning: the outbox cannot be used, flagged items will not be stored until it can: {e}")
                 threading.Thread(target=self._reopen_outbox, name="outbox-reopen", daemon=True).start()
         # Each batch gets its own seed (random strategy / random share), reproducible when
         # the config has one.
         base = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(8), "little")
         self._seeds = (hash((base, os.getpid(), i)) & (2**63 - 1) for i in itertools.count())
         self.counts = StepCounts()
-        # Where the step's warnings about a batch go: this module's log; the served step sends
-        # them to Triton's log instead (the Python backend's stub does not forward `logging`).
-        self.warn: Callable[[str], None] = log.warning
 
     def _open_outbox(self) -> Any:
         from triton_al.outbox import Outbox
@@ -184,7 +186,7 @@ class ActiveLearningStep:
             if outbox is not None:  # closed while it was opening: nobody else would close it
                 outbox.close()
                 return
-            log.info("active_learning: the outbox is open, flagged items are stored again")
+            self.warn("active_learning: the outbox is open, flagged items are stored again")
             return
 
     def close(self) -> None:

@@ -235,7 +235,11 @@ class TritonPythonModel:
             self.served_version = ServedVersion(Path(args["model_repository"]).parent / params["model_name"], params["model_name"])
         # A bad setting fails the load, with the message naming it (Triton logs it).
         self.settings = StepSettings.from_parameters(params)
-        self.step = ActiveLearningStep(self.settings, repository=Path(args["model_repository"]).parent)
+        self.log = pb_utils.Logger
+        # The step's warnings in Triton's log (from its outbox-reopening thread too: the stub
+        # queues log messages under a lock).
+        self.step = ActiveLearningStep(self.settings, repository=Path(args["model_repository"]).parent,
+                                       warn=self.log.log_warn)
         self.inputs = {i["name"] for i in model_config.get("input", [])}
         embedding = self.settings.embedding_input
         if embedding is not None and embedding not in self.inputs:  # the native step's rule and message
@@ -246,8 +250,6 @@ class TritonPythonModel:
         self.metrics = _Metrics(args.get("model_name", "active_learning"))
         self._last_errors = 0
         self._last_invalid_embeddings = 0
-        self.log = pb_utils.Logger
-        self.step.warn = self.log.log_warn  # the step's warnings in Triton's log, once
         s = self.settings.active_learning
         self.log.log_info(
             f"active_learning ready: strategy={s.strategy} threshold={s.threshold} groups={s.upload_groups} "
