@@ -61,9 +61,9 @@ though this replica delivered it).
 
 What it costs (`python benchmarks/near_duplicates_share_cost.py`, a real local redis-server, 2 cores
 under a load of ~3.3): one XREAD round trip per batch screened, ~1 ms for 3 groups with 16 new
-entries (median; p90 1.3 ms), and one pipelined XADD round trip per batch that added entries; a
-batch of 16 PNGs over 3 groups screens in ~9.7 ms shared against ~6.2 ms alone (the rest is
-hashing). Catch-up of 100,000 entries (a hash and a 64-value embedding each; ~50 MB in Redis):
+entries (median; p90 1.3 ms), and one pipelined XADD + XREAD round trip per batch that added
+entries; a batch of 16 PNGs over 3 groups screens in ~9.7 ms shared against ~6.2 ms alone (the
+rest is hashing; reading back in the publishing trip added ~0.7 ms, benchmarks/RESULTS.md). Catch-up of 100,000 entries (a hash and a 64-value embedding each; ~50 MB in Redis):
 ~3 s to read and decode, ~5 s with indexing and storing them, once per group for a new replica;
 a restarted one reads only what it missed. Publishing costs Redis ~500 bytes per entry with a
 64-value embedding (MAXLEN bounds it per group).
