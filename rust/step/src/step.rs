@@ -2,7 +2,8 @@
 //! flagged ones (asset, prediction, score, reason, embedding) to the outbox's writer thread.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use triton_al_kernels as kernels;
@@ -89,9 +90,17 @@ pub struct Step {
     pub class_names: Option<Vec<String>>,
     /// Set when the outbox is open: at load, or later by `open_retrying`'s thread.
     outbox: Arc<OnceLock<Arc<Outbox>>>,
+    /// `open_retrying`'s thread, stopped and joined when the step is dropped: a model's
+    /// unload may be followed by the backend library's, which the thread must not outlive.
+    reopening: Option<Reopening>,
     base_seed: u64,
     batches: AtomicU64,
     groups: Arc<[String]>,
+}
+
+struct Reopening {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: JoinHandle<()>,
 }
 
 /// SplitMix64's finaliser: a different, reproducible seed per batch.
@@ -123,19 +132,38 @@ fn open_outbox(settings: &StepSettings) -> Result<Option<Arc<Outbox>>, String> {
     Ok(Some(Arc::new(Outbox::open(config).map_err(|e| e.to_string())?)))
 }
 
-/// `open_retrying`'s thread: try every `retry_every` while the step lives and has no outbox.
-fn reopen(settings: &StepSettings, slot: &Weak<OnceLock<Arc<Outbox>>>, retry_every: Duration, report: &dyn Fn(Result<(), String>)) {
+/// `open_retrying`'s thread: try every `retry_every` until the outbox opens or `stop` is set.
+fn reopen(
+    settings: &StepSettings,
+    slot: &OnceLock<Arc<Outbox>>,
+    stop: &(Mutex<bool>, Condvar),
+    retry_every: Duration,
+    report: &dyn Fn(Result<(), String>),
+) {
+    let (stopped, wake) = stop;
     loop {
-        std::thread::sleep(retry_every);
-        let Some(slot) = slot.upgrade() else { return };
-        if slot.get().is_some() {
+        let guard = stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        let (guard, _) = wake.wait_timeout_while(guard, retry_every, |stop| !*stop).unwrap_or_else(PoisonError::into_inner);
+        if *guard {
             return;
         }
+        drop(guard);
         if let Ok(Some(outbox)) = open_outbox(settings) {
             if slot.set(outbox).is_ok() {
                 report(Ok(()));
             }
             return;
+        }
+    }
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        if let Some(reopening) = self.reopening.take() {
+            let (stopped, wake) = &*reopening.stop;
+            *stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+            wake.notify_all();
+            let _ = reopening.thread.join(); // at most one open attempt away
         }
     }
 }
@@ -175,15 +203,18 @@ impl Step {
             Err(error) => error,
         };
         report(Err(error));
-        let step = Step::with_outbox(settings.clone(), None);
-        let (slot, report) = (Arc::downgrade(&step.outbox), Arc::new(report));
+        let mut step = Step::with_outbox(settings.clone(), None);
+        let slot = Arc::clone(&step.outbox);
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let (report, stopper) = (Arc::new(report), Arc::clone(&stop));
         let reporter = Arc::clone(&report);
         let retrying = std::thread::Builder::new()
             .name("outbox-reopen".into())
-            .spawn(move || reopen(&settings, &slot, retry_every, &*reporter));
-        if let Err(e) = retrying {
+            .spawn(move || reopen(&settings, &slot, &stopper, retry_every, &*reporter));
+        match retrying {
+            Ok(thread) => step.reopening = Some(Reopening { stop, thread }),
             // The step still serves; only the reopening is lost.
-            report(Err(format!("cannot start the thread that reopens the outbox, it will not be retried ({e})")));
+            Err(e) => report(Err(format!("cannot start the thread that reopens the outbox, it will not be retried ({e})"))),
         }
         step
     }
@@ -199,7 +230,7 @@ impl Step {
         if let Some(outbox) = outbox {
             let _ = slot.set(outbox);
         }
-        Step { settings, class_names: None, outbox: Arc::new(slot), base_seed, batches: AtomicU64::new(0), groups }
+        Step { settings, class_names: None, outbox: Arc::new(slot), reopening: None, base_seed, batches: AtomicU64::new(0), groups }
     }
 
     pub fn outbox(&self) -> Option<&Arc<Outbox>> {

@@ -46,17 +46,21 @@ fn an_outbox_unusable_at_load_is_opened_once_it_can_be() {
 }
 
 #[test]
-fn a_dropped_step_stops_trying() {
+fn a_dropped_step_stops_its_thread_at_once_and_never_opens_the_outbox() {
     let dir = scratch_dir("dropped");
     let path = dir.join("outbox.sqlite");
     std::fs::write(&path, vec![0x5a; 8192]).expect("a file that is not SQLite");
     let (told, heard) = mpsc::channel();
-    drop(Step::open_retrying(settings(&path), Duration::from_millis(20), move |event| {
+    // A long interval: dropping must wake the thread, not wait for its next attempt.
+    let step = Step::open_retrying(settings(&path), Duration::from_secs(600), move |event| {
         let _ = told.send(event);
-    }));
+    });
     assert!(heard.recv_timeout(Duration::from_secs(5)).expect("the failure").is_err());
+    let dropping = Instant::now();
+    drop(step); // joins the thread (a backend library may be unloaded right after)
+    assert!(dropping.elapsed() < Duration::from_secs(60), "drop waited {:?} for the retry interval", dropping.elapsed());
     std::fs::remove_file(&path).expect("remove the bad file");
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(100));
     assert!(!path.exists(), "nothing reopened the outbox of a step that is gone");
     assert!(heard.try_recv().is_err());
     std::fs::remove_dir_all(&dir).ok();
