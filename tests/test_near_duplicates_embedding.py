@@ -225,7 +225,7 @@ def test_an_index_written_before_the_embeddings_gains_the_columns_and_keeps_its_
     ix.close()
     with contextlib.closing(sqlite3.connect(path)) as db:
         columns = [r[1] for r in db.execute("PRAGMA table_info(entries)")]
-        assert columns[-3:] == ["embedding", "embedding_model", "origin"]
+        assert columns[-4:] == ["embedding", "embedding_model", "origin", "unsettled"]
         assert db.execute("SELECT count(*) FROM entries WHERE embedding IS NOT NULL").fetchone() == (1,)
     again = index(path, sink="local:/one")  # opened again: nothing to add
     assert len(again.screen([queued(4, at_distance(base, 0.01, 1))])) == 1 and again.sizes() == {GROUP: 2}

@@ -23,7 +23,7 @@ from triton_al.outbox import FlaggedItem, Outbox, content_hash
 from triton_al.sinks.local import LocalStore
 from triton_al.uploader.commands import sink_identity
 from triton_al.uploader.ledger import FleetGate, Ledger, owner_id
-from triton_al.uploader.near_duplicates import REMOTE_ITEM_ID, NearDuplicateIndex, index_path, seen_entries
+from triton_al.uploader.near_duplicates import REMOTE_ITEM_ID, NearDuplicateIndex, UnsettledScreening, index_path, seen_entries
 from triton_al.uploader.near_duplicates_share import Event, ShareCollector, SharedEntries, encode
 from triton_al.uploader.worker import Backoff, Uploader
 
@@ -159,6 +159,78 @@ def test_near_copies_screened_on_two_replicas_at_the_same_moment_are_uploaded_on
     assert b.screen([queued(8, encode_png(fashion[21]))]) == []
     assert b.entry(GROUP, mine.content_hash) is None
     assert b.entry(GROUP, theirs.content_hash)["origin"] is None
+
+
+def test_a_batch_whose_publication_the_ledger_did_not_answer_is_withdrawn_and_settled_when_it_answers(
+        fleet, ledger_server, fashion):
+    a, b = fleet.index("a"), fleet.index("b")
+    mine, theirs = queued(1, encode_png(fashion[30])), queued(7, jpeg(fashion[30], 75), media_type="image/jpeg")
+
+    def b_screens_then_the_ledger_stops():
+        screened = b.screen([theirs])
+        ledger_server.stop()
+        return screened
+
+    rival = screening_with(a, b_screens_then_the_ledger_stops)
+    # A read before B published; its publication then met no ledger: whether its entry came
+    # first is unknown, so it withdraws it and the batch is held (its claims would hold it too).
+    with pytest.raises(UnsettledScreening, match="did not answer the publication of 1 new"):
+        a.screen([mine])
+    assert rival == [[]]
+    assert a.entry(GROUP, mine.content_hash) is None and not a.share.pending
+    assert share_metrics(a.share)[("triton_al_uploader_near_duplicate_share_unanswered_total",)] == 1
+    ledger_server.start()
+    time.sleep(0.1)  # past the backoff (capped at 0.05 s here)
+    (m,) = a.screen([mine])
+    assert (m.item_id, m.first, m.origin) == (1, theirs.content_hash, b.share.owner), "B's came first: one upload"
+
+
+class Killed(BaseException):
+    """The process stops here, as a SIGKILL would stop it: nothing after this point runs."""
+
+
+def killed_at_the_publication(ix: NearDuplicateIndex) -> None:
+    real = ix.share.publish_then_read
+
+    def publish_then_read(events, cursors):
+        if events:
+            raise Killed
+        return real(events, cursors)
+
+    ix.share.publish_then_read = publish_then_read
+
+
+def unsettled(ix: NearDuplicateIndex) -> list[str]:
+    with sqlite3.connect(ix.path) as conn:
+        return [r[0] for r in conn.execute("SELECT content_hash FROM entries WHERE unsettled = 1")]
+
+
+def test_entries_a_killed_replica_screened_but_never_published_are_screened_again_after_its_restart(fleet, fashion):
+    a, b = fleet.index("a"), fleet.index("b")
+    mine, theirs = queued(1, encode_png(fashion[40])), queued(7, jpeg(fashion[40], 75), media_type="image/jpeg")
+    killed_at_the_publication(a)
+    with pytest.raises(Killed):
+        a.screen([mine])
+    assert unsettled(a) == [mine.content_hash], "in the file, not yet settled with the fleet"
+    assert b.screen([theirs]) == [], "B never heard of A's entry"
+    restarted = fleet.index("a")  # the same outbox: the same index file and owner
+    assert restarted.entry(GROUP, mine.content_hash) is None and unsettled(restarted) == []
+    (m,) = restarted.screen([mine])  # its item is still queued: screened again, as if new
+    assert (m.first, m.origin) == (theirs.content_hash, b.share.owner)
+
+
+def test_without_claims_a_killed_replicas_unpublished_entries_are_published_after_its_restart(fleet, fashion):
+    a, b = fleet.index("a", claims=False), fleet.index("b", claims=False)
+    mine, theirs = queued(1, encode_png(fashion[41])), queued(7, jpeg(fashion[41], 75), media_type="image/jpeg")
+    killed_at_the_publication(a)
+    with pytest.raises(Killed):
+        a.screen([mine])
+    restarted = fleet.index("a", claims=False)  # its item may be delivered already: the entry stays, and goes out
+    assert restarted.entry(GROUP, mine.content_hash)["origin"] is None and len(restarted.share.pending) == 1
+    restarted.maintain()
+    assert not restarted.share.pending and unsettled(restarted) == []
+    (m,) = b.screen([theirs])
+    assert (m.first, m.origin) == (mine.content_hash, restarted.share.owner)
 
 
 def test_a_forgotten_entry_leaves_every_replica_so_a_later_near_copy_is_taken(fleet, fashion):
@@ -318,6 +390,30 @@ def test_a_jpeg_copy_queued_on_b_of_an_image_delivered_via_a_is_not_uploaded_and
 def share_metrics(share: SharedEntries) -> dict[tuple, float]:
     """What the uploader's /metrics says of the sharing: (sample name, labels...) -> value."""
     return {(m.name, *m.labels.values()): m.value for family in ShareCollector(share).collect() for m in family.samples}
+
+
+def test_a_batch_whose_entries_the_fleet_could_not_see_is_held_until_it_can(tmp_path, ledger_server, fashion):
+    store = tmp_path / "store"
+    a, b = replica(tmp_path, "a", ledger_server.url, store), replica(tmp_path, "b", ledger_server.url, store)
+    try:
+        a.outbox.append_many([flagged(encode_png(fashion[33]))])
+        b.outbox.append_many([flagged(jpeg(fashion[33], 75), "image/jpeg")])
+
+        def b_uploads_then_the_ledger_stops():
+            drain(b)
+            ledger_server.stop()
+
+        screening_with(a.near_duplicates, b_uploads_then_the_ledger_stops)
+        outcome = a.step()
+        assert (outcome.held, outcome.uploaded) == (1, 0) and outcome.only_held
+        assert a.outbox.counters().get("queued_items") == 1, "still queued, nothing lost"
+        ledger_server.start()
+        time.sleep(0.1)
+        drain(a)
+        assert stored(store) == {content_hash(jpeg(fashion[33], 75))}, "B's went first; A's is its near-duplicate"
+        assert a.outbox.counters()[f"near_duplicates/{GROUP}"] == 1
+    finally:
+        close(a, b)
 
 
 def test_with_the_ledger_killed_b_keeps_uploading_alone_and_catches_up_after_its_restart(tmp_path, ledger_server, fashion, caplog):

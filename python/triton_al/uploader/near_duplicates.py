@@ -558,12 +558,21 @@ CREATE TABLE IF NOT EXISTS entries (
     embedding BLOB,                  -- the model's embedding: little-endian float32, unit length; NULL: none
     embedding_model TEXT,            -- the model (name/version) that computed it: only the same one's are compared
     origin TEXT,                     -- NULL: this replica's; else the replica (ledger owner id) that published it (item_id -1)
+    unsettled INTEGER NOT NULL DEFAULT 0, -- 1: this replica's, shared, and the fleet has not answered its publication yet
     PRIMARY KEY (upload_group, content_hash)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_age ON entries (upload_group, added_at);
 """
-_ADDED_COLUMNS = (("embedding", "BLOB"), ("embedding_model", "TEXT"), ("origin", "TEXT"))
-"""Columns a file written before the embeddings lacks: added when it is opened (its entries keep working)."""
+_ADDED_COLUMNS = (("embedding", "BLOB"), ("embedding_model", "TEXT"), ("origin", "TEXT"),
+                  ("unsettled", "INTEGER NOT NULL DEFAULT 0"))
+"""Columns a file written by an earlier version lacks: added when it is opened (its entries keep working)."""
+
+
+class UnsettledScreening(Exception):
+    """The fleet's ledger did not answer the round trip publishing a screened batch's new
+    entries (with claims on): whether another replica screened a near-copy at the same moment
+    is unknown, so nothing of the batch is decided. Its new entries were withdrawn; hold the
+    batch and screen it again once the ledger answers."""
 
 
 def _stored_hash(path: Path) -> str | None:
@@ -615,7 +624,60 @@ class NearDuplicateIndex:
         self._groups: dict[str, _Group] = {}
         self.share = share
         self._cursors: dict[str, str] = {}  # group -> the last stream ID read (also in the file's meta)
+        self._unpublished: set[tuple[str, str]] = set()  # (group, key): unsettled entries waiting in share.pending
         self._conn = self._open(sink)
+        self._recover_unsettled()
+
+    def _recover_unsettled(self) -> None:
+        """Entries screened before a stop whose publication the fleet never answered (the
+        process was killed between the screening and the round trip, or the ledger failed then
+        without claims). With claims on, their items are still queued (a batch is uploaded only
+        once its entries are settled): the entries go, and the items are screened again as if
+        new (a removal is published, in case the publication did reach the ledger). Without
+        claims their items may be delivered already: the entries stay and are published again.
+        Without sharing they are plain entries."""
+        rows = self._conn.execute("SELECT upload_group, content_hash, hash, embedding, embedding_model, added_at FROM entries "
+                                  "WHERE origin IS NULL AND unsettled = 1").fetchall()
+        if not rows:
+            return
+        if self.share is None:
+            self._settled([(group, key) for group, key, *_ in rows])
+            return
+        from triton_al.uploader.near_duplicates_share import Event
+
+        owner = self.share.owner
+        if self.share.defer_exact:
+            with self._conn:
+                self._conn.execute("BEGIN")
+                self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ? AND origin IS NULL",
+                                       [(group, key) for group, key, *_ in rows])
+            self.share.pending.extend(Event("del", group, key, owner) for group, key, *_ in rows)
+            log.warning("near-duplicate index %s: %d entries screened before a stop were never settled with the fleet; "
+                        "their items are screened again", self.path, len(rows))
+            return
+        for group, key, h, e, model, added_at in rows:
+            v = _stored_embedding(e) if model is not None else None
+            h = _unblob(h)
+            if h is not None or v is not None:
+                self.share.pending.append(Event("add", group, key, owner, added_at, h, model if v is not None else None, v))
+                self._unpublished.add((group, key))
+        log.info("near-duplicate index %s: %d entries screened before a stop were never published; publishing them",
+                 self.path, len(rows))
+
+    def _settled(self, keys: Iterable[tuple[str, str]]) -> None:
+        """These entries' publication was answered (or they are not shared): settled, in the file."""
+        keys = list(keys)
+        if keys:
+            with self._conn:
+                self._conn.execute("BEGIN")
+                self._conn.executemany("UPDATE entries SET unsettled = 0 WHERE upload_group = ? AND content_hash = ? "
+                                       "AND origin IS NULL", keys)
+
+    def _published_what_waited(self) -> None:
+        """After a round trip: once nothing waits any more, the entries that waited are settled."""
+        if self._unpublished and self.share is not None and self.share.up and not self.share.pending:
+            self._settled(self._unpublished)
+            self._unpublished.clear()
 
     def _open(self, sink: str | None) -> sqlite3.Connection:
         if not self.path.parent.is_dir():
@@ -735,19 +797,19 @@ class NearDuplicateIndex:
                 model = model_key(item) if v is not None else None
                 g.add(item.content_hash, item.id, h, model, v)
                 added.append((item.upload_group, item.content_hash, b"" if h is None else _blob(h), item.id, now,
-                              None if v is None else _embedding_blob(v), model))
+                              None if v is None else _embedding_blob(v), model, int(self.share is not None)))
                 if self.share is not None:
                     published.append((item.upload_group, item.content_hash, h, model, v, item.id))
             if added or taken:
                 with self._conn:
                     self._conn.execute("BEGIN")
                     self._conn.executemany("INSERT OR REPLACE INTO entries (upload_group, content_hash, hash, item_id, added_at, "
-                                           "embedding, embedding_model) VALUES (?, ?, ?, ?, ?, ?, ?)", added)
+                                           "embedding, embedding_model, unsettled) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", added)
                     self._conn.executemany("UPDATE entries SET item_id = ?, origin = NULL WHERE upload_group = ? AND content_hash = ?",
                                            taken)
                     for group in {a[0] for a in added}:
                         self._evict_over_bound(group)
-            if published:  # after the file has them, before the batch is uploaded
+            if published:  # after the file has them (unsettled), before the batch is uploaded
                 matches = self._publish_and_settle(published, matches, now)
         return matches
 
@@ -758,14 +820,14 @@ class NearDuplicateIndex:
         there, and the earlier one wins on every replica alike. This batch's losing entries
         become near-duplicates of the earlier ones (not uploaded; removed here and from the
         fleet), so two replicas screening near-copies together upload one of them. Without an
-        answer from the ledger both may upload (see `near_duplicates_share`)."""
+        answer from the ledger, `_unanswered`."""
         from triton_al.uploader.near_duplicates_share import Event, stream_order
 
         owner = self.share.owner
         events = [Event("add", group, key, owner, now, h, model, v) for group, key, h, model, v, _ in published]
         ids, got = self.share.publish_then_read(events, self._cursors_for({e.group for e in events}))
         if got is None:
-            return matches
+            return self._unanswered(events, ids, matches)
         lost: dict[tuple[str, str], Match] = {}
         for event, stream_id, (*_, item_id) in zip(events, ids, published):
             if stream_id is None:
@@ -780,12 +842,14 @@ class NearDuplicateIndex:
                 if match is not None:
                     lost[(event.group, event.key)] = match
                     break
+        for group, key in lost:
+            self._groups[group].remove(key)
+        with self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ?", list(lost))
+            self._conn.executemany("UPDATE entries SET unsettled = 0 WHERE upload_group = ? AND content_hash = ? "
+                                   "AND origin IS NULL", [(e.group, e.key) for e in events if (e.group, e.key) not in lost])
         if lost:
-            for group, key in lost:
-                self._groups[group].remove(key)
-            with self._conn:
-                self._conn.execute("BEGIN")
-                self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ?", list(lost))
             self.share.settled += len(lost)
             self.share.publish([Event("del", group, key, owner) for group, key in lost])  # rare: a round trip of its own
             log.info("near-duplicate sharing: %d items screened at the same moment as a near-copy on another replica; "
@@ -797,7 +861,37 @@ class NearDuplicateIndex:
                        for m in matches]
             matches.extend(lost.values())
         self._apply_shared(got, now)
+        self._published_what_waited()
         return matches
+
+    def _unanswered(self, events: list, ids: list[str | None], matches: list[Match]) -> list[Match]:
+        """The round trip publishing this batch's new entries got no answer (or no read back).
+        With claims on, the batch waits for the fleet anyway (the claims hold it while the
+        ledger is down), so nothing of it is decided here: its new entries are withdrawn (from
+        memory, the file, and what waits to be published; a removal follows those that did
+        reach the ledger) and `UnsettledScreening` tells the uploader to hold the batch and
+        screen it again. Without claims nothing waits for the fleet, nor when the ledger
+        answered with something unusable (a key of the wrong type would hold the group for
+        ever): the entries stay, and those not published wait for the next round trip that works."""
+        from triton_al.uploader.near_duplicates_share import Event
+
+        keys = [(e.group, e.key) for e in events]
+        if not self.share.defer_exact or not self.share.unreachable:
+            self._unpublished.update(k for k, at in zip(keys, ids) if at is None)
+            self._settled(k for k, at in zip(keys, ids) if at is not None)
+            return matches
+        self.share.withdraw([e for e, at in zip(events, ids) if at is None])
+        self.share.pending.extend(Event("del", group, key, self.share.owner) for (group, key), at in zip(keys, ids)
+                                  if at is not None)
+        for group, key in keys:
+            self._groups[group].remove(key)
+        with self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ? AND origin IS NULL", keys)
+        self.share.unanswered += 1
+        raise UnsettledScreening(f"the budget ledger {self.share.where} did not answer the publication of {len(keys)} new "
+                                 f"near-duplicate entries ({self.share.error or 'no answer'}): the batch is held and screened "
+                                 "again when it answers")
 
     def _near(self, mine, other, item_id: int) -> Match | None:
         """This replica's new entry (an add event) as a near-duplicate of another's, or None."""
@@ -835,6 +929,7 @@ class NearDuplicateIndex:
         got = self.share.read(self._cursors_for(groups))
         if got is not None:
             self._apply_shared(got, now)
+            self._published_what_waited()
 
     def _cursors_for(self, groups: set[str]) -> dict[str, str]:
         """The position read up to in each group's stream (its entries loaded first)."""
@@ -933,6 +1028,7 @@ class NearDuplicateIndex:
                     from triton_al.uploader.near_duplicates_share import Event
 
                     self.share.publish([Event("del", group, key, self.share.owner) for group, key, _ in doomed])
+                    self._published_what_waited()
         return len(doomed)
 
     def maintain(self, *, now: float | None = None) -> int:
@@ -950,7 +1046,9 @@ class NearDuplicateIndex:
         if old:
             log.info("near-duplicate index: forgot %d entries older than %.0f s", len(old), self.max_age_s)
         if self.share is not None and self.share.pending:  # an idle replica's waiting changes go out too
-            self.share.publish([])
+            with self._lock:
+                self.share.publish([])
+                self._published_what_waited()
         return len(old)
 
     def entry(self, group: str, content_hash: str) -> dict | None:

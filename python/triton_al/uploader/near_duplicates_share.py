@@ -33,7 +33,7 @@ the uploader has a ledger and an index (`--no-near-duplicate-share` keeps each i
   delivered (recorded without an upload) or is being uploaded elsewhere (held). With
   `--no-fleet-claims` it is suppressed here like any copy at distance 0.
 - **The ledger unreachable or answering wrongly.** Screening goes on with the index as it is
-  (never held, never dropped for sharing); what it could not publish waits in memory (at most
+  (never dropped for sharing; held only as below, "A publication that gets no answer"); what it could not publish waits in memory (at most
   `max_entries` events) and goes with the next round trip that works; reading resumes from the
   last position, so it catches up. One log line per change of state, asked again with backoff
   (0.5 s doubling to 30 s): a ledger that does not answer costs one socket timeout (2 s) per
@@ -53,11 +53,24 @@ that published first finds nothing earlier and uploads. Every replica applies th
 the same order, so exactly one of the two is uploaded
 (`triton_al_uploader_near_duplicate_share_settled_total` counts the withdrawn ones).
 
-The windows left: with the ledger not answering at the publication, both may upload. A replica
-killed between its screening and its publication never publishes those entries (the claims
-still stop exact copies). An exact copy taken over from another replica's entry is not
-published again (if that replica then dead-letters its item, the others forget the entry,
-though this replica delivered it).
+**A publication that gets no answer.** With claims on (the default), a batch is uploaded only
+after its new entries' round trip answered: otherwise the index withdraws them and the
+uploader holds the batch (`UnsettledScreening`; the claims would hold it while the ledger is
+down anyway) and screens it again once the ledger answers, as if new. The entries are written
+to the index file as unsettled before the round trip and marked settled after it, so a
+replica killed in between withdraws them at its next start (its items are still queued) and
+publishes a removal in case the publication did reach Redis. Without claims nothing waits
+for the fleet: such entries stay, and wait (in memory, and at a restart from the file) for a
+round trip that works. A ledger answering with something unusable (a key of the wrong type)
+holds nothing either: the index screens alone.
+
+The windows left: without claims, or with a ledger answering wrongly, two near-copies
+screened at the same moment may both be uploaded. A replica killed after its publication
+reached Redis but before it marked the entries settled (between one reply and one SQLite
+write) withdraws and publishes them again; a replica that meanwhile gave way to the first
+publication may then have given way for nothing. An exact copy taken over from another
+replica's entry is not published again (if that replica then dead-letters its item, the
+others forget the entry, though this replica delivered it).
 
 What it costs (`python benchmarks/near_duplicates_share_cost.py`, a real local redis-server, 2 cores
 under a load of ~3.3): one XREAD round trip per batch screened, ~1 ms for 3 groups with 16 new
@@ -205,6 +218,8 @@ class SharedEntries:
         self._rng = random.Random(seed)
         self.up = True
         self.error = ""
+        self.unreachable = False
+        """The last failure was the ledger not answering (not an answer that could not be used)."""
         self.failures = 0
         self._retry_at = 0.0
         self.pending: deque[Event] = deque(maxlen=self.max_len)
@@ -214,10 +229,12 @@ class SharedEntries:
         self.published = 0
         """Changes (entries added or forgotten) this replica published."""
         self.received = 0
+        """Changes other replicas published that this one read."""
         self.settled = 0
         """Entries this replica withdrew: screened at the same moment as another replica's
         near-copy, which was published first (the index counts them as its near-duplicates)."""
-        """Changes other replicas published that this one read."""
+        self.unanswered = 0
+        """Batches whose new entries' publication got no answer (with claims on: held, screened again)."""
 
     @classmethod
     def for_ledger(cls, ledger: Any, **kwargs: Any) -> SharedEntries:
@@ -236,19 +253,23 @@ class SharedEntries:
         return self.up or self.monotonic() >= self._retry_at
 
     def _failed(self, what: str, error: BaseException) -> None:
+        import redis
+
+        self.unreachable = isinstance(error, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError))
         self.failures += 1
         delay = max(0.05, self._rng.uniform(0.5, 1.0) * min(self.backoff_cap_s, self.backoff_base_s * 2 ** min(self.failures, 20)))
         self._retry_at = self.monotonic() + delay
         self.error = f"near-duplicate sharing through the budget ledger {self.where}: {what} failed ({type(error).__name__}: {error})"
         if self.up:  # once per change of state
-            log.warning("%s; screening with this replica's index alone (nothing held or dropped for it), "
+            log.warning("%s; screening with this replica's index alone (nothing dropped for it; with claims "
+                        "on, batches wait for it), "
                         "%d changes waiting to be published; asking again with backoff", self.error, len(self.pending))
         self.up = False
 
     def _answered(self) -> None:
         if not self.up:
             log.warning("near-duplicate sharing: the budget ledger %s answers again; catching up", self.where)
-        self.up, self.error, self.failures = True, "", 0
+        self.up, self.error, self.failures, self.unreachable = True, "", 0, False
 
     # Publishing ----------------------------------------------------------------------
 
@@ -285,6 +306,12 @@ class SharedEntries:
         self.published += len(batch)
         self._answered()
         return True
+
+    def withdraw(self, events: Iterable[Event]) -> None:
+        """Events waiting to be published that no longer are to be (these very objects)."""
+        gone = {id(e) for e in events}
+        if gone:
+            self.pending = deque((e for e in self.pending if id(e) not in gone), maxlen=self.max_len)
 
     def _refused(self, batch: list[Event], answers: list) -> None:
         """The answers to a pipeline that began with the XADDs of `batch`: an XADD refused alone
@@ -413,3 +440,6 @@ class ShareCollector:
         yield CounterMetricFamily("triton_al_uploader_near_duplicate_share_settled",
                                   "Items screened at the same moment as a near-copy on another replica that published "
                                   "first: not uploaded here (counted as its near-duplicates)", value=s.settled)
+        yield CounterMetricFamily("triton_al_uploader_near_duplicate_share_unanswered",
+                                  "Batches whose new entries' publication the ledger did not answer (with claims on: "
+                                  "held and screened again once it answers)", value=s.unanswered)

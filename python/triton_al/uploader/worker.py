@@ -34,6 +34,7 @@ from triton_al.outbox import Outbox, OutboxBusy, OutboxError, QueuedItem, SinkCh
 from triton_al.sinks.base import PermanentSinkError, Sink, SinkAuthError, SinkError, Upload
 from triton_al.uploader.limits import RateLimit, limits_for
 from triton_al.uploader.near_duplicates import COUNTER_PREFIX as NEAR_DUPLICATES_PREFIX
+from triton_al.uploader.near_duplicates import UnsettledScreening
 
 log = logging.getLogger("triton_al.uploader")
 SIGNAL_CHECK_S = 0.25
@@ -353,6 +354,10 @@ class Uploader:
         assert self.outbox is not None and self.near_duplicates is not None
         try:
             matches = self.near_duplicates.screen(batch, now=now)
+        except UnsettledScreening as e:  # the fleet must see the batch's entries before it goes; claims hold it meanwhile
+            log.debug("near-duplicate index: %s", e)
+            outcome.held += len(batch)
+            return []
         except Exception as e:  # noqa: BLE001 - the index only saves uploads: never stop delivery for it
             log.error("near-duplicate index: %s: %s; uploading this batch unscreened", type(e).__name__, e)
             return batch
