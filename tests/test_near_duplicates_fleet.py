@@ -4,6 +4,7 @@ uploaders in process, and `triton-al uploader` processes sharing one local store
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -23,7 +24,8 @@ from triton_al.outbox import FlaggedItem, Outbox, content_hash
 from triton_al.sinks.local import LocalStore
 from triton_al.uploader.commands import sink_identity
 from triton_al.uploader.ledger import FleetGate, Ledger, owner_id
-from triton_al.uploader.near_duplicates import REMOTE_ITEM_ID, NearDuplicateIndex, UnsettledScreening, index_path, seen_entries
+from triton_al.uploader.near_duplicates import (LATE, REMOTE_ITEM_ID, WRITTEN, NearDuplicateIndex, UnsettledScreening, index_path,
+                                                 seen_entries)
 from triton_al.uploader.near_duplicates_share import Event, ShareCollector, SharedEntries, encode
 from triton_al.uploader.worker import Backoff, Uploader
 
@@ -162,9 +164,11 @@ def test_near_copies_screened_on_two_replicas_at_the_same_moment_are_uploaded_on
 
 
 def test_a_batch_whose_publication_the_ledger_did_not_answer_is_withdrawn_and_settled_when_it_answers(
-        fleet, ledger_server, fashion):
-    a, b = fleet.index("a"), fleet.index("b")
+        fleet, ledger_server, fashion, monkeypatch):
+    a, b = fleet.index("a", max_entries=2), fleet.index("b")
     mine, theirs = queued(1, encode_png(fashion[30])), queued(7, jpeg(fashion[30], 75), media_type="image/jpeg")
+    full = [queued(90, encode_png(fashion[90])), queued(91, encode_png(fashion[91]))]
+    assert a.screen(full) == [] and a.sizes() == {GROUP: 2}
 
     def b_screens_then_the_ledger_stops():
         screened = b.screen([theirs])
@@ -177,8 +181,19 @@ def test_a_batch_whose_publication_the_ledger_did_not_answer_is_withdrawn_and_se
     with pytest.raises(UnsettledScreening, match="did not answer the publication of 1 new"):
         a.screen([mine])
     assert rival == [[]]
-    assert a.entry(GROUP, mine.content_hash) is None and not a.share.pending
+    assert a.entry(GROUP, mine.content_hash) is None
+    assert [(e.op, e.key) for e in a.share.pending] == [("del", mine.content_hash)], "in case Redis did add it"
     assert share_metrics(a.share)[("triton_al_uploader_near_duplicate_share_unanswered_total",)] == 1
+    assert all(a.entry(GROUP, i.content_hash) for i in full), "a held batch evicts nothing"
+    # While the ledger does not answer (its backoff not over), a batch is held before anything is hashed.
+    a.share.monotonic = lambda: float("-inf")
+    hashed: list = []
+    monkeypatch.setattr("triton_al.uploader.near_duplicates.image_hash", hashed.append)
+    with pytest.raises(UnsettledScreening, match="does not answer"):
+        a.screen([mine])
+    assert hashed == []
+    monkeypatch.undo()
+    a.share.monotonic = time.monotonic
     ledger_server.start()
     time.sleep(0.1)  # past the backoff (capped at 0.05 s here)
     (m,) = a.screen([mine])
@@ -200,32 +215,35 @@ def killed_at_the_publication(ix: NearDuplicateIndex) -> None:
     ix.share.publish_then_read = publish_then_read
 
 
-def unsettled(ix: NearDuplicateIndex) -> list[str]:
-    with sqlite3.connect(ix.path) as conn:
-        return [r[0] for r in conn.execute("SELECT content_hash FROM entries WHERE unsettled = 1")]
+def unsettled(ix: NearDuplicateIndex) -> list[tuple[str, int]]:
+    with contextlib.closing(sqlite3.connect(ix.path)) as conn:
+        return conn.execute("SELECT content_hash, unsettled FROM entries WHERE unsettled != 0").fetchall()
 
 
-def test_entries_a_killed_replica_screened_but_never_published_are_screened_again_after_its_restart(fleet, fashion):
-    a, b = fleet.index("a"), fleet.index("b")
+@pytest.mark.parametrize("claims", [True, False])
+def test_entries_a_killed_replica_screened_but_never_published_are_screened_again_after_its_restart(fleet, fashion, claims):
+    a, b = fleet.index("a", claims=claims), fleet.index("b", claims=claims)
     mine, theirs = queued(1, encode_png(fashion[40])), queued(7, jpeg(fashion[40], 75), media_type="image/jpeg")
     killed_at_the_publication(a)
     with pytest.raises(Killed):
         a.screen([mine])
-    assert unsettled(a) == [mine.content_hash], "in the file, not yet settled with the fleet"
+    assert unsettled(a) == [(mine.content_hash, WRITTEN)], "in the file; its item has not gone on"
     assert b.screen([theirs]) == [], "B never heard of A's entry"
-    restarted = fleet.index("a")  # the same outbox: the same index file and owner
+    restarted = fleet.index("a", claims=claims)  # the same outbox: the same index file and owner
     assert restarted.entry(GROUP, mine.content_hash) is None and unsettled(restarted) == []
     (m,) = restarted.screen([mine])  # its item is still queued: screened again, as if new
     assert (m.first, m.origin) == (theirs.content_hash, b.share.owner)
 
 
-def test_without_claims_a_killed_replicas_unpublished_entries_are_published_after_its_restart(fleet, fashion):
+def test_without_claims_an_entry_screened_while_the_ledger_was_down_is_published_even_after_a_restart(
+        fleet, ledger_server, fashion):
     a, b = fleet.index("a", claims=False), fleet.index("b", claims=False)
     mine, theirs = queued(1, encode_png(fashion[41])), queued(7, jpeg(fashion[41], 75), media_type="image/jpeg")
-    killed_at_the_publication(a)
-    with pytest.raises(Killed):
-        a.screen([mine])
-    restarted = fleet.index("a", claims=False)  # its item may be delivered already: the entry stays, and goes out
+    ledger_server.stop()
+    assert a.screen([mine]) == [], "screened alone: its item goes on"
+    assert unsettled(a) == [(mine.content_hash, LATE)] and len(a.share.pending) == 1
+    ledger_server.start()
+    restarted = fleet.index("a", claims=False)  # A stopped before publishing it: what waited in memory is gone
     assert restarted.entry(GROUP, mine.content_hash)["origin"] is None and len(restarted.share.pending) == 1
     restarted.maintain()
     assert not restarted.share.pending and unsettled(restarted) == []
@@ -315,14 +333,16 @@ def test_garbage_in_the_stream_is_skipped_and_a_stream_of_the_wrong_type_never_c
     # Another group's stream is not a stream at all: reading answers an error; screening goes on alone.
     client.set(a.share.stream_key("other"), "not a stream")
     with caplog.at_level(logging.WARNING, logger="triton_al.uploader"):
-        assert a.screen([queued(2, encode_png(fashion[60]), group="other")]) == []
+        assert a.screen([queued(2, encode_png(fashion[60]), group="other")]) == [], "an answer, if unusable: not held"
     assert not a.share.up and "WRONGTYPE" in a.share.error
+    assert unsettled(a) == [(content_hash(encode_png(fashion[60])), LATE)], "its item goes on: published later, not withdrawn"
     # Publishing to it is refused for that entry alone (logged): the others' publication goes on.
     assert len(a.share.pending) == 1
     a.share.up = True
     assert a.screen([queued(4, encode_png(fashion[62]))]) == []
     assert not a.share.pending and a.share.up
     assert client.xlen(key) == len(bad) + 2
+    assert unsettled(a) == [], "refused by a key of the wrong type: never to be published"
 
 
 def a_hash(item) -> np.ndarray:
@@ -407,6 +427,7 @@ def test_a_batch_whose_entries_the_fleet_could_not_see_is_held_until_it_can(tmp_
         outcome = a.step()
         assert (outcome.held, outcome.uploaded) == (1, 0) and outcome.only_held
         assert a.outbox.counters().get("queued_items") == 1, "still queued, nothing lost"
+        assert "Connection refused" in a.last_error and not a.fleet.up, "the gate asked the ledger too: it holds the groups"
         ledger_server.start()
         time.sleep(0.1)
         drain(a)

@@ -473,6 +473,20 @@ class FleetGate:
         if self.metrics is not None:
             self.metrics.set_up()
 
+    def check(self) -> None:
+        """Ask the ledger now, backoff permitting (another user of it, the near-duplicate
+        sharing, found it not answering): if it is down, the gate holds the groups that need it
+        from the next batch on, and says why."""
+        with self._lock:
+            if not self.up and self.monotonic() < self._retry_at:
+                return
+            try:
+                self.ledger.ping()
+            except LedgerError as e:
+                self._failed(e)
+            else:
+                self._recovered()
+
     def held_groups(self, queued_groups: Callable[[], Iterable[str]]) -> list[str]:
         """Groups not to take from the outbox now: every group needing the ledger while it is
         down (asked again once its backoff passed), and groups whose fleet budget is spent

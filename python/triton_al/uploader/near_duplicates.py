@@ -558,7 +558,7 @@ CREATE TABLE IF NOT EXISTS entries (
     embedding BLOB,                  -- the model's embedding: little-endian float32, unit length; NULL: none
     embedding_model TEXT,            -- the model (name/version) that computed it: only the same one's are compared
     origin TEXT,                     -- NULL: this replica's; else the replica (ledger owner id) that published it (item_id -1)
-    unsettled INTEGER NOT NULL DEFAULT 0, -- 1: this replica's, shared, and the fleet has not answered its publication yet
+    unsettled INTEGER NOT NULL DEFAULT 0, -- this replica's, shared, not yet answered: 1 its item waits, 2 it went on (see WRITTEN)
     PRIMARY KEY (upload_group, content_hash)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_age ON entries (upload_group, added_at);
@@ -566,6 +566,15 @@ CREATE INDEX IF NOT EXISTS entries_by_age ON entries (upload_group, added_at);
 _ADDED_COLUMNS = (("embedding", "BLOB"), ("embedding_model", "TEXT"), ("origin", "TEXT"),
                   ("unsettled", "INTEGER NOT NULL DEFAULT 0"))
 """Columns a file written by an earlier version lacks: added when it is opened (its entries keep working)."""
+
+
+WRITTEN, LATE = 1, 2
+"""An entry's `unsettled` state while the fleet has not answered its publication (0: settled,
+or not shared). WRITTEN: in the file, its round trip under way: its item has not gone on, so a
+replica killed meanwhile withdraws the entry at its next start and screens the item again.
+LATE: its item went on without the fleet's answer (no claims, a ledger answering wrongly, a
+failing screening): the entry stays and is published when the ledger answers, at the latest
+at the next start."""
 
 
 class UnsettledScreening(Exception):
@@ -624,20 +633,19 @@ class NearDuplicateIndex:
         self._groups: dict[str, _Group] = {}
         self.share = share
         self._cursors: dict[str, str] = {}  # group -> the last stream ID read (also in the file's meta)
-        self._unpublished: set[tuple[str, str]] = set()  # (group, key): unsettled entries waiting in share.pending
+        self._unpublished: set[tuple[str, str]] = set()  # (group, key): LATE entries waiting in share.pending
+        self._overflowed = 0  # share.overflowed when _unpublished was last settled
         self._conn = self._open(sink)
         self._recover_unsettled()
 
     def _recover_unsettled(self) -> None:
-        """Entries screened before a stop whose publication the fleet never answered (the
-        process was killed between the screening and the round trip, or the ledger failed then
-        without claims). With claims on, their items are still queued (a batch is uploaded only
-        once its entries are settled): the entries go, and the items are screened again as if
-        new (a removal is published, in case the publication did reach the ledger). Without
-        claims their items may be delivered already: the entries stay and are published again.
-        Without sharing they are plain entries."""
-        rows = self._conn.execute("SELECT upload_group, content_hash, hash, embedding, embedding_model, added_at FROM entries "
-                                  "WHERE origin IS NULL AND unsettled = 1").fetchall()
+        """Entries a stopped process left unsettled (`WRITTEN`, `LATE`). WRITTEN ones' items
+        have not gone on (the process was killed between writing them and the round trip's
+        answer): the entries go, and the items, still queued, are screened again as if new (a
+        removal is published, in case the publication did reach Redis). LATE ones are published
+        now. Without sharing they are plain entries."""
+        rows = self._conn.execute("SELECT upload_group, content_hash, hash, embedding, embedding_model, added_at, unsettled "
+                                  "FROM entries WHERE origin IS NULL AND unsettled != 0").fetchall()
         if not rows:
             return
         if self.share is None:
@@ -646,38 +654,51 @@ class NearDuplicateIndex:
         from triton_al.uploader.near_duplicates_share import Event
 
         owner = self.share.owner
-        if self.share.defer_exact:
+        written = [(group, key) for group, key, *_, state in rows if state == WRITTEN]
+        if written:
             with self._conn:
                 self._conn.execute("BEGIN")
                 self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ? AND origin IS NULL",
-                                       [(group, key) for group, key, *_ in rows])
-            self.share.pending.extend(Event("del", group, key, owner) for group, key, *_ in rows)
+                                       written)
+            self.share.enqueue(Event("del", group, key, owner) for group, key in written)
             log.warning("near-duplicate index %s: %d entries screened before a stop were never settled with the fleet; "
-                        "their items are screened again", self.path, len(rows))
-            return
-        for group, key, h, e, model, added_at in rows:
+                        "their items are screened again", self.path, len(written))
+        late, unusable = [], []
+        for group, key, h, e, model, added_at, state in rows:
+            if state == WRITTEN:
+                continue
             v = _stored_embedding(e) if model is not None else None
             h = _unblob(h)
-            if h is not None or v is not None:
-                self.share.pending.append(Event("add", group, key, owner, added_at, h, model if v is not None else None, v))
-                self._unpublished.add((group, key))
-        log.info("near-duplicate index %s: %d entries screened before a stop were never published; publishing them",
-                 self.path, len(rows))
+            if h is None and v is None:
+                unusable.append((group, key))
+                continue
+            late.append(Event("add", group, key, owner, added_at, h, model if v is not None else None, v))
+        self._settled(unusable)
+        if late:
+            self.share.enqueue(late)
+            self._unpublished.update((e.group, e.key) for e in late)
+            log.info("near-duplicate index %s: %d entries were never published; publishing them", self.path, len(late))
 
-    def _settled(self, keys: Iterable[tuple[str, str]]) -> None:
-        """These entries' publication was answered (or they are not shared): settled, in the file."""
+    def _settled(self, keys: Iterable[tuple[str, str]], state: int = 0) -> None:
+        """These entries' publication was answered (or they are not shared): settled (or
+        `state`), in the file."""
         keys = list(keys)
         if keys:
             with self._conn:
                 self._conn.execute("BEGIN")
-                self._conn.executemany("UPDATE entries SET unsettled = 0 WHERE upload_group = ? AND content_hash = ? "
+                self._conn.executemany(f"UPDATE entries SET unsettled = {int(state)} WHERE upload_group = ? AND content_hash = ? "
                                        "AND origin IS NULL", keys)
 
     def _published_what_waited(self) -> None:
-        """After a round trip: once nothing waits any more, the entries that waited are settled."""
-        if self._unpublished and self.share is not None and self.share.up and not self.share.pending:
+        """After a round trip: once nothing waits any more, the LATE entries that waited are
+        settled (unless some waiting changes were dropped, over `max_len`: those entries stay
+        LATE, published again at the next start)."""
+        if not self._unpublished or self.share is None or not self.share.up or self.share.pending:
+            return
+        if self.share.overflowed == self._overflowed:
             self._settled(self._unpublished)
-            self._unpublished.clear()
+        self._overflowed = self.share.overflowed
+        self._unpublished.clear()
 
     def _open(self, sink: str | None) -> sqlite3.Connection:
         if not self.path.parent.is_dir():
@@ -762,6 +783,9 @@ class NearDuplicateIndex:
         taken: list[tuple] = []
         with self._lock:
             items = list(items)
+            if self._holds and self.share.unreachable and not self.share.ready():
+                raise UnsettledScreening(f"the budget ledger {self.share.where} does not answer ({self.share.error}): "
+                                         "the batch is held and screened when it answers")
             if self.share is not None:
                 self._sync({i.upload_group for i in items}, now)
             for item in items:
@@ -797,7 +821,7 @@ class NearDuplicateIndex:
                 model = model_key(item) if v is not None else None
                 g.add(item.content_hash, item.id, h, model, v)
                 added.append((item.upload_group, item.content_hash, b"" if h is None else _blob(h), item.id, now,
-                              None if v is None else _embedding_blob(v), model, int(self.share is not None)))
+                              None if v is None else _embedding_blob(v), model, 0 if self.share is None else WRITTEN))
                 if self.share is not None:
                     published.append((item.upload_group, item.content_hash, h, model, v, item.id))
             if added or taken:
@@ -807,11 +831,23 @@ class NearDuplicateIndex:
                                            "embedding, embedding_model, unsettled) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", added)
                     self._conn.executemany("UPDATE entries SET item_id = ?, origin = NULL WHERE upload_group = ? AND content_hash = ?",
                                            taken)
-                    for group in {a[0] for a in added}:
-                        self._evict_over_bound(group)
-            if published:  # after the file has them (unsettled), before the batch is uploaded
-                matches = self._publish_and_settle(published, matches, now)
+                    if not self._holds:  # else once settled: a held batch's entries are withdrawn, evicted ones would not return
+                        for group in {a[0] for a in added}:
+                            self._evict_over_bound(group)
+            if published:  # after the file has them (WRITTEN), before the batch is uploaded
+                try:
+                    matches = self._publish_and_settle(published, matches, now)
+                except UnsettledScreening:
+                    raise
+                except Exception:  # the uploader goes on without the index: these are published at the next start
+                    self._settled([(group, key) for group, key, *_ in published], LATE)
+                    raise
         return matches
+
+    @property
+    def _holds(self) -> bool:
+        """A batch waits for the fleet to see its new entries (sharing, with the claims on)."""
+        return self.share is not None and self.share.defer_exact
 
     def _publish_and_settle(self, published: list[tuple], matches: list[Match], now: float) -> list[Match]:
         """Publish the entries this screening added and, in the same round trip, read what the
@@ -849,6 +885,7 @@ class NearDuplicateIndex:
             self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ?", list(lost))
             self._conn.executemany("UPDATE entries SET unsettled = 0 WHERE upload_group = ? AND content_hash = ? "
                                    "AND origin IS NULL", [(e.group, e.key) for e in events if (e.group, e.key) not in lost])
+            self._evict_held_back({e.group for e in events})
         if lost:
             self.share.settled += len(lost)
             self.share.publish([Event("del", group, key, owner) for group, key in lost])  # rare: a round trip of its own
@@ -868,21 +905,25 @@ class NearDuplicateIndex:
         """The round trip publishing this batch's new entries got no answer (or no read back).
         With claims on, the batch waits for the fleet anyway (the claims hold it while the
         ledger is down), so nothing of it is decided here: its new entries are withdrawn (from
-        memory, the file, and what waits to be published; a removal follows those that did
-        reach the ledger) and `UnsettledScreening` tells the uploader to hold the batch and
-        screen it again. Without claims nothing waits for the fleet, nor when the ledger
-        answered with something unusable (a key of the wrong type would hold the group for
-        ever): the entries stay, and those not published wait for the next round trip that works."""
+        memory, the file, and what waits to be published; a removal is queued for each, since
+        a lost reply does not say whether Redis added it) and `UnsettledScreening` tells the
+        uploader to hold the batch and screen it again. Without claims nothing waits for the
+        fleet, nor when the ledger answered with something unusable (a key of the wrong type
+        would hold the group for ever): the entries stay, and those not published are LATE."""
         from triton_al.uploader.near_duplicates_share import Event
 
         keys = [(e.group, e.key) for e in events]
-        if not self.share.defer_exact or not self.share.unreachable:
-            self._unpublished.update(k for k, at in zip(keys, ids) if at is None)
+        if not self._holds or not self.share.unreachable:
+            waiting = [k for k, at in zip(keys, ids) if at is None]
+            self._unpublished.update(waiting)
+            self._settled(waiting, LATE)
             self._settled(k for k, at in zip(keys, ids) if at is not None)
+            with self._conn:
+                self._conn.execute("BEGIN")
+                self._evict_held_back({group for group, _ in keys})
             return matches
-        self.share.withdraw([e for e, at in zip(events, ids) if at is None])
-        self.share.pending.extend(Event("del", group, key, self.share.owner) for (group, key), at in zip(keys, ids)
-                                  if at is not None)
+        self.share.withdraw(events)
+        self.share.enqueue(Event("del", group, key, self.share.owner) for group, key in keys)
         for group, key in keys:
             self._groups[group].remove(key)
         with self._conn:
@@ -892,6 +933,12 @@ class NearDuplicateIndex:
         raise UnsettledScreening(f"the budget ledger {self.share.where} did not answer the publication of {len(keys)} new "
                                  f"near-duplicate entries ({self.share.error or 'no answer'}): the batch is held and screened "
                                  "again when it answers")
+
+    def _evict_held_back(self, groups: set[str]) -> None:
+        """The eviction a screening that may be held puts off until its entries are settled (in a transaction)."""
+        if self._holds:
+            for group in groups:
+                self._evict_over_bound(group)
 
     def _near(self, mine, other, item_id: int) -> Match | None:
         """This replica's new entry (an add event) as a near-duplicate of another's, or None."""

@@ -54,15 +54,17 @@ the same order, so exactly one of the two is uploaded
 (`triton_al_uploader_near_duplicate_share_settled_total` counts the withdrawn ones).
 
 **A publication that gets no answer.** With claims on (the default), a batch is uploaded only
-after its new entries' round trip answered: otherwise the index withdraws them and the
-uploader holds the batch (`UnsettledScreening`; the claims would hold it while the ledger is
-down anyway) and screens it again once the ledger answers, as if new. The entries are written
-to the index file as unsettled before the round trip and marked settled after it, so a
-replica killed in between withdraws them at its next start (its items are still queued) and
-publishes a removal in case the publication did reach Redis. Without claims nothing waits
-for the fleet: such entries stay, and wait (in memory, and at a restart from the file) for a
-round trip that works. A ledger answering with something unusable (a key of the wrong type)
-holds nothing either: the index screens alone.
+after its new entries' round trip answered: otherwise the index withdraws them (a removal is
+published for each, since a lost reply does not say whether Redis added it) and the uploader
+holds the batch (`UnsettledScreening`; the claims would hold it while the ledger is down
+anyway; no batch is even hashed until the backoff is over) and screens it again once the
+ledger answers, as if new. The entries are written to the index file as unsettled
+(`near_duplicates.WRITTEN`) before the round trip and marked settled after it, so a replica
+killed in between withdraws them at its next start (their items are still queued) and
+screens those items again; eviction over `max_entries` waits for the answer too. Without
+claims, or when the ledger answered with something unusable (a key of the wrong type would
+hold a group for ever), nothing waits for the fleet: the batch goes on, its entries stay
+(`LATE`) and are published by the next round trip that works, or at the next start.
 
 The windows left: without claims, or with a ledger answering wrongly, two near-copies
 screened at the same moment may both be uploaded. A replica killed after its publication
@@ -223,6 +225,8 @@ class SharedEntries:
         self.failures = 0
         self._retry_at = 0.0
         self.pending: deque[Event] = deque(maxlen=self.max_len)
+        self.overflowed = 0
+        """Waiting changes dropped because `max_len` others waited (the ledger down that long)."""
         self.skipped = 0
         """Stream entries that could not be used (skipped)."""
         self.round_trips = 0
@@ -249,8 +253,17 @@ class SharedEntries:
 
     # State -------------------------------------------------------------------------
 
-    def _ready(self) -> bool:
+    def ready(self) -> bool:
+        """Up, or its backoff over: a call now asks the ledger."""
         return self.up or self.monotonic() >= self._retry_at
+
+    def enqueue(self, events: Iterable[Event]) -> None:
+        """Events to publish with the next round trip that works (past `max_len` waiting, the
+        oldest are dropped: counted in `overflowed`)."""
+        for e in events:
+            if len(self.pending) == self.max_len:
+                self.overflowed += 1
+            self.pending.append(e)
 
     def _failed(self, what: str, error: BaseException) -> None:
         import redis
@@ -288,8 +301,8 @@ class SharedEntries:
     def publish(self, events: Iterable[Event]) -> bool:
         """Append the events (with any still waiting) to their groups' streams, in one round
         trip; on failure they wait for the next one that works. True when published."""
-        self.pending.extend(events)
-        if not self.pending or not self._ready():
+        self.enqueue(events)
+        if not self.pending or not self.ready():
             return False
         batch = list(self.pending)
         try:
@@ -342,9 +355,9 @@ class SharedEntries:
         stream ID each of `events` got (None where it was not published: it waits, or was
         refused), and what `read` returns. The IDs order these events among the others'."""
         events = list(events)
-        self.pending.extend(events)
+        self.enqueue(events)
         ids: list[str | None] = [None] * len(events)
-        if not cursors or not self._ready():
+        if not cursors or not self.ready():
             return ids, None
         out: dict[str, tuple[str, list[Event]]] = {g: (cursors[g] or "0-0", []) for g in cursors}
         waiting = list(self.pending)

@@ -356,6 +356,9 @@ class Uploader:
             matches = self.near_duplicates.screen(batch, now=now)
         except UnsettledScreening as e:  # the fleet must see the batch's entries before it goes; claims hold it meanwhile
             log.debug("near-duplicate index: %s", e)
+            if self.fleet is not None:
+                self.fleet.check()  # the gate's own view (and hint: a refused password, a certificate) of the ledger
+            self.last_error = (self.fleet.error if self.fleet is not None else "") or str(e)
             outcome.held += len(batch)
             return []
         except Exception as e:  # noqa: BLE001 - the index only saves uploads: never stop delivery for it
