@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from image_helpers import jpeg, noisy
-from outbox_helpers import store_index, uploaders  # noqa: F401 - uploaders is a fixture
+from outbox_helpers import store_index, uploaders, wait_for  # noqa: F401 - uploaders is a fixture
 
 from triton_al.example.data import encode_png
 from triton_al.outbox import FlaggedItem, Outbox, content_hash
@@ -543,3 +543,45 @@ def test_serve_passes_the_setting_on_to_its_uploader(tmp_path, monkeypatch):
         r = CliRunner().invoke(app, base + extra)
         assert isinstance(r.exception, Stop), r.output
         assert ("--no-near-duplicate-share" in seen[-1]) is expected, seen[-1]
+
+
+def written_entries(outbox: Path) -> list[str]:
+    """Entries the uploader of `outbox` wrote to its index file and has not yet heard the fleet answer for."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{index_path(outbox)}?mode=ro", uri=True, timeout=1)) as conn:
+            return [r[0] for r in conn.execute("SELECT content_hash FROM entries WHERE unsettled = ?", (WRITTEN,))]
+    except sqlite3.OperationalError:  # not created yet, or its table not yet
+        return []
+
+
+def test_an_uploader_killed_while_publishing_its_batch_screens_it_again_after_its_restart(tmp_path, ledger_server, uploaders,  # noqa: F811
+                                                                                          fashion):
+    store, a, b = tmp_path / "store", tmp_path / "a.db", tmp_path / "b.db"
+    original, copy = encode_png(fashion[12]), jpeg(fashion[12], 75)
+    with Outbox(a) as o:
+        o.append_many([flagged(original)])
+    client = redis.Redis.from_url(ledger_server.url)
+    # Redis answers reads but holds every write: A screens its batch and writes its entry to the
+    # file, then waits on the XADD publishing it, and is killed there (SIGKILL, by PID).
+    client.execute_command("CLIENT", "PAUSE", "30000", "WRITE")
+    try:
+        up = uploaders(a, store, "--once", "--log-format", "text", "--budget-ledger", ledger_server.url)
+        wait_for(lambda: written_entries(a), 30, "A to write its entry, then publish it", interval=0.01)
+        up.kill()
+    finally:
+        client.execute_command("CLIENT", "UNPAUSE")
+    ledger = Ledger.open(ledger_server.url, sink_identity(f"local:{store}"), "reader")
+    try:
+        assert client.xlen(SharedEntries.for_ledger(ledger).stream_key(GROUP)) == 0, "the killed client's XADD never ran"
+    finally:
+        ledger.close()
+        client.close()
+    with Outbox(b) as o:
+        o.append_many([flagged(copy, "image/jpeg")])
+    run(uploaders, b, store, ledger_server.url)  # B never heard of A's entry: it uploads its copy
+    log_a = run(uploaders, a, store, ledger_server.url)
+    assert "never settled with the fleet; their items are screened again" in log_a
+    assert stored(store) == {content_hash(copy)}, "A's image, screened again, is the near-duplicate of B's"
+    with Outbox(a) as o:
+        assert o.counters()[f"near_duplicates/{GROUP}"] == 1
+    assert written_entries(a) == []
