@@ -478,14 +478,18 @@ class FleetGate:
         sharing, found it not answering): if it is down, the gate holds the groups that need it
         from the next batch on, and says why."""
         with self._lock:
-            if not self.up and self.monotonic() < self._retry_at:
-                return
-            try:
-                self.ledger.ping()
-            except LedgerError as e:
-                self._failed(e)
-            else:
-                self._recovered()
+            if self.up or self.monotonic() >= self._retry_at:
+                self._ping()
+
+    def _ping(self) -> bool:
+        """Ask the ledger, and record what it said: up (answered now), or down (with backoff)."""
+        try:
+            self.ledger.ping()
+        except LedgerError as e:
+            self._failed(e)
+            return False
+        self._recovered()
+        return True
 
     def held_groups(self, queued_groups: Callable[[], Iterable[str]]) -> list[str]:
         """Groups not to take from the outbox now: every group needing the ledger while it is
@@ -496,23 +500,9 @@ class FleetGate:
             self._exhausted = {g: t for g, t in self._exhausted.items() if t > now}
             held = set(self._exhausted)
             if self.up and now - self._answered_at >= self.health_interval_s:
-                try:
-                    self.ledger.ping()
-                except LedgerError as e:
-                    self._failed(e)
-                else:
-                    self._answered_at = now
-            if not self.up:
-                if now < self._retry_at:
-                    held.update(g for g in queued_groups() if self._needs_ledger(g))
-                else:
-                    try:
-                        self.ledger.ping()
-                    except LedgerError as e:
-                        self._failed(e)
-                        held.update(g for g in queued_groups() if self._needs_ledger(g))
-                    else:
-                        self._recovered()
+                self._ping()
+            if not self.up and (now < self._retry_at or not self._ping()):
+                held.update(g for g in queued_groups() if self._needs_ledger(g))
             return sorted(held)
 
     def spent_groups(self) -> list[str]:

@@ -656,11 +656,7 @@ class NearDuplicateIndex:
         owner = self.share.owner
         written = [(group, key) for group, key, *_, state in rows if state == WRITTEN]
         if written:
-            with self._conn:
-                self._conn.execute("BEGIN")
-                self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ? AND origin IS NULL",
-                                       written)
-            self.share.enqueue(Event("del", group, key, owner) for group, key in written)
+            self._withdraw(written)
             log.warning("near-duplicate index %s: %d entries screened before a stop were never settled with the fleet; "
                         "their items are screened again", self.path, len(written))
         late, unusable = [], []
@@ -679,15 +675,32 @@ class NearDuplicateIndex:
             self._unpublished.update((e.group, e.key) for e in late)
             log.info("near-duplicate index %s: %d entries were never published; publishing them", self.path, len(late))
 
+    def _mark(self, keys: Iterable[tuple[str, str]], state: int = 0) -> None:
+        """These entries' `unsettled` state in the file (0: their publication was answered, or
+        they are not shared), within the caller's transaction."""
+        self._conn.executemany(f"UPDATE entries SET unsettled = {int(state)} WHERE upload_group = ? AND content_hash = ? "
+                               "AND origin IS NULL", list(keys))
+
     def _settled(self, keys: Iterable[tuple[str, str]], state: int = 0) -> None:
-        """These entries' publication was answered (or they are not shared): settled (or
-        `state`), in the file."""
+        """`_mark`, in a transaction of its own."""
         keys = list(keys)
         if keys:
             with self._conn:
                 self._conn.execute("BEGIN")
-                self._conn.executemany(f"UPDATE entries SET unsettled = {int(state)} WHERE upload_group = ? AND content_hash = ? "
-                                       "AND origin IS NULL", keys)
+                self._mark(keys, state)
+
+    def _withdraw(self, keys: list[tuple[str, str]]) -> None:
+        """This replica's entries that were never settled leave memory and the file, and a
+        removal of each waits to be published (whether Redis added it is not known)."""
+        from triton_al.uploader.near_duplicates_share import Event
+
+        for group, key in keys:
+            if group in self._groups:
+                self._groups[group].remove(key)
+        with self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ? AND origin IS NULL", keys)
+        self.share.enqueue(Event("del", group, key, self.share.owner) for group, key in keys)
 
     def _published_what_waited(self) -> None:
         """After a round trip: once nothing waits any more, the LATE entries that waited are
@@ -883,8 +896,7 @@ class NearDuplicateIndex:
         with self._conn:
             self._conn.execute("BEGIN")
             self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ?", list(lost))
-            self._conn.executemany("UPDATE entries SET unsettled = 0 WHERE upload_group = ? AND content_hash = ? "
-                                   "AND origin IS NULL", [(e.group, e.key) for e in events if (e.group, e.key) not in lost])
+            self._mark((e.group, e.key) for e in events if (e.group, e.key) not in lost)
             self._evict_held_back({e.group for e in events})
         if lost:
             self.share.settled += len(lost)
@@ -910,25 +922,18 @@ class NearDuplicateIndex:
         uploader to hold the batch and screen it again. Without claims nothing waits for the
         fleet, nor when the ledger answered with something unusable (a key of the wrong type
         would hold the group for ever): the entries stay, and those not published are LATE."""
-        from triton_al.uploader.near_duplicates_share import Event
-
         keys = [(e.group, e.key) for e in events]
         if not self._holds or not self.share.unreachable:
             waiting = [k for k, at in zip(keys, ids) if at is None]
             self._unpublished.update(waiting)
-            self._settled(waiting, LATE)
-            self._settled(k for k, at in zip(keys, ids) if at is not None)
             with self._conn:
                 self._conn.execute("BEGIN")
+                self._mark(waiting, LATE)
+                self._mark(k for k, at in zip(keys, ids) if at is not None)
                 self._evict_held_back({group for group, _ in keys})
             return matches
         self.share.withdraw(events)
-        self.share.enqueue(Event("del", group, key, self.share.owner) for group, key in keys)
-        for group, key in keys:
-            self._groups[group].remove(key)
-        with self._conn:
-            self._conn.execute("BEGIN")
-            self._conn.executemany("DELETE FROM entries WHERE upload_group = ? AND content_hash = ? AND origin IS NULL", keys)
+        self._withdraw(keys)
         self.share.unanswered += 1
         raise UnsettledScreening(f"the budget ledger {self.share.where} did not answer the publication of {len(keys)} new "
                                  f"near-duplicate entries ({self.share.error or 'no answer'}): the batch is held and screened "
